@@ -1,0 +1,577 @@
+"""The "shapes world": a seeded synthetic image world of coloured shapes on a grid.
+
+It exists so that tiny LLaVA-style models can be trained from scratch on CPU, evaluated
+offline (the test JSONL files feed lmms-eval tasks) and probed for representation geometry.
+Everything is derived from one seed and written deterministically, so the same arguments
+always give a byte-identical output tree.
+
+    python -m midtune.shapes --out DIR --seed 0 --n-train 4000 --n-val 200 --n-test 300
+
+Output layout under DIR (image paths inside the JSON files are relative to DIR/images):
+
+    images/{split}/{split}_{index:06d}.png
+    train.json, val.json                 LLaVA conversations, one multi-turn sample per image
+    captions_train.json, captions_val.json   "<image>\\nDescribe the image." -> caption
+    test/{qtype}.jsonl                   benchmark questions (color, shape, count, position, exists)
+    scenes_{split}.jsonl                 ground-truth scene description of every image
+    pairs.jsonl                          test image + caption + labels, for geometry analysis
+    corpus.jsonl                         text-only corpus for language pretraining
+    world.json                           summary of all of the above
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+try:  # a progress bar is nice to have, never required
+    from tqdm import tqdm as _tqdm
+except ImportError:  # pragma: no cover - depends on the environment
+    _tqdm = None
+
+FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------------------
+# The world's fixed vocabulary. Orders matter: they define the "choices" lists and the
+# meaning of the integers drawn from the rng, so changing them changes every output.
+# ---------------------------------------------------------------------------------------
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (150, 60, 190),
+}
+COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+QTYPES: tuple[str, ...] = ("color", "shape", "count", "position", "exists")
+RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+BACKGROUND = (255, 255, 255)
+
+# Row/column names per grid size; every name is made of plain lower-case words.
+ROW_NAMES: dict[int, tuple[str, ...]] = {
+    2: ("top", "bottom"),
+    3: ("top", "middle", "bottom"),
+    4: ("top", "upper", "lower", "bottom"),
+    5: ("top", "upper", "middle", "lower", "bottom"),
+}
+COL_NAMES: dict[int, tuple[str, ...]] = {
+    2: ("left", "right"),
+    3: ("left", "center", "right"),
+    4: ("far left", "left", "right", "far right"),
+    5: ("far left", "left", "center", "right", "far right"),
+}
+
+# Object size as a fraction of the cell, and centre jitter as a fraction of the cell.
+SIZE_RANGE = (0.60, 0.75)
+JITTER_FRACTION = 0.12
+# Resampling budget for val/test scenes that collide with a train scene: first keep the
+# drawn object count (so the count distribution stays as uniform as the space allows),
+# then redraw the count too (e.g. when every 1-object scene already occurs in train).
+KEEP_COUNT_TRIES = 100
+MAX_TRIES = 10_000
+
+
+def choices_for(qtype: str, max_objects: int) -> list[str]:
+    """All valid answers of a question type, in their fixed order."""
+    return {
+        "color": list(COLOR_NAMES),
+        "shape": list(SHAPES),
+        "count": [str(k) for k in range(1, max_objects + 1)],
+        "position": list(RELATIONS),
+        "exists": ["yes", "no"],
+    }[qtype]
+
+
+# ---------------------------------------------------------------------------------------
+# Scenes
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeObject:
+    row: int
+    col: int
+    color: str
+    shape: str
+    cx: int  # centre pixel (x, y); always covered by the drawn shape
+    cy: int
+    size: int  # side of the (inclusive) bounding box in pixels, always odd
+
+    @property
+    def kind(self) -> tuple[str, str]:
+        return (self.color, self.shape)
+
+
+Scene = tuple[ShapeObject, ...]  # objects in reading order (row-major)
+
+
+def scene_signature(scene: Scene) -> tuple[tuple[int, int, str, str], ...]:
+    """What makes two scenes "the same" for split deduplication (jitter/size ignored)."""
+    return tuple(sorted((o.row, o.col, o.color, o.shape) for o in scene))
+
+
+def _cell_edges(image_size: int, grid: int) -> list[int]:
+    """Pixel boundaries of the grid cells: cell k covers pixels edges[k] .. edges[k+1]-1."""
+    return [-((-k * image_size) // grid) for k in range(grid + 1)]  # exact integer ceil
+
+
+def sample_scene(
+    rng: np.random.Generator, image_size: int, grid: int, max_objects: int, n: int | None = None
+) -> Scene:
+    """Draw one scene: n objects (uniform 1..max_objects unless given) in distinct cells."""
+    if n is None:
+        n = int(rng.integers(1, max_objects + 1))
+    cells = sorted(int(c) for c in rng.choice(grid * grid, size=n, replace=False))
+    edges = _cell_edges(image_size, grid)
+    cell = image_size / grid
+    min_cell_px = min(b - a for a, b in pairwise(edges))
+    # Cap the half size so the shape always fits its cell with at least 1 px of play.
+    max_half = max(1, (min_cell_px - 1) // 2 - 1)
+    jitter = max(1, int(cell * JITTER_FRACTION))
+    objects = []
+    for c in cells:
+        row, col = divmod(c, grid)
+        color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        target = float(rng.uniform(*SIZE_RANGE)) * cell
+        half = min(max_half, max(1, int(np.floor((target - 1) / 2 + 0.5))))
+        centre = []
+        for k in (col, row):  # x from the column, y from the row
+            lo, hi = edges[k] + half, edges[k + 1] - 1 - half  # centre range inside the cell
+            base = min(max((edges[k] + edges[k + 1] - 1) // 2, lo), hi)
+            centre.append(int(rng.integers(max(lo, base - jitter), min(hi, base + jitter) + 1)))
+        objects.append(ShapeObject(row, col, color, shape, centre[0], centre[1], 2 * half + 1))
+    return tuple(objects)
+
+
+def sample_unique_scene(
+    rng: np.random.Generator,
+    image_size: int,
+    grid: int,
+    max_objects: int,
+    forbidden: set,
+) -> Scene:
+    """Draw a scene whose signature is not in `forbidden` (the train scenes)."""
+    n = int(rng.integers(1, max_objects + 1))
+    for attempt in range(MAX_TRIES):
+        keep_n = n if attempt < KEEP_COUNT_TRIES else None
+        scene = sample_scene(rng, image_size, grid, max_objects, n=keep_n)
+        if scene_signature(scene) not in forbidden:
+            return scene
+    raise RuntimeError(
+        f"could not draw a scene that is not in train after {MAX_TRIES} tries; "
+        "the world is too small for this n_train (raise --grid/--max-objects or lower --n-train)"
+    )
+
+
+def render_scene(scene: Scene, image_size: int) -> Image.Image:
+    """Draw the scene on a white canvas (no antialiasing, so pixel colours are exact)."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in scene:
+        h = o.size // 2
+        box = [o.cx - h, o.cy - h, o.cx + h, o.cy + h]
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:  # upward triangle; its bounding-box centre is inside it
+            draw.polygon([(o.cx, o.cy - h), (o.cx + h, o.cy + h), (o.cx - h, o.cy + h)], fill=fill)
+    return img
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    # Fixed settings and no metadata chunks, so the bytes depend only on the pixels.
+    img.save(path, format="PNG", optimize=False, compress_level=6)
+
+
+# ---------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------
+def position_name(row: int, col: int, grid: int) -> str:
+    """E.g. "top left", "middle right", and "center" for the middle cell of odd grids."""
+    r, c = ROW_NAMES[grid][row], COL_NAMES[grid][col]
+    return "center" if (r, c) == ("middle", "center") else f"{r} {c}"
+
+
+def _there_are(n: int, noun: str) -> str:
+    return f"there is 1 {noun}." if n == 1 else f"there are {n} {noun}s."
+
+
+def caption(scene: Scene, grid: int) -> str:
+    """E.g. "there are 2 shapes. a red circle at the top left. a blue square at the center." """
+    parts = [_there_are(len(scene), "shape")]
+    parts += [f"a {o.color} {o.shape} at the {position_name(o.row, o.col, grid)}." for o in scene]
+    return " ".join(parts)
+
+
+def relation(a: ShapeObject, b: ShapeObject) -> str | None:
+    """Where a is relative to b, along the axis with the larger grid difference (None on ties)."""
+    drow, dcol = a.row - b.row, a.col - b.col
+    if abs(dcol) > abs(drow):
+        return "left" if dcol < 0 else "right"
+    if abs(drow) > abs(dcol):
+        return "above" if drow < 0 else "below"
+    return None  # same cell or exact diagonal: no single answer
+
+
+_RELATION_PHRASE = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
+
+
+def _kind_order(kind: tuple[str, str]) -> tuple[int, int]:
+    return (COLOR_NAMES.index(kind[0]), SHAPES.index(kind[1]))
+
+
+def _pick(rng: np.random.Generator, items: list):
+    return items[int(rng.integers(len(items)))]
+
+
+# Each question generator returns None when the type has no unambiguous question for the
+# scene, else a dict with question/answer (+ extra fields). `alt` allows a second phrasing
+# (train only); the canonical phrasing is always the first template.
+def color_question(scene: Scene, rng: np.random.Generator, alt: bool = False) -> dict | None:
+    counts = Counter(o.shape for o in scene)
+    candidates = [s for s in SHAPES if counts[s] == 1]  # "the {shape}" must name one object
+    if not candidates:
+        return None
+    shape = _pick(rng, candidates)
+    templates = ["what color is the {s}?", "what is the color of the {s}?"]
+    template = _pick(rng, templates) if alt else templates[0]
+    answer = next(o.color for o in scene if o.shape == shape)
+    return {"question": template.format(s=shape), "answer": answer}
+
+
+def shape_question(scene: Scene, rng: np.random.Generator, alt: bool = False) -> dict | None:
+    counts = Counter(o.color for o in scene)
+    candidates = [c for c in COLOR_NAMES if counts[c] == 1]
+    if not candidates:
+        return None
+    color = _pick(rng, candidates)
+    templates = ["what shape is the {c} object?", "which shape is {c}?"]
+    template = _pick(rng, templates) if alt else templates[0]
+    answer = next(o.shape for o in scene if o.color == color)
+    return {"question": template.format(c=color), "answer": answer}
+
+
+def count_question(scene: Scene, rng: np.random.Generator, alt: bool = False) -> dict | None:
+    if alt:  # train: also count one colour that is present (so the answer is >= 1)
+        variant = int(rng.integers(3))
+        if variant == 2:
+            color = _pick(rng, sorted({o.color for o in scene}, key=COLOR_NAMES.index))
+            n = sum(o.color == color for o in scene)
+            return {"question": f"how many {color} shapes are there?", "answer": str(n)}
+        if variant == 1:
+            return {"question": "how many objects are in the image?", "answer": str(len(scene))}
+    return {"question": "how many shapes are there?", "answer": str(len(scene))}
+
+
+def position_question(scene: Scene, rng: np.random.Generator, alt: bool = False) -> dict | None:
+    kinds = Counter(o.kind for o in scene)
+    unique = [o for o in scene if kinds[o.kind] == 1]  # "the red circle" must name one object
+    pairs = [(a, b) for a in unique for b in unique if a is not b and relation(a, b)]
+    if not pairs:
+        return None
+    a, b = _pick(rng, pairs)
+    templates = [
+        "where is the {c1} {s1} relative to the {c2} {s2}?",
+        "where is the {c1} {s1} compared to the {c2} {s2}?",
+    ]
+    template = _pick(rng, templates) if alt else templates[0]
+    q = template.format(c1=a.color, s1=a.shape, c2=b.color, s2=b.shape)
+    return {"question": q, "answer": relation(a, b)}
+
+
+def exists_question(
+    scene: Scene, rng: np.random.Generator, positive: bool, alt: bool = False
+) -> dict | None:
+    """A yes/no question; negatives are "random" (any absent combination) or "adversarial"
+    (absent combination sharing a colour or shape with the scene, as in POPE)."""
+    present = {o.kind for o in scene}
+    absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+    extra: dict = {"category": "positive" if positive else "negative"}
+    if positive:
+        color, shape = _pick(rng, sorted(present, key=_kind_order))
+    elif not absent:  # only possible in big grids where every combination is present
+        return None
+    else:
+        colors, shapes = {k[0] for k in present}, {k[1] for k in present}
+        adversarial = [k for k in absent if k[0] in colors or k[1] in shapes]
+        kind = "adversarial" if rng.random() < 0.5 and adversarial else "random"
+        color, shape = _pick(rng, adversarial if kind == "adversarial" else absent)
+        extra["negative_kind"] = kind
+    templates = ["is there a {c} {s}?", "does the image contain a {c} {s}?"]
+    template = _pick(rng, templates) if alt else templates[0]
+    return {"question": template.format(c=color, s=shape), "answer": "yes" if positive else "no", **extra}
+
+
+def conversation_questions(scene: Scene, rng: np.random.Generator, alt: bool) -> list[dict]:
+    """One question of every applicable type, in rng-shuffled order (train/val samples)."""
+    qs = [
+        color_question(scene, rng, alt),
+        shape_question(scene, rng, alt),
+        count_question(scene, rng, alt),
+        position_question(scene, rng, alt),
+        exists_question(scene, rng, positive=bool(rng.random() < 0.5), alt=alt),
+    ]
+    qs = [q for q in qs if q is not None]
+    return [qs[i] for i in rng.permutation(len(qs))]
+
+
+def llava_row(sample_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    """LLaVA conversation row; "<image>\\n" goes only in the first human turn."""
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        prefix = "<image>\n" if i == 0 else ""
+        conversations.append({"from": "human", "value": prefix + question})
+        conversations.append({"from": "gpt", "value": answer})
+    return {"id": sample_id, "image": image, "conversations": conversations}
+
+
+def facts_text(scene: Scene, rng: np.random.Generator, grid: int) -> str:
+    """A few true sentences about a scene plus vocabulary facts, in rng order."""
+    sentences = [_there_are(len(scene), "shape")]
+    o = _pick(rng, list(scene))
+    sentences.append(f"a {o.color} {o.shape} is at the {position_name(o.row, o.col, grid)}.")
+    pairs = [(a, b) for a in scene for b in scene if a is not b and relation(a, b)]
+    if pairs:
+        a, b = _pick(rng, pairs)
+        rel = _RELATION_PHRASE[relation(a, b)]
+        sentences.append(f"a {a.color} {a.shape} is {rel} a {b.color} {b.shape}.")
+    color = _pick(rng, sorted({o.color for o in scene}, key=COLOR_NAMES.index))
+    sentences.append(_there_are(sum(o.color == color for o in scene), f"{color} shape"))
+    sentences.append(f"{_pick(rng, list(COLOR_NAMES))} is a color.")
+    sentences.append(f"{_pick(rng, list(SHAPES))} is a shape.")
+    keep = int(rng.integers(2, len(sentences) + 1))
+    order = rng.permutation(len(sentences))[:keep]
+    return " ".join(sentences[i] for i in order)
+
+
+def pair_labels(scene: Scene) -> dict[str, str]:
+    """Categorical labels of a scene (dominant = most frequent, ties -> reading order)."""
+
+    def dominant(values: list[str]) -> str:
+        counts = Counter(values)
+        return max(values, key=lambda v: (counts[v], -values.index(v)))
+
+    return {
+        "dominant_color": dominant([o.color for o in scene]),
+        "dominant_shape": dominant([o.shape for o in scene]),
+        "count": str(len(scene)),
+        "first_color": scene[0].color,
+        "first_shape": scene[0].shape,
+    }
+
+
+def scene_record(sample_id: str, image: str, scene: Scene, grid: int) -> dict:
+    return {
+        "id": sample_id,
+        "image": image,
+        "objects": [
+            {
+                "row": o.row,
+                "col": o.col,
+                "position": position_name(o.row, o.col, grid),
+                "color": o.color,
+                "shape": o.shape,
+                "center": [o.cx, o.cy],
+                "size": o.size,
+            }
+            for o in scene
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, sort_keys=True, indent=2) + "\n", encoding="utf-8", newline="\n")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if enabled and _tqdm is not None:
+        return _tqdm(iterable, total=total, desc=desc, leave=False)
+    return iterable
+
+
+def _validate(image_size: int, grid: int, max_objects: int, counts: dict[str, int]) -> None:
+    if grid not in ROW_NAMES:
+        raise ValueError(f"grid must be one of {sorted(ROW_NAMES)}, got {grid}")
+    if not 1 <= max_objects <= grid * grid:
+        raise ValueError(f"max_objects must be in 1..{grid * grid}, got {max_objects}")
+    if image_size < 8 * grid:
+        raise ValueError(f"image_size must be at least {8 * grid} px for grid {grid}")
+    for name, n in counts.items():
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0, got {n}")
+
+
+def generate_world(
+    out_dir,
+    seed: int = 0,
+    n_train: int = 4000,
+    n_val: int = 200,
+    n_test: int = 300,
+    image_size: int = 64,
+    grid: int = 3,
+    max_objects: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Generate the whole world under `out_dir`; returns the summary also saved as world.json."""
+    _validate(image_size, grid, max_objects, {"n_train": n_train, "n_val": n_val, "n_test": n_test})
+    out = Path(out_dir)
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+
+    # Independent streams per split (and per purpose inside a split), so e.g. changing
+    # n_test never changes train, and the corpus never sees val/test randomness.
+    # Each split gets a scene stream and a text (question) stream; train also owns the
+    # corpus stream.
+    split_ss = dict(zip(SPLITS, np.random.SeedSequence(seed).spawn(len(SPLITS))))
+    children = {split: ss.spawn(3 if split == "train" else 2) for split, ss in split_ss.items()}
+    rngs = {split: np.random.default_rng(c[0]) for split, c in children.items()}
+    text_rngs = {split: np.random.default_rng(c[1]) for split, c in children.items()}
+    corpus_rng = np.random.default_rng(children["train"][2])
+
+    # --- scenes: train first, then val/test avoiding every train signature -------------
+    scenes: dict[str, list[Scene]] = {}
+    scenes["train"] = [
+        sample_scene(rngs["train"], image_size, grid, max_objects) for _ in range(n_train)
+    ]
+    train_sigs = {scene_signature(s) for s in scenes["train"]}
+    for split in ("val", "test"):
+        scenes[split] = [
+            sample_unique_scene(rngs[split], image_size, grid, max_objects, train_sigs)
+            for _ in range(sizes[split])
+        ]
+
+    # --- images and scene descriptions ------------------------------------------------
+    files: dict[str, int] = {}
+    for split in SPLITS:
+        img_dir = out / "images" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        for stale in img_dir.glob(f"{split}_*.png"):  # a smaller rerun must not leave extras
+            stale.unlink()
+        records = []
+        for i, scene in _progress(enumerate(scenes[split]), len(scenes[split]), split, progress):
+            sid = f"{split}_{i:06d}"
+            save_png(render_scene(scene, image_size), img_dir / f"{sid}.png")
+            records.append(scene_record(sid, f"{split}/{sid}.png", scene, grid))
+        _write_jsonl(out / f"scenes_{split}.jsonl", records)
+        files[f"scenes_{split}.jsonl"] = len(records)
+        files[f"images/{split}"] = len(records)
+
+    # --- train/val: LLaVA conversations and captions ----------------------------------
+    for split in ("train", "val"):
+        rows, caps = [], []
+        for i, scene in enumerate(scenes[split]):
+            sid, image = f"{split}_{i:06d}", f"{split}/{split}_{i:06d}.png"
+            qs = conversation_questions(scene, text_rngs[split], alt=(split == "train"))
+            rows.append(llava_row(sid, image, [(q["question"], q["answer"]) for q in qs]))
+            caps.append(llava_row(sid, image, [("Describe the image.", caption(scene, grid))]))
+        _write_json(out / f"{split}.json", rows)
+        _write_json(out / f"captions_{split}.json", caps)
+        files[f"{split}.json"] = len(rows)
+        files[f"captions_{split}.json"] = len(caps)
+
+    # --- test: one benchmark file per question type -----------------------------------
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    bench: dict[str, list[dict]] = {q: [] for q in QTYPES}
+    generators = {"color": color_question, "shape": shape_question,
+                  "count": count_question, "position": position_question}
+    rng = text_rngs["test"]
+    for i, scene in enumerate(scenes["test"]):
+        sid, image = f"test_{i:06d}", f"test/test_{i:06d}.png"
+        for qtype, make in generators.items():
+            q = make(scene, rng)
+            if q is not None:
+                bench[qtype].append({"id": f"{sid}_{qtype}", "image": image, "qtype": qtype,
+                                     "choices": choices_for(qtype, max_objects), **q})
+        # Exactly one yes and one no per image (or neither), so yes/no stays balanced.
+        pos, neg = (exists_question(scene, rng, positive=p) for p in (True, False))
+        for q in (pos, neg) if neg is not None else ():
+            bench["exists"].append({"id": f"{sid}_exists_{q['category']}", "image": image,
+                                    "qtype": "exists", "choices": choices_for("exists", max_objects),
+                                    **q})
+    for qtype, rows in bench.items():
+        _write_jsonl(out / "test" / f"{qtype}.jsonl", rows)
+        files[f"test/{qtype}.jsonl"] = len(rows)
+
+    # --- pairs for representation analysis --------------------------------------------
+    pairs = [
+        {"id": f"test_{i:06d}", "image": f"test/test_{i:06d}.png",
+         "caption": caption(scene, grid), "labels": pair_labels(scene)}
+        for i, scene in enumerate(scenes["test"])
+    ]
+    _write_jsonl(out / "pairs.jsonl", pairs)
+    files["pairs.jsonl"] = len(pairs)
+
+    # --- text-only corpus: fresh scenes from the train lineage, alternating caption/facts
+    corpus = []
+    for i in range(2 * n_train):
+        scene = sample_scene(corpus_rng, image_size, grid, max_objects)
+        text = caption(scene, grid) if i % 2 == 0 else facts_text(scene, corpus_rng, grid)
+        corpus.append({"id": f"corpus_{i:06d}", "text": text})
+    _write_jsonl(out / "corpus.jsonl", corpus)
+    files["corpus.jsonl"] = len(corpus)
+
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "args": {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
+                 "image_size": image_size, "grid": grid, "max_objects": max_objects},
+        "colors": list(COLOR_NAMES),
+        "color_rgb": {c: list(rgb) for c, rgb in COLORS.items()},
+        "shapes": list(SHAPES),
+        "grid": {"size": grid, "rows": list(ROW_NAMES[grid]), "cols": list(COL_NAMES[grid])},
+        "question_types": {q: {"choices": choices_for(q, max_objects)} for q in QTYPES},
+        "counts": files,
+    }
+    _write_json(out / "world.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m midtune.shapes", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=4000)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--n-test", type=int, default=300)
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--grid", type=int, default=3, help="grid side (cells per row/column)")
+    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a = p.parse_args(argv)
+    try:  # report bad arguments as usage errors; anything later is a real bug
+        _validate(a.image_size, a.grid, a.max_objects,
+                  {"--n-train": a.n_train, "--n-val": a.n_val, "--n-test": a.n_test})
+    except ValueError as e:
+        p.error(str(e))
+    summary = generate_world(a.out, seed=a.seed, n_train=a.n_train, n_val=a.n_val,
+                             n_test=a.n_test, image_size=a.image_size, grid=a.grid,
+                             max_objects=a.max_objects, progress=not a.no_progress)
+    print(f"shapes world (seed {a.seed}) written to {Path(a.out).resolve()}")
+    for name, n in summary["counts"].items():
+        print(f"  {name:<24} {n:>7} {'images' if name.startswith('images/') else 'rows'}")
+    print("  world.json               summary")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
