@@ -1,0 +1,561 @@
+"""Visual instruction data: LLaVA conversation files → tokenised, label-masked, padded batches.
+
+Input formats
+  * JSON list or JSONL of rows `{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}]}` with an
+    `<image>` placeholder in the human turn(s) where each image goes (`image` may be a list for several).
+  * Text rows `{"id", "text"}` (language pretraining: every token is a label).
+  * A Hugging Face `datasets` directory (`save_to_disk`) with the same columns; its `image` column may hold
+    decoded images instead of paths.
+
+How a sample is built
+  1. The conversation becomes chat messages and is rendered with the processor's own chat template.
+  2. Assistant spans are found by rendering growing prefixes of the conversation (the text a turn adds after
+     the generation prompt is that turn's answer, end-of-turn marker included), so any prefix-stable chat
+     template works without knowing its markers.
+  3. The unexpanded text is tokenised with offsets; tokens inside assistant spans are labels, the rest -100.
+  4. The processor expands each image placeholder into a run of image tokens; the run lengths are taken from
+     its output and the label mask is expanded to match, then checked token for token against it.
+Truncation to `max_length` never cuts through an image's tokens: such a sample is skipped or an error.
+
+Every row is validated before training starts; a bad row is an error naming file and row, or with
+`on_bad_sample="skip"` it is skipped and counted in `DataSummary`. Never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Processor outputs aligned with input_ids (padded like attention_mask); everything else is vision input.
+TOKEN_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and row."""
+
+
+class BadSample(DataError):
+    def __init__(self, source: str, row: int, sample_id: Any, reason: str, kind: str):
+        self.kind = kind  # short class of the problem, for the skip summary
+        super().__init__(f"{source}: row {row} (id={sample_id!r}): {reason}")
+
+
+class TooLong(BadSample):
+    """A valid sample that does not fit max_length; skipped under `on_image_truncation="skip"`."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """Yield (row number, row) from a JSON list, a JSONL file or a `datasets` directory. Rows count from 0
+    (JSONL: the 0-based line number, so an error's row matches `sed -n '<row+1>p'`)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file or directory does not exist")
+    if path.is_dir():
+        yield from _read_hf_dataset(path, split)
+        return
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: row {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows (or a .jsonl file), got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def _read_hf_dataset(path: Path, split: str) -> Iterator[tuple[int, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for "not a dataset directory"
+        raise DataError(f"{path}: not a dataset saved with datasets.save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
+    yield from enumerate(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation: rows → samples
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """A validated row: chat messages (HF content-list format) and its images, not yet tokenised."""
+
+    id: str
+    row: int
+    messages: list[dict] | None  # None for a plain-text (pretraining) sample
+    text: str | None
+    images: list[Any]  # paths, or decoded images from a datasets column
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.images)
+
+
+def parse_row(
+    row: Any, index: int, source: str, image_folder: Path | None, allow_outside_images: bool = False
+) -> Sample:
+    """Check a row and turn it into a Sample; raise BadSample naming the problem."""
+
+    def bad(reason: str, kind: str) -> BadSample:
+        sample_id = row.get("id") if isinstance(row, dict) else None
+        return BadSample(source, index, sample_id, reason, kind)
+
+    if not isinstance(row, dict):
+        raise bad(f"expected an object, got {type(row).__name__}", "malformed row")
+    sample_id = str(row.get("id", index))
+
+    if "conversations" not in row and isinstance(row.get("text"), str):
+        if not row["text"].strip():
+            raise bad("empty text", "empty text")
+        return Sample(sample_id, index, None, row["text"], [])
+
+    conversations = row.get("conversations")
+    if conversations is None:
+        raise bad("no 'conversations' (or 'text') field", "malformed conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise bad("'conversations' must be a non-empty list of turns", "empty conversations")
+
+    images = _row_images(row, bad)
+    resolved = [_resolve_image(img, image_folder, allow_outside_images, bad) for img in images]
+
+    messages: list[dict] = []
+    placeholders = 0
+    for t, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise bad(f"turn {t} must be an object with 'from' and 'value'", "malformed conversations")
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise bad(f"turn {t} has unknown role {turn['from']!r} (expected one of {sorted(ROLES)})", "unknown role")
+        value = turn["value"]
+        if not isinstance(value, str):
+            raise bad(f"turn {t} value must be a string, got {type(value).__name__}", "malformed conversations")
+        n = value.count(IMAGE_PLACEHOLDER)
+        if n and role != "user":
+            raise bad(f"turn {t}: {IMAGE_PLACEHOLDER} outside a human turn", "misplaced <image>")
+        placeholders += n
+        messages.append({"role": role, "content": _content_parts(value)})
+
+    if not any(m["role"] == "assistant" for m in messages):
+        raise bad("no assistant (gpt) turn: nothing to learn from", "no assistant turn")
+    if placeholders != len(resolved):
+        if placeholders and not resolved:
+            raise bad(f"{IMAGE_PLACEHOLDER} in the conversation but the row has no image", "<image> without image")
+        if resolved and not placeholders:
+            raise bad(f"the row has an image but no {IMAGE_PLACEHOLDER} in any human turn", "image without <image>")
+        raise bad(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(resolved)} images", "image count mismatch")
+    return Sample(sample_id, index, messages, None, resolved)
+
+
+def _row_images(row: dict, bad) -> list[Any]:
+    image = row.get("image", row.get("images"))
+    if image is None:
+        return []
+    images = image if isinstance(image, list) else [image]
+    for img in images:
+        if not isinstance(img, (str, dict, Image.Image)):
+            raise bad(f"'image' must be a path (or list of paths), got {type(img).__name__}", "malformed image field")
+    return images
+
+
+def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad) -> Any:
+    if isinstance(img, Image.Image):
+        return img
+    if isinstance(img, dict):  # datasets' undecoded Image feature: {"bytes": ..., "path": ...}
+        if img.get("bytes") is not None:
+            return img
+        img = img.get("path")
+        if not img:
+            raise bad("image entry has neither bytes nor a path", "malformed image field")
+    folder = image_folder or Path(".")
+    path = (folder / img).resolve()
+    if not allow_outside and not path.is_relative_to(folder.resolve()):
+        raise bad(
+            f"image path {img!r} escapes the image folder {str(folder)!r} (set allow_outside_images to permit)",
+            "image outside image folder",
+        )
+    if not path.is_file():
+        raise bad(f"image file not found: {path}", "missing image file")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the whole file and checks its structure without decoding pixels
+    except Exception as e:
+        raise bad(f"unreadable or corrupt image {path}: {e}", "corrupt image")
+    return path
+
+
+def _content_parts(value: str) -> list[dict]:
+    """'<image>\\nWhat is this?' → [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}].
+
+    The newline LLaVA writes after the placeholder is dropped: each chat template decides how an image is
+    separated from text (llava-1.5's template writes '<image>\\n' itself)."""
+    parts: list[dict] = []
+    pieces = value.split(IMAGE_PLACEHOLDER)
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            parts.append({"type": "image"})
+        piece = piece.strip("\n") if len(pieces) > 1 else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def load_image(img: Any) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    if isinstance(img, dict):
+        import io
+
+        return Image.open(io.BytesIO(img["bytes"])).convert("RGB")
+    with Image.open(img) as im:
+        return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenisation and label masking
+# ---------------------------------------------------------------------------------------------------------
+
+
+def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of `messages` and the character spans of the assistant turns in it."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if not template:
+        raise DataError("the processor has no chat template; save one with the model (processor.chat_template)")
+
+    def render(msgs: list[dict], gen: bool = False) -> str:
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], gen=True)
+        through = render(messages[: i + 1])
+        if not (through.startswith(prompt) and full.startswith(through)):
+            raise DataError(
+                "the chat template is not prefix-stable (rendering a conversation's first turns does not give a "
+                "prefix of rendering it whole), so assistant turns cannot be located for label masking"
+            )
+        # Train on the answer and its end-of-turn marker, not on trailing whitespace after it.
+        spans.append((len(prompt), len(through.rstrip())))
+    return full, spans
+
+
+@dataclass
+class Tokenised:
+    input_ids: list[int]
+    labels: list[int]
+    vision: dict[str, torch.Tensor]  # processor outputs for the images (pixel_values, image_grid_thw, ...)
+    extra: dict[str, list[int]]  # other token-aligned processor outputs (mm_token_type_ids)
+
+
+def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None = None) -> Tokenised:
+    """Token ids and labels (-100 outside assistant turns; every token for a text sample).
+
+    With `images` (decoded), the processor runs and its output is checked against our expansion. Without
+    them, image-token counts come from the processor's token-count API and the images' header sizes: the cheap
+    path used to measure lengths of a whole dataset before training."""
+    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    if sample.messages is None:  # language pretraining text
+        ids = tokenizer(sample.text)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        return Tokenised(ids, list(ids), {}, {})
+
+    text, spans = render_with_assistant_spans(processor, sample.messages)
+    enc = tokenizer(text, return_offsets_mapping=True)
+    is_label = [any(start <= s < end for start, end in spans) and e > s for s, e in enc["offset_mapping"]]
+
+    if images is None and sample.images:
+        counts = image_token_counts(processor, [image_size(img) for img in sample.images])
+        ids, labels = _expand_image_tokens(enc["input_ids"], is_label, counts, processor)
+        return Tokenised(ids, labels, {}, {})
+
+    out = processor(text=[text], images=images or None, return_tensors="pt")
+    expanded = out["input_ids"][0].tolist()
+    if images:
+        counts = image_token_counts(processor, [(im.height, im.width) for im in images])
+    else:
+        counts = []
+    if counts is None:  # no count API: take the processor's runs (one run per image)
+        counts = [end - start for start, end in image_token_spans(expanded, _image_token_ids(processor))]
+    ids, labels = _expand_image_tokens(enc["input_ids"], is_label, counts, processor)
+    if ids != expanded:
+        raise DataError(
+            "the processor's tokenisation differs from the tokenizer's outside image-token runs; "
+            "label masking cannot be aligned for this processor"
+        )
+    vision = {k: v for k, v in out.items() if k not in TOKEN_ALIGNED}
+    extra = {k: out[k][0].tolist() for k in TOKEN_ALIGNED if k in out and k not in ("input_ids", "attention_mask")}
+    return Tokenised(ids, labels, vision, extra)
+
+
+def image_size(img: Any) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding pixels."""
+    if isinstance(img, Image.Image):
+        return img.height, img.width
+    if isinstance(img, dict):
+        import io
+
+        img = io.BytesIO(img["bytes"])
+    with Image.open(img) as im:
+        return im.height, im.width
+
+
+def image_token_counts(processor, sizes: list[tuple[int, int]]) -> list[int] | None:
+    """How many tokens the processor expands each image to, or None if it cannot say without running."""
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None or not sizes:
+        return None if sizes else []
+    try:
+        return list(count(image_sizes=sizes)["num_image_tokens"])
+    except Exception:  # a processor whose count needs more than sizes
+        return None
+
+
+def _image_token_ids(processor) -> set[int]:
+    ids = set()
+    for attr in ("image_token_id", "video_token_id"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    if not ids:
+        tok = processor.tokenizer
+        ids.add(tok.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_PLACEHOLDER)))
+    return ids
+
+
+def _expand_image_tokens(ids: list[int], is_label: list[bool], counts: list[int], processor):
+    """Repeat the k-th image-token id `counts[k]` times, as the processor does; images are never labels."""
+    image_ids = _image_token_ids(processor)
+    n_placeholders = sum(t in image_ids for t in ids)
+    if n_placeholders != len(counts):
+        raise DataError(f"{n_placeholders} image tokens in the rendered text for {len(counts)} images")
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    k = 0
+    for token, label in zip(ids, is_label):
+        if token in image_ids:
+            out_ids += [token] * counts[k]
+            out_labels += [IGNORE_INDEX] * counts[k]
+            k += 1
+        else:
+            out_ids.append(token)
+            out_labels.append(token if label else IGNORE_INDEX)
+    return out_ids, out_labels
+
+
+def image_token_spans(ids: list[int], image_ids: set[int]) -> list[tuple[int, int]]:
+    spans, start = [], None
+    for i, t in enumerate(ids + [-1]):
+        if t in image_ids and start is None:
+            start = i
+        elif t not in image_ids and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset and collator
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSummary:
+    source: str
+    rows: int = 0
+    samples: int = 0
+    with_images: int = 0
+    text_only: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        skipped = sum(self.skipped.values())
+        line = (
+            f"{self.source}: {self.rows} rows → {self.samples} samples "
+            f"({self.with_images} with images, {self.text_only} text only), {self.truncated} truncated"
+        )
+        if skipped:
+            reasons = ", ".join(f"{n} {kind}" for kind, n in self.skipped.most_common())
+            line += f", {skipped} skipped: {reasons}"
+        return line
+
+    def to_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in ("source", "rows", "samples", "with_images", "text_only", "truncated")},
+                "skipped": dict(self.skipped)}
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Validated, tokenised-on-demand visual instruction samples.
+
+    Construction reads and checks every row (structure, image files exist and are structurally sound) and
+    tokenises its text once, counting image tokens from header sizes, to apply the truncation rule: every data
+    error surfaces before the first training step, without decoding a single image. Items are processed with
+    their pixels in `__getitem__` (DataLoader workers parallelise that), checked against the same expansion.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        processor,
+        image_folder: str | Path | None = None,
+        max_length: int = 2048,
+        on_bad_sample: Literal["error", "skip"] = "error",
+        on_image_truncation: Literal["error", "skip"] = "skip",
+        split: str = "train",
+        allow_outside_images: bool = False,
+        progress: bool = False,
+    ):
+        if on_bad_sample not in ("error", "skip"):
+            raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        if on_image_truncation not in ("error", "skip"):
+            raise DataError(f"on_image_truncation must be 'error' or 'skip', got {on_image_truncation!r}")
+        self.source = str(path)
+        self.processor = processor
+        self.max_length = max_length
+        self.image_ids = _image_token_ids(processor)
+        self.summary = DataSummary(self.source)
+        folder = Path(image_folder) if image_folder is not None else None
+        if folder is not None and not folder.is_dir():
+            raise DataError(f"image_folder {str(folder)!r} is not a directory")
+
+        rows = read_rows(path, split)
+        if progress:
+            from tqdm.auto import tqdm
+
+            rows = tqdm(rows, desc=f"checking {Path(path).name}", unit="row")
+        self.samples: list[Sample] = []
+        self.lengths: list[int] = []
+        for index, row in rows:
+            self.summary.rows += 1
+            try:
+                sample = parse_row(row, index, self.source, folder, allow_outside_images)
+                length, truncated = self._check_length(sample, on_image_truncation)
+            except BadSample as e:
+                if on_bad_sample == "error" and not isinstance(e, TooLong):
+                    raise
+                self.summary.skipped[e.kind] += 1
+                log.debug("skipping: %s", e)
+                continue
+            self.samples.append(sample)
+            self.lengths.append(length)
+            self.summary.truncated += truncated
+            self.summary.with_images += sample.has_images
+            self.summary.text_only += not sample.has_images
+        self.summary.samples = len(self.samples)
+        if not self.samples:
+            raise DataError(f"{self.source}: no usable samples ({self.summary})")
+
+    def _check_length(self, sample: Sample, policy: str) -> tuple[int, bool]:
+        # Text tokenisation + image-token counts from header sizes: exact lengths without decoding pixels.
+        tok = tokenise_sample(self.processor, sample)
+        n = len(tok.input_ids)
+        if n <= self.max_length:
+            return n, False
+        if any(end > self.max_length for _, end in image_token_spans(tok.input_ids, self.image_ids)):
+            if policy == "error":
+                raise DataError(
+                    f"{self.source}: row {sample.row} (id={sample.id!r}): {n} tokens exceed max_length="
+                    f"{self.max_length} and truncation would cut through image tokens"
+                )
+            raise TooLong(self.source, sample.row, sample.id,
+                          f"truncation to {self.max_length} would cut image tokens", "too long (image cut)")
+        if all(label == IGNORE_INDEX for label in tok.labels[: self.max_length]):
+            raise TooLong(self.source, sample.row, sample.id,
+                          f"no assistant tokens within max_length={self.max_length}", "too long (no answer left)")
+        return self.max_length, True
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        images = [load_image(img) for img in sample.images]
+        tok = tokenise_sample(self.processor, sample, images)
+        n = min(len(tok.input_ids), self.max_length)
+        item = {
+            "input_ids": torch.tensor(tok.input_ids[:n]),
+            "labels": torch.tensor(tok.labels[:n]),
+            "attention_mask": torch.ones(n, dtype=torch.long),
+            "sample_id": sample.id,
+        }
+        item.update({k: torch.tensor(v[:n]) for k, v in tok.extra.items()})
+        item.update(tok.vision)
+        return item
+
+
+@dataclass
+class Collator:
+    """Pads token-aligned fields (right padding, labels with -100) and concatenates vision inputs.
+
+    Vision tensors are concatenated along dim 0 (images, or patches for Qwen) over the samples that have
+    them, padding trailing dims with zeros (LLaVA-Next's per-image patch count varies; the model slices by
+    `image_sizes`). Text-only samples contribute none, so they mix freely with image samples."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, batch: list[dict]) -> dict:
+        length = max(len(item["input_ids"]) for item in batch)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        pad_value = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
+        out: dict[str, Any] = {"sample_ids": [item["sample_id"] for item in batch]}
+        token_keys = list(dict.fromkeys(k for item in batch for k in item if k in TOKEN_ALIGNED or k == "labels"))
+        for key in token_keys:
+            rows = []
+            for item in batch:
+                # a text sample has no mm_token_type_ids; 0 (= text token) is its value
+                values = item.get(key, torch.zeros_like(item["input_ids"]))
+                rows.append(torch.nn.functional.pad(values, (0, length - len(values)), value=pad_value.get(key, 0)))
+            out[key] = torch.stack(rows)
+        vision_keys = dict.fromkeys(k for item in batch for k in item if k not in token_keys and k != "sample_id")
+        for key in vision_keys:
+            tensors = [item[key] for item in batch if key in item]
+            out[key] = _cat_padded(tensors)
+        return out
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.dim())):
+            pad += [0, shape[d - 1] - t.shape[d]]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded, dim=0)

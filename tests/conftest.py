@@ -1,0 +1,41 @@
+"""Shared fixtures: a small shapes world and tiny models of every family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a hub; fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, vision_layers=2, vision_hidden=32, vision_heads=4)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    from midtune.shapes import generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, seed=0, n_train=60, n_val=10, n_test=20, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(world, tmp_path_factory):
+    """tiny_dir(family) → a saved tiny model directory of that family (built on first use)."""
+    from midtune.tiny import build_tiny, world_texts
+
+    built: dict[str, Path] = {}
+    texts = world_texts(world)
+
+    def make(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"), texts, **TINY)
+        return built[family]
+
+    return make
