@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     image_size = args.image_size
     if image_size is None:
         world = Path(args.data) / "world.json"
-        image_size = json.loads(world.read_text())["image_size"] if world.exists() else 64
+        image_size = json.loads(world.read_text())["args"]["image_size"] if world.exists() else 64
     out = build_tiny(
         args.family,
         args.out,
