@@ -117,6 +117,15 @@ def scene_signature(scene: Scene) -> tuple[tuple[int, int, str, str], ...]:
     return tuple(sorted((o.row, o.col, o.color, o.shape) for o in scene))
 
 
+def held_out(signature: tuple, grid: int) -> bool:
+    """One-object scenes reserved for val/test. A few thousand train images would otherwise use up every
+    one-object scene (grid² × colours × shapes of them), leaving held-out splits without a count of 1."""
+    if len(signature) != 1:
+        return False
+    row, col, color, shape = signature[0]
+    return (row * grid + col + COLOR_NAMES.index(color) + SHAPES.index(shape)) % 3 == 0
+
+
 def _cell_edges(image_size: int, grid: int) -> list[int]:
     """Pixel boundaries of the grid cells: cell k covers pixels edges[k] .. edges[k+1]-1."""
     return [-((-k * image_size) // grid) for k in range(grid + 1)]  # exact integer ceil
@@ -156,14 +165,14 @@ def sample_unique_scene(
     image_size: int,
     grid: int,
     max_objects: int,
-    forbidden: set,
+    forbidden,
 ) -> Scene:
-    """Draw a scene whose signature is not in `forbidden` (the train scenes)."""
+    """Draw a scene whose signature is not forbidden (`forbidden(signature)` is true)."""
     n = int(rng.integers(1, max_objects + 1))
     for attempt in range(MAX_TRIES):
         keep_n = n if attempt < KEEP_COUNT_TRIES else None
         scene = sample_scene(rng, image_size, grid, max_objects, n=keep_n)
-        if scene_signature(scene) not in forbidden:
+        if not forbidden(scene_signature(scene)):
             return scene
     raise RuntimeError(
         f"could not draw a scene that is not in train after {MAX_TRIES} tries; "
@@ -448,12 +457,13 @@ def generate_world(
     # --- scenes: train first, then val/test avoiding every train signature -------------
     scenes: dict[str, list[Scene]] = {}
     scenes["train"] = [
-        sample_scene(rngs["train"], image_size, grid, max_objects) for _ in range(n_train)
+        sample_unique_scene(rngs["train"], image_size, grid, max_objects, lambda sig: held_out(sig, grid))
+        for _ in range(n_train)
     ]
     train_sigs = {scene_signature(s) for s in scenes["train"]}
     for split in ("val", "test"):
         scenes[split] = [
-            sample_unique_scene(rngs[split], image_size, grid, max_objects, train_sigs)
+            sample_unique_scene(rngs[split], image_size, grid, max_objects, train_sigs.__contains__)
             for _ in range(sizes[split])
         ]
 

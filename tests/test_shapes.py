@@ -272,3 +272,14 @@ def test_other_grid_and_bad_args(tmp_path):
     assert summary["question_types"]["count"]["choices"] == ["1", "2", "3"]
     with pytest.raises(ValueError):
         shapes.generate_world(tmp_path / "bad", max_objects=10, grid=3, progress=False)
+
+
+def test_one_object_scenes_reach_the_test_split(tmp_path):
+    # 4000 train images would use up all 135 one-object scenes; a reserved third keeps count "1" testable.
+    shapes.generate_world(tmp_path, seed=0, n_train=4000, n_val=10, n_test=300, progress=False)
+    train = [json.loads(line) for line in (tmp_path / "scenes_train.jsonl").read_text().splitlines()]
+    test_counts = Counter(json.loads(line)["answer"] for line in (tmp_path / "test" / "count.jsonl").read_text().splitlines())
+    assert test_counts["1"] >= 30
+    for scene in train:  # train never draws a reserved scene
+        sig = tuple(sorted((o["row"], o["col"], o["color"], o["shape"]) for o in scene["objects"]))
+        assert not shapes.held_out(sig, 3)
