@@ -303,14 +303,26 @@ class PlanRow:
     trainable: bool
     names: list[str] = field(default_factory=list)  # the parameter names it owns, in model order
     num_params: int = 0  # elements
+    sizes: list[int] = field(default_factory=list)  # elements per name
+    # In a trainable row, train only the tensors whose name contains this (LoRA: "lora_"; the base weights of
+    # the block stay frozen). None: the whole row trains.
+    only: str | None = None
+
+    @property
+    def trainable_names(self) -> list[str]:
+        if not self.trainable:
+            return []
+        return [n for n in self.names if self.only is None or self.only in n]
 
     @property
     def num_trainable(self) -> int:
-        return self.num_params if self.trainable else 0
+        if not self.trainable:
+            return 0
+        return sum(size for n, size in zip(self.names, self.sizes) if self.only is None or self.only in n)
 
     @property
     def num_frozen(self) -> int:
-        return 0 if self.trainable else self.num_params
+        return self.num_params - self.num_trainable
 
     @property
     def group(self) -> str | None:
@@ -351,7 +363,7 @@ class FreezePlan:
 
     @property
     def trainable_names(self) -> set[str]:
-        return {n for r in self.rows if r.trainable for n in r.names}
+        return {n for r in self.rows for n in r.trainable_names}
 
     @property
     def trainable_layers(self) -> list[int]:
@@ -467,8 +479,13 @@ class FreezePlan:
         }
 
 
-def resolve_plan(model: nn.Module, spec: TrainableSpec | Mapping, where: str = "trainable") -> FreezePlan:
-    """Assign every parameter of `model` (unwrapped) to one row and decide from `spec` which rows train."""
+def resolve_plan(
+    model: nn.Module, spec: TrainableSpec | Mapping, where: str = "trainable", adapter_marker: str | None = None
+) -> FreezePlan:
+    """Assign every parameter of `model` (unwrapped) to one row and decide from `spec` which rows train.
+
+    `adapter_marker` (e.g. "lora_" for a PEFT LoRA model): in the selected LLM layers only tensors whose name
+    contains it train, and adapter tensors anywhere else are an error."""
     spec = TrainableSpec.from_dict(spec, where)  # validates; passes a TrainableSpec through
     model = unwrap(model)
     family = family_of(model)
@@ -494,6 +511,7 @@ def resolve_plan(model: nn.Module, spec: TrainableSpec | Mapping, where: str = "
     add("projector", spec.projector)
     for i in range(parts.num_layers):
         add(f"{LLM_LAYERS}.{i}", i in layers)
+        rows[f"{LLM_LAYERS}.{i}"].only = adapter_marker
     add("norm", spec.norm)
     add("lm_head", spec.lm_head)
     add(OTHER, False)
@@ -503,7 +521,10 @@ def resolve_plan(model: nn.Module, spec: TrainableSpec | Mapping, where: str = "
     for name, p in model.named_parameters(remove_duplicate=True):
         row = rows[_lookup(name, table)]
         row.names.append(name)
+        row.sizes.append(p.numel())
         row.num_params += p.numel()
+        if adapter_marker and adapter_marker in name and not (row.group == LLM_LAYERS and row.trainable):
+            raise SpecError(f"{where}: adapter tensor {name!r} lies outside the selected LLM layers")
         owner_by_id[id(p)] = name
 
     # Every requested part must own something; a silent no-op would train less than the spec says.

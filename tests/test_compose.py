@@ -1,0 +1,390 @@
+"""Tests for midtune.compose: a LLaVA model from a pretrained vision encoder + a pretrained LLM.
+
+Everything is offline: tiny CLIP/SigLIP vision models and a tiny Llama with its own byte-level BPE tokenizer
+(no `<image>` token, no pad token, so both are genuinely new) are built and saved in tmp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from midtune.compose import ComposeError, compose, llava_chat_template, main
+from midtune.shapes import generate_world
+from midtune.tiny import CHAT_TOKENS, world_texts
+
+REPO = Path(__file__).resolve().parents[1]
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+N_IMAGE_TOKENS = (32 // 8) ** 2
+
+
+def state(model_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def make_tokenizer(texts: list[str]):
+    """Byte-level BPE with only the chat tokens: no <image>, no pad (both must be added by compose)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=list(CHAT_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", model_max_length=512)
+
+
+def save_llm(out: Path, tokenizer, *, tie: bool = False, seed: int = 1) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # make every tensor distinctive (norm weights start at exactly 1)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def save_clip_vision(out: Path, *, full: bool = False, seed: int = 2) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    if full:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                    bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+        model = CLIPModel(CLIPConfig(vision_config=VISION, text_config=text, projection_dim=16))
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def save_siglip_vision(out: Path, seed: int = 3) -> Path:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    SiglipVisionModel(SiglipVisionConfig(**VISION)).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, seed=0, n_train=40, n_val=5, n_test=10, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, world) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parts")
+    tokenizer = make_tokenizer(world_texts(world))
+    assert "<image>" not in tokenizer.get_vocab() and tokenizer.pad_token is None
+    return {
+        "vision": save_clip_vision(root / "clip-vision"),
+        "llm": save_llm(root / "llama", tokenizer),
+        "root": root,
+        "tokenizer_dir": root / "llama",
+    }
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory, parts) -> tuple[Path, str]:
+    """Composed through the CLI in a subprocess (the real entry point)."""
+    out = tmp_path_factory.mktemp("composed") / "llava"
+    proc = subprocess.run(
+        [sys.executable, "-m", "midtune.compose", "--vision", str(parts["vision"]), "--llm", str(parts["llm"]),
+         "--out", str(out), "--seed", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def world_image(world: Path):
+    from PIL import Image
+
+    return Image.open(min((world / "images").rglob("*.png"))).convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_a_complete_directory(composed):
+    out, stdout = composed
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= names, names
+    assert not list(out.parent.glob("llava.tmp-*")), "the temporary build directory was left behind"
+    assert f"image tokens per image: {N_IMAGE_TOKENS}" in stdout
+    assert "projector" in stdout and "vision tower" in stdout and "language model" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["vision_feature_layer"] == -2
+    assert config["vision_feature_select_strategy"] == "default"
+    assert config["image_seq_length"] == N_IMAGE_TOKENS
+
+
+def load_composed(out: Path):
+    """The composed model through vanilla from_pretrained, asserting that nothing was missing or left over."""
+    from transformers import LlavaForConditionalGeneration
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def test_every_part_tensor_is_copied(composed, parts):
+    # transformers 5.23 saves LLaVA in the legacy (v4 hub) key layout (`language_model.model.*`, `vision_tower.*`)
+    # and renames on load, so compare through the loaded modules rather than raw file keys.
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    out, _ = composed
+    model = load_composed(out)
+    vision = CLIPVisionModel.from_pretrained(parts["vision"]).state_dict()
+    llm = LlamaForCausalLM.from_pretrained(parts["llm"])
+    n_vocab = llm.config.vocab_size
+
+    got_vision = model.model.vision_tower.state_dict()
+    assert set(got_vision) == set(vision)
+    for k, v in vision.items():
+        assert torch.equal(got_vision[k], v), k
+    got_llm = model.model.language_model.state_dict()
+    ref_llm = llm.model.state_dict()
+    assert set(got_llm) == set(ref_llm)
+    for k, v in ref_llm.items():
+        if k == "embed_tokens.weight":
+            assert got_llm[k].shape == (n_vocab + 2, 32)  # <image> and <pad> added
+            assert torch.equal(got_llm[k][:n_vocab], v)  # original rows unchanged
+        else:
+            assert torch.equal(got_llm[k], v), k
+    assert model.lm_head.weight.shape == (n_vocab + 2, 32)
+    assert torch.equal(model.lm_head.weight[:n_vocab], llm.lm_head.weight)
+    new_rows = model.lm_head.weight[n_vocab:]
+    assert torch.isfinite(new_rows).all() and torch.allclose(new_rows, llm.lm_head.weight.mean(0).expand_as(new_rows), atol=1e-3)
+
+    projector = dict(model.model.multi_modal_projector.named_parameters())
+    assert {k: tuple(v.shape) for k, v in projector.items()} == {
+        "linear_1.weight": (32, 32),  # (LLM hidden, vision hidden)
+        "linear_1.bias": (32,),
+        "linear_2.weight": (32, 32),
+        "linear_2.bias": (32,),
+    }
+    assert projector["linear_1.weight"].std() > 0
+    n_parts = sum(t.numel() for t in vision.values()) + sum(p.numel() for p in llm.parameters())
+    n_proj = sum(p.numel() for p in projector.values())
+    assert sum(p.numel() for p in model.parameters()) == n_parts + n_proj + 2 * 2 * 32  # 2 new rows × (embed, head)
+
+
+def test_loads_with_vanilla_classes_and_runs(composed, world):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    out, _ = composed
+    processor = AutoProcessor.from_pretrained(out)
+    model = load_composed(out)
+    tok = processor.tokenizer
+    assert type(processor).__name__ == "LlavaProcessor"
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert model.config.image_token_id == image_id == processor.image_token_id
+    assert tok.pad_token == "<pad>" and tok.pad_token_id is not None
+    assert len(tok) == model.config.text_config.vocab_size
+    assert AutoTokenizer.from_pretrained(out).chat_template == processor.chat_template
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shapes are there?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("USER: <image>\nWhat shapes are there? ASSISTANT:"), prompt
+    inputs = processor(images=world_image(world), text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == image_id).sum()) == N_IMAGE_TOKENS
+    assert inputs["pixel_values"].shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        result = model(**inputs, labels=inputs["input_ids"])
+    assert result.logits.shape == (1, inputs["input_ids"].shape[1], len(tok))
+    assert torch.isfinite(result.logits).all() and torch.isfinite(result.loss)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] <= inputs["input_ids"].shape[1] + 3
+
+    # The assistant turn is marked for loss masking ({% generation %}) and ends with the eos token.
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]})
+    enc = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    answer = [i for i, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    assert tok.decode(answer) == "A red circle.<|im_end|>"
+
+
+def test_chat_template_llava_style():
+    from transformers import PreTrainedTokenizerFast
+
+    template = llava_chat_template("<image>", "</s>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), eos_token="</s>")
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Describe."}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": "And?"},
+    ]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("A chat between a curious human")
+    assert text.endswith("USER: <image>\nDescribe. ASSISTANT: A red circle.</s>USER: And? ASSISTANT:"), text
+    system = [{"role": "system", "content": "Be brief."}, *messages[:2]]
+    text = tok.apply_chat_template(system, chat_template=template, tokenize=False)
+    assert text == "Be brief. USER: <image>\nDescribe. ASSISTANT: A red circle.</s>"
+
+
+def _char_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_full_clip_checkpoint_tied_llm_and_template_file(tmp_path, world):
+    """A full CLIPModel checkpoint as --vision, an LLM with tied embeddings, a chat template file."""
+    from transformers import AutoProcessor, CLIPModel
+
+    vision = save_clip_vision(tmp_path / "clip-full", full=True)
+    tokenizer = make_tokenizer(world_texts(world))
+    tokenizer.pad_token = "<|endoftext|>"
+    llm = save_llm(tmp_path / "llama-tied", tokenizer, tie=True)
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(
+        "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{%- for p in m['content'] -%}{%- if p['type'] == 'image' -%}<image>{%- else -%}{{ p['text'] }}{%- endif -%}"
+        "{%- endfor -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+    out = compose(vision, llm, tmp_path / "out", chat_template=template_file, vision_feature_layer=-1, verbose=False)
+
+    clip = CLIPModel.from_pretrained(vision)
+    model = load_composed(out)
+    got = model.model.vision_tower.state_dict()
+    ref = clip.vision_model.state_dict()
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    assert model.config.tie_word_embeddings and model.config.vision_feature_layer == -1
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    n_vocab = len(tokenizer)
+    orig = state(llm)["model.embed_tokens.weight"]
+    assert torch.equal(model.get_input_embeddings().weight[:n_vocab], orig)
+    assert model.config.text_config.vocab_size == n_vocab + 1  # only <image>: pad was already set
+
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.tokenizer.pad_token == "<|endoftext|>"
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], add_generation_prompt=True
+    )
+    assert prompt == "<|im_start|>user\n<image>hi<|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(images=world_image(world), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == n_vocab + 1
+
+
+def test_siglip_vision_uses_full_strategy(tmp_path, parts, world):
+    from transformers import AutoProcessor, SiglipVisionModel
+
+    vision = save_siglip_vision(tmp_path / "siglip")
+    out = compose(vision, parts["llm"], tmp_path / "out", vision_feature_layer=[-3, -1], verbose=False)
+    model = load_composed(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.vision_feature_select_strategy == "full"
+    assert model.config.vision_feature_layer == [-3, -1]
+    assert model.model.multi_modal_projector.linear_1.weight.shape == (32, 2 * 32)  # two layers concatenated
+    assert processor.num_additional_image_tokens == 0
+    got, ref = model.model.vision_tower.state_dict(), SiglipVisionModel.from_pretrained(vision).state_dict()
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], add_generation_prompt=True
+    )
+    inputs = processor(images=world_image(world), text=prompt, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == N_IMAGE_TOKENS
+    with torch.no_grad():
+        assert model(**inputs).logits.shape[-1] == len(processor.tokenizer)
+
+
+def test_overwrite_seed_and_dtype(tmp_path, parts):
+    out = tmp_path / "out"
+    compose(parts["vision"], parts["llm"], out, seed=0, verbose=False)
+    first = load_composed(out).model.multi_modal_projector.linear_1.weight
+    with pytest.raises(ComposeError, match="exists and is not empty"):
+        compose(parts["vision"], parts["llm"], out, verbose=False)
+    compose(parts["vision"], parts["llm"], out, seed=1, dtype="bfloat16", overwrite=True, verbose=False)
+    assert all(t.dtype == torch.bfloat16 for t in state(out).values())
+    second = load_composed(out).model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(second.float(), first)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no tmp/old directories left
+
+
+def test_user_errors(tmp_path, parts):
+    missing = tmp_path / "nope"
+    with pytest.raises(ComposeError, match=r"--vision .*nope: no such directory"):
+        compose(missing, parts["llm"], tmp_path / "o1", verbose=False)
+    with pytest.raises(ComposeError, match=r"--llm .*nope: no such directory"):
+        compose(parts["vision"], missing, tmp_path / "o2", verbose=False)
+    with pytest.raises(ComposeError, match=r"--llm .*not a causal language model"):
+        compose(parts["vision"], parts["vision"], tmp_path / "o3", verbose=False)
+    with pytest.raises(ComposeError, match=r"--vision .*not a CLIP or SigLIP vision model"):
+        compose(parts["llm"], parts["llm"], tmp_path / "o4", verbose=False)
+    with pytest.raises(ComposeError, match="only mlp2x_gelu is expressible as a standard LlavaForConditionalGeneration"):
+        compose(parts["vision"], parts["llm"], tmp_path / "o5", projector="linear", verbose=False)
+    with pytest.raises(ComposeError, match="--vision-feature-layer 5"):
+        compose(parts["vision"], parts["llm"], tmp_path / "o6", vision_feature_layer=5, verbose=False)
+    with pytest.raises(ComposeError, match="--chat-template .*: no such file"):
+        compose(parts["vision"], parts["llm"], tmp_path / "o7", chat_template=missing, verbose=False)
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing was written
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main(["--vision", str(parts["vision"]), "--llm", str(parts["llm"]), "--out", str(existing)])
+    assert "--out" in str(exc.value.code) and "exists and is not empty" in str(exc.value.code)
+    assert (existing / "keep.txt").read_text() == "x"
+
+
+def test_cli_missing_path_exits_nonzero_without_traceback(tmp_path, parts):
+    missing = tmp_path / "no-such-vision"
+    proc = subprocess.run(
+        [sys.executable, "-m", "midtune.compose", "--vision", str(missing), "--llm", str(parts["llm"]),
+         "--out", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"--vision {missing}: no such directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
