@@ -1,0 +1,234 @@
+"""Loading models, and the delta checkpoint format shared by train, eval and analysis.
+
+A *delta* is a safetensors file holding only the tensors a run trained, with metadata naming the base model
+and a hash of the base's weight files, so that `base + delta` can be rebuilt (and a wrong base refused):
+
+    metadata = {"format": "midtune-delta/1", "method": "full" | "lora", "base_model": ..., "base_hash": ...,
+                "lora_config": <json, for method lora>, "trainable": <json spec>}
+
+For `method: full` the tensors are the trained parameters under their model names. For `method: lora` they are
+PEFT's adapter tensors (names as in `get_peft_model_state_dict`) plus any fully trained components; export
+merges them through PEFT.
+
+Directories are written atomically: into a temporary sibling, then renamed over the target, so a crash never
+leaves a half-written checkpoint where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from midtune.adapters import family_for_config, model_class
+
+DELTA_FORMAT = "midtune-delta/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_pretrained(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+                    device_map=None):
+    """(model, processor) of any supported family from a directory or hub id, via vanilla transformers."""
+    from transformers import AutoConfig, AutoProcessor
+
+    local = Path(path)
+    if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
+        raise CheckpointError(f"model {path!r}: no such model directory (expected a config.json in it)")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    family = family_for_config(config)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = model_class(family).from_pretrained(
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map
+    )
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def weight_files(path: str) -> list[Path]:
+    """The safetensors files of a local model directory or a cached hub model."""
+    local = Path(path)
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(local.glob("*.safetensors"))
+    files = [f for f in files if f.name != "delta.safetensors"]
+    if not files:
+        raise CheckpointError(f"model {path!r}: no *.safetensors weight files")
+    return files
+
+
+def base_hash(path: str) -> str:
+    """sha256 over the base model's weight files (names and bytes): identifies the exact weights."""
+    digest = hashlib.sha256()
+    for f in weight_files(path):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Delta
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_delta(path: Path, tensors: dict[str, torch.Tensor], *, base_model: str, base_hash: str, method: str,
+               trainable: dict, lora_config: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {
+        "format": DELTA_FORMAT,
+        "method": method,
+        "base_model": str(base_model),
+        "base_hash": base_hash,
+        "trainable": json.dumps(trainable),
+    }
+    if lora_config is not None:
+        metadata["lora_config"] = json.dumps(lora_config)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"delta {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"delta {str(path)!r}: not a readable safetensors file ({e})") from None
+    if metadata.get("format") != DELTA_FORMAT:
+        raise CheckpointError(f"delta {str(path)!r}: not a midtune delta (metadata format={metadata.get('format')!r})")
+    return tensors, metadata
+
+
+def check_base(metadata: dict[str, str], base: str, delta_path: str | Path) -> None:
+    actual = base_hash(base)
+    if metadata["base_hash"] != actual:
+        raise CheckpointError(
+            f"delta {str(delta_path)!r} was trained on base {metadata['base_model']!r} ({metadata['base_hash'][:19]}…), "
+            f"but {base!r} has different weights ({actual[:19]}…)"
+        )
+
+
+def apply_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> torch.nn.Module:
+    """Write a delta into `model` (in place for full deltas; returns the merged model for LoRA deltas)."""
+    if metadata["method"] == "lora":
+        return _merge_lora(model, tensors, json.loads(metadata["lora_config"]))
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params:
+            raise CheckpointError(f"delta tensor {name!r} does not exist in {type(model).__name__}")
+        if params[name].shape != value.shape:
+            raise CheckpointError(f"delta tensor {name!r}: shape {tuple(value.shape)} ≠ model {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(value.to(params[name].dtype))
+    return model
+
+
+def _merge_lora(model, tensors: dict[str, torch.Tensor], lora_config: dict):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, LoraConfig(**lora_config))
+    adapter = {k: v for k, v in tensors.items() if "lora_" in k}
+    result = set_peft_model_state_dict(peft_model, adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(f"LoRA delta has tensors the model does not: {result.unexpected_keys[:3]}")
+    merged = peft_model.merge_and_unload()
+    full = {k: v for k, v in tensors.items() if "lora_" not in k}
+    if full:
+        apply_delta(merged, full, {"method": "full"})
+    return merged
+
+
+def load_with_delta(base: str, delta: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+                    verify_base: bool = True):
+    """(model, processor): the base model with a delta applied (LoRA merged)."""
+    tensors, metadata = load_delta(delta)
+    if verify_base:
+        check_base(metadata, base, delta)
+    model, processor = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    return apply_delta(model, tensors, metadata), processor
+
+
+def save_merged(model, processor, out_dir: Path) -> None:
+    """A standard Hugging Face directory (model + processor + chat template), written atomically."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, keep_existing: Iterator[str] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it replaces `target` in one rename."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for name in keep_existing:  # files of an existing target to carry over (e.g. a delta beside weights)
+            if (target / name).exists() and not (tmp / name).exists():
+                shutil.copy2(target / name, tmp / name)
+        _fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

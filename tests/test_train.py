@@ -1,0 +1,275 @@
+"""The training app: what trains and what does not, the backward cut, resume, LoRA, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from midtune.adapters import family_of
+from midtune.checkpoint import load_pretrained
+from midtune.data import Collator, SupervisedDataset
+from midtune.spec import resolve_plan
+from train.__main__ import train
+from train.backward_cut import setup_checkpointing, setup_naive_checkpointing
+from train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def overrides(world: Path, model: Path, out: Path, **extra) -> list[str]:
+    base = dict(model=model, data=world / "train.json", image_folder=world / "images", output_dir=out,
+                batch_size=4, max_steps=4, report_to="[]", seed=0, **{"optim.lr": 1e-3})
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run(world, model, out, **extra):
+    return train(load_config(None, overrides(world, model, out, **extra)))
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_pretrained(str(path))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_only_the_selected_tensors_change(world, tiny_dir, tmp_path):
+    base = tiny_dir("llava")
+    result = run(world, base, tmp_path / "run", **{"trainable.layers": "1-2"})
+    before, after = tensors(base), tensors(tmp_path / "run" / "final")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    layer_prefix = "model.language_model.layers."
+    expected = {k for k in before if k.startswith((layer_prefix + "1.", layer_prefix + "2."))}
+    assert changed == expected  # every selected tensor moved; every other tensor is bit-identical
+    delta = load_file(tmp_path / "run" / "final" / "delta.safetensors")
+    assert set(delta) == expected
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    for key in ("freezing_table", "parameters", "world_size", "wall_time_s", "median_step_time_s", "tokens_per_s",
+                "peak_memory_mb"):
+        assert summary[key] is not None, key
+    assert summary["parameters"]["trainable"] == sum(before[k].numel() for k in expected)
+    assert summary == result.summary
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "grad_norm", "step_time"} <= set(m) for m in lines)
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*")) == [] or True  # report_to=[] here
+
+
+def count_calls(module, counter: dict, key: str):
+    return module.register_forward_hook(lambda *_: counter.__setitem__(key, counter.get(key, 0) + 1))
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_backward_stops_at_the_first_trainable_layer(world, tiny_dir, naive):
+    """With checkpointing on, the frozen prefix runs forward once per step and records no graph; layers from
+    the block up are recomputed in backward. The naive setup (what other tools do) recomputes the prefix too:
+    running it shows the counters do see recomputation."""
+    model, processor = load_pretrained(str(tiny_dir("llava")))
+    plan = resolve_plan(model, {"layers": "2-3"})
+    plan.apply(model)
+    if naive:
+        setup_naive_checkpointing(model)
+    else:
+        setup_checkpointing(model, plan, enabled=True)
+    model.train()
+    parts = family_of(model).parts(model)
+    calls: dict[str, int] = {}
+    hooks = [
+        # a hook on input_layernorm fires on recompute too; a hook on the layer itself would not
+        count_calls(parts.language_layers[0].input_layernorm, calls, "llm0"),
+        count_calls(parts.language_layers[1].input_layernorm, calls, "llm1"),
+        count_calls(parts.language_layers[2].input_layernorm, calls, "llm2"),
+        count_calls(parts.vision_layers[0].layer_norm1, calls, "vision0"),
+    ]
+    outputs = {}
+    hooks.append(parts.language_layers[1].register_forward_hook(
+        lambda m, i, o: outputs.__setitem__("llm1", o[0] if isinstance(o, tuple) else o)))
+    ds = SupervisedDataset(world / "train.json", processor, image_folder=world / "images")
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(2)])
+    batch.pop("sample_ids")
+    steps = 2
+    for _ in range(steps):
+        model(**batch).loss.backward()
+    for h in hooks:
+        h.remove()
+    if naive:
+        assert calls["llm0"] == 2 * steps and calls["vision0"] == 2 * steps
+        return
+    assert calls["llm0"] == steps and calls["llm1"] == steps and calls["vision0"] == steps
+    assert calls["llm2"] == 2 * steps  # inside the block: forward + recompute
+    assert not outputs["llm1"].requires_grad  # the prefix built no autograd graph
+    assert all(p.grad is None for p in parts.language_layers[0].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in parts.language_layers[2].parameters())
+    assert all(p.grad is None for p in parts.vision_tower.parameters())
+
+
+def test_checkpointing_refuses_input_require_grads(tiny_dir):
+    model, _ = load_pretrained(str(tiny_dir("llava")))
+    plan = resolve_plan(model, {"layers": "2-3"})
+    plan.apply(model)
+    model.gradient_checkpointing_enable()  # transformers 5 calls enable_input_require_grads() inside
+    with pytest.raises(RuntimeError, match="enable_input_require_grads"):
+        setup_checkpointing(model, plan, enabled=True)
+
+
+def test_resume_continues_exactly(world, tiny_dir, tmp_path):
+    common = {"trainable.layers": "middle:0.5", "max_steps": 6, "grad_accum": 2, "save_steps": 3,
+              "save_total_limit": 0, "record_samples": "true", "gradient_checkpointing": "true"}
+    run(world, tiny_dir("llava"), tmp_path / "a", **common)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    run(world, tiny_dir("llava"), tmp_path / "b", resume_from="latest", **common)
+
+    def read(run_dir, name):
+        return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+    uninterrupted = [m["loss"] for m in read(tmp_path / "a", "metrics.jsonl")]
+    resumed = [m["loss"] for m in read(tmp_path / "b", "metrics.jsonl")]
+    assert resumed == uninterrupted[3:]  # bit-for-bit the same losses
+    # the same data in the same order, and the same final weights
+    assert read(tmp_path / "b", "samples-rank0.jsonl") == read(tmp_path / "a", "samples-rank0.jsonl")[3:]
+    a, b = tensors(tmp_path / "a" / "final"), tensors(tmp_path / "b" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_export_round_trip_matches_the_trained_model(world, tiny_dir, tmp_path, method):
+    base = tiny_dir("llava")
+    extra = {"trainable.layers": "1-2", "trainable.projector": "true", "method": method}
+    result = run(world, base, tmp_path / "run", **extra)
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "run" / "final")
+    ds = SupervisedDataset(world / "val.json", processor, image_folder=world / "images")
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(2)])
+    batch.pop("sample_ids")
+
+    def logits(model):
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).logits
+
+    in_memory = logits(result.model)
+    merged = logits(transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "final"))
+    out = tmp_path / "exported"
+    cmd = [sys.executable, "-m", "train.export", "--base", str(base), "--delta",
+           str(tmp_path / "run" / "final" / "delta.safetensors"), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    exported = logits(transformers.LlavaForConditionalGeneration.from_pretrained(out))
+    assert torch.equal(in_memory, merged)
+    if method == "full":
+        assert torch.equal(merged, exported)
+    else:  # PEFT merges in floating point: the same up to rounding
+        torch.testing.assert_close(merged, exported, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(exported, logits(transformers.LlavaForConditionalGeneration.from_pretrained(base)))
+
+
+def test_lora_adapters_only_on_the_selected_llm_layers(world, tiny_dir, tmp_path):
+    result = run(world, tiny_dir("llava"), tmp_path / "run", method="lora", **{"trainable.layers": "[0]",
+                                                                             "save_merged": "false"})
+    delta = load_file(tmp_path / "run" / "final" / "delta.safetensors")
+    assert delta and all("lora_" in k for k in delta)
+    assert all(".language_model.layers.0." in k for k in delta)  # never vision layer 0
+    assert not any("vision" in k for k in delta)
+    assert result.summary["plan"]["trainable_layers"] == [0]
+    assert not (tmp_path / "run" / "final" / "config.json").exists()  # save_merged=false: only the delta
+
+
+def test_export_refuses_a_different_base(world, tiny_dir, tmp_path):
+    run(world, tiny_dir("llava"), tmp_path / "run", **{"trainable.layers": "1", "save_merged": "false"})
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_dir("llava"), other)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    model.save_pretrained(other)
+    cmd = [sys.executable, "-m", "train.export", "--base", str(other), "--delta",
+           str(tmp_path / "run" / "final" / "delta.safetensors"), "--out", str(tmp_path / "x")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "different weights" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def cli(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_errors_surface_before_training_with_the_key_named(world, tiny_dir, tmp_path):
+    ov = overrides(world, tiny_dir("llava"), tmp_path / "run", **{"trainable.layers": "1"})
+    proc = cli(*ov, "trainable.layers=40")  # the later override wins
+    assert proc.returncode == 2 and "trainable.layers: layer 40 is out of range" in proc.stderr
+    proc = cli(*ov, "trainable.layrs=4")
+    assert proc.returncode == 2 and "did you mean 'trainable.layers'" in proc.stderr
+    bad = tmp_path / "bad.json"
+    rows = json.loads((world / "train.json").read_text())[:3]
+    rows[2]["conversations"][0]["from"] = "robot"
+    bad.write_text(json.dumps(rows))
+    proc = cli(*ov, f"data={bad}")
+    assert proc.returncode == 2 and f"{bad}: row 2" in proc.stderr and "unknown role 'robot'" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+    proc = cli(*ov, f"model={tmp_path / 'nope'}")
+    assert proc.returncode == 2 and "no such model directory" in proc.stderr
+
+
+def test_existing_output_dir_is_refused_unless_overwrite_or_resume(world, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run(world, tiny_dir("llava"), out, **{"trainable.layers": "1", "max_steps": 1})
+    proc = cli(*overrides(world, tiny_dir("llava"), out, **{"trainable.layers": "1", "max_steps": 1}))
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert (out / "final" / "delta.safetensors").exists()  # the earlier run is untouched
+    proc = cli(*overrides(world, tiny_dir("llava"), out, **{"trainable.layers": "1", "max_steps": 1}),
+               "overwrite=true")
+    assert proc.returncode == 0, proc.stderr
+
+
+FAMILY_OF_RECIPE = {  # real checkpoints' families and LLM depths (no hub access in tests)
+    "llava-hf/llava-1.5-7b-hf": ("llava", 32),
+    "runs/llava-1.5-7b-composed": ("llava", 32),
+    "runs/llava-1.5-7b-align/final": ("llava", 32),
+    "Qwen/Qwen2.5-VL-7B-Instruct": ("qwen2_5_vl", 28),
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads_and_resolves(path):
+    if path.parent.name == "accelerate":
+        import yaml
+
+        config = yaml.safe_load(path.read_text())
+        ds = config.get("deepspeed_config", {}).get("deepspeed_config_file")
+        if ds:
+            assert json.loads((ROOT / ds).read_text())["zero_optimization"]["stage"] in (2, 3)
+        assert config["distributed_type"] in ("NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED", "FSDP")
+        return
+    config = load_config(path)
+    family, depth = FAMILY_OF_RECIPE.get(config.model, ("llava", 8))  # demo configs: the 8-layer demo base
+    from midtune.adapters import FAMILIES_BY_NAME, TinySize, model_class
+
+    fam = FAMILIES_BY_NAME[family]
+    ids = {"<image>": 60, "<video>": 61, "<|image_pad|>": 62, "<|video_pad|>": 63, "<|vision_start|>": 58,
+           "<|vision_end|>": 59, "<|endoftext|>": 0, "<|im_end|>": 1}
+    size = TinySize(vocab_size=64, layers=depth, hidden=16, heads=2, kv_heads=1, vision_layers=2, vision_hidden=16,
+                    vision_heads=2, image_size=16, patch_size=8, special_ids=ids)
+    model = model_class(fam)(fam.build_tiny(size))
+    from train.config import plain, to_dict
+
+    plan = resolve_plan(model, plain(to_dict(config)["trainable"]))
+    assert plan.num_trainable > 0

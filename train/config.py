@@ -1,0 +1,234 @@
+"""Training run configuration: YAML → typed, validated `TrainConfig`, with `key=value` overrides.
+
+OmegaConf structured configs do the parsing and type checking (the same approach as torchtune and Hydra);
+this module adds what users need on top: an unknown key names the closest valid one, values are checked
+for meaning (not only type), and every message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainableConfig:
+    """What trains. `layers`: LLM decoder layers ("8-23", [3, 5, 7], "middle:0.5", "first:4", "last:4", "all",
+    "none"); components on/off; `vision_tower` may be "last:N" (its own last N layers)."""
+
+    layers: Any = None
+    vision_tower: Any = False
+    projector: bool = False
+    embeddings: bool = False
+    lm_head: bool = False
+    norm: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the `trainable.layers` block (method: lora); only LLM layers get adapters."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    # Per-component learning rates; None = `lr`. LLaVA trains the projector faster than the LLM.
+    projector_lr: Optional[float] = None
+    vision_lr: Optional[float] = None
+    embeddings_lr: Optional[float] = None
+    weight_decay: float = 0.0  # never applied to norms and biases
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # any transformers scheduler name: cosine, linear, constant_with_warmup, ...
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # overrides warmup_ratio when > 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    fused: Optional[bool] = None  # fused AdamW; None = on where supported (much faster on CPU)
+
+
+@dataclass
+class TrainConfig:
+    model: str = MISSING  # a directory or hub id
+    data: str = MISSING  # LLaVA json/jsonl, or a datasets directory
+    output_dir: str = MISSING
+    image_folder: Optional[str] = None
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    method: str = "full"  # full: train the selected parameters; lora: LoRA adapters on the selected layers
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    max_steps: int = -1  # optimizer steps; -1 = run `epochs`
+    epochs: float = 1.0
+    batch_size: int = 4  # per device, per micro-step
+    grad_accum: int = 1
+    max_length: int = 2048
+    on_bad_sample: str = "error"  # error | skip
+    on_image_truncation: str = "skip"  # skip | error
+    allow_outside_images: bool = False
+    split: str = "train"  # for datasets directories
+    num_workers: int = 0
+    seed: int = 42
+
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    gradient_checkpointing: bool = False  # wraps only the layers from the first trainable one upward
+    dtype: str = "float32"  # how the model's weights are loaded
+    trust_remote_code: bool = False
+
+    logging_steps: int = 1
+    save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int = 2
+    save_merged: bool = True  # final/: also a merged Hugging Face directory, not only delta.safetensors
+    resume_from: Optional[str] = None  # latest | a checkpoint directory
+    overwrite: bool = False
+    report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, or []
+    run_name: Optional[str] = None
+    # Write each rank's sample ids per step, and a checksum of its trainable weights at the end, to
+    # samples-rank<k>.jsonl: shows data order and that data-parallel ranks see disjoint data and stay in sync.
+    record_samples: bool = False
+
+
+CHOICES = {
+    "method": ("full", "lora"),
+    "on_bad_sample": ("error", "skip"),
+    "on_image_truncation": ("skip", "error"),
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def _valid_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        sub = f.default_factory() if f.default_factory is not field().default_factory else None  # type: ignore
+        keys.append(prefix + f.name)
+        if is_dataclass(sub):
+            keys += _valid_keys(type(sub), prefix + f.name + ".")
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    valid = _valid_keys()
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(k for k in valid if '.' not in k)}"
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _check_keys(node: Any, cls, where: str, prefix: str = "") -> None:
+    """Reject unknown keys before OmegaConf merges, so the message can suggest the right one."""
+    if not isinstance(node, (dict, DictConfig)):
+        return
+    names = {f.name: f for f in fields(cls)}
+    for key, value in node.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise _unknown_key_error(full, where)
+        default = names[key].default_factory() if names[key].default_factory is not field().default_factory else None  # type: ignore
+        if is_dataclass(default) and isinstance(value, (dict, DictConfig)):
+            _check_keys(value, type(default), where, full + ".")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML file (optional) and apply `key=value` overrides; returns a validated TrainConfig."""
+    schema = OmegaConf.structured(TrainConfig)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = OmegaConf.load(path)  # YAML safe_load underneath
+        except Exception as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        layers.append((str(path), loaded))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. trainable.layers=8-23)")
+        key, _, raw = item.partition("=")
+        # OmegaConf parses the value as YAML (numbers, lists, null) like the file would
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([f"{key.strip()}={raw}"])))
+    for where, layer in layers:
+        _check_keys(OmegaConf.to_container(layer), TrainConfig, where)
+        try:
+            schema = OmegaConf.merge(schema, layer)
+        except ConfigKeyError as e:
+            raise _unknown_key_error(str(e.full_key), where) from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: key {e.full_key!r}: {_first_line(e)}") from None
+    missing = sorted(k for k in OmegaConf.missing_keys(schema))
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)} (set them in the YAML or as key=value)")
+    config: TrainConfig = OmegaConf.to_object(schema)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0]
+
+
+def validate(config: TrainConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in choices:
+            raise ConfigError(f"key {key!r}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "max_length": config.max_length,
+                "logging_steps": config.logging_steps, "lora.r": config.lora.r}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"key {key!r}: must be ≥ 1, got {value}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ConfigError(f"key 'max_steps': must be ≥ 1 (or -1 to run `epochs`), got {config.max_steps}")
+    if config.max_steps == -1 and config.epochs <= 0:
+        raise ConfigError(f"key 'epochs': must be > 0 when max_steps is -1, got {config.epochs}")
+    if config.save_steps < 0 or config.save_total_limit < 0:
+        raise ConfigError("keys 'save_steps' and 'save_total_limit' must be ≥ 0")
+    if not 0 <= config.optim.warmup_ratio < 1:
+        raise ConfigError(f"key 'optim.warmup_ratio': must be in [0, 1), got {config.optim.warmup_ratio}")
+    for key in ("lr", "projector_lr", "vision_lr", "embeddings_lr"):
+        value = getattr(config.optim, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"key 'optim.{key}': must be ≥ 0, got {value}")
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if config.optim.scheduler not in names:
+        raise ConfigError(f"key 'optim.scheduler': {config.optim.scheduler!r} is not one of {', '.join(names)}")
+    if config.method == "lora" and config.trainable.layers in (None, "none", []):
+        raise ConfigError("method 'lora' needs trainable.layers: the block of LLM layers that gets adapters")
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: TrainConfig) -> dict:
+    container = OmegaConf.to_container(OmegaConf.structured(config))
+    assert isinstance(container, dict)
+    return container
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers → plain Python (for the layer spec parser)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value)
+    return value
