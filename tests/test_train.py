@@ -273,3 +273,60 @@ def test_every_shipped_config_loads_and_resolves(path):
 
     plan = resolve_plan(model, plain(to_dict(config)["trainable"]))
     assert plan.num_trainable > 0
+
+
+def launch(accelerate_config: Path, args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(accelerate_config),
+           "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_data_parallel(out: Path, steps: int) -> None:
+    """Two ranks: disjoint samples at every step, identical weights at the end."""
+    rank0, rank1 = read_jsonl(out / "samples-rank0.jsonl"), read_jsonl(out / "samples-rank1.jsonl")
+    assert len(rank0) == len(rank1) == steps + 1
+    for a, b in zip(rank0[:-1], rank1[:-1]):
+        assert a["step"] == b["step"] and not set(a["samples"]) & set(b["samples"])
+    assert rank0[-1]["final_weights"] == rank1[-1]["final_weights"]
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_data_parallel(world, tiny_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = overrides(world, tiny_dir("llava"), out, **{"trainable.layers": "1-2", "record_samples": "true"})
+    proc = launch(ROOT / "configs/accelerate/cpu_2proc.yaml", args, {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_data_parallel(out, steps=4)
+    assert json.loads((out / "run.json").read_text())["distributed_type"] == "MULTI_CPU"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_cpu_processes_with_resume(world, tiny_dir, tmp_path):
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs/accelerate/deepspeed_zero2.yaml").read_text())
+    config["num_processes"] = 2
+    config["deepspeed_config"]["deepspeed_config_file"] = str(ROOT / "configs/deepspeed/zero2.json")
+    accelerate_config = tmp_path / "zero2.yaml"
+    accelerate_config.write_text(yaml.safe_dump(config))
+    common = {"trainable.layers": "1-2", "record_samples": "true", "save_steps": 2, "save_total_limit": 0}
+    full = launch(accelerate_config, overrides(world, tiny_dir("llava"), tmp_path / "a", **common), {})
+    assert full.returncode == 0, full.stderr[-3000:]
+    check_data_parallel(tmp_path / "a", steps=4)
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["distributed_type"] == "DEEPSPEED"
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed = launch(accelerate_config, overrides(world, tiny_dir("llava"), tmp_path / "b", resume_from="latest",
+                                                  **common), {})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["loss"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == \
+        [m["loss"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl")][2:]
+    assert read_jsonl(tmp_path / "b" / "samples-rank0.jsonl")[-1] == read_jsonl(tmp_path / "a" / "samples-rank0.jsonl")[-1]

@@ -81,7 +81,7 @@ def train(config: TrainConfig) -> RunResult:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # LLaVA feeds the LLM from vision layer -2, so the last vision layer gets no gradient when the tower trains
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=vision_trains)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=vision_trains), *cpu_deepspeed_kwargs()],
     )
     set_seed(config.seed)
     main_process = accelerator.is_main_process
@@ -341,6 +341,18 @@ def build_optimizer(model, plan: FreezePlan, config: TrainConfig) -> torch.optim
     if fused is None:  # fused AdamW is several times faster than the per-parameter loop, CPU included
         fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused)
+
+
+def cpu_deepspeed_kwargs() -> list:
+    """DeepSpeed on a machine without GPUs: accelerate finds no process-group backend for DeepSpeed's CPU
+    accelerator and then counts one process, while DeepSpeed itself forms the full world (each of 2 ranks
+    reported num_processes == 1 and the batch-size check failed). Naming gloo makes both agree."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
 
 
 def resolve_mixed_precision(value: str) -> str:

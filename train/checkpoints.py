@@ -1,7 +1,8 @@
 """Resumable training checkpoints: `output_dir/checkpoint-<step>/`.
 
     trainable.safetensors   the trainable tensors only (a frozen 7B base is not copied at every save)
-    optimizer.pt, scheduler.pt   torch state dicts, read back with weights_only=True
+    optimizer.pt            the optimizer's state dict, read back with weights_only=True
+    scheduler.pt            the LR scheduler's state dict (stepped by hand, so saved on every backend)
     rng-<rank>.json         python / numpy / torch RNG states of each rank
     trainer_state.json      step, data position and the metrics needed to continue
 
@@ -93,6 +94,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names: l
         params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
         save_file({n: params[n].detach().cpu().contiguous() for n in trainable_names}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if accelerator.is_main_process:  # stepped by hand, so no engine saves it for us
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
     accelerator.wait_for_everyone()
@@ -129,7 +131,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> dic
             for name, value in tensors.items():
                 params[name].copy_(value)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = path / f"rng-{accelerator.process_index}.json"
     if rng.exists():
         _set_rng_state(json.loads(rng.read_text()))
