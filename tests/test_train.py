@@ -309,15 +309,19 @@ def test_two_cpu_processes_train_data_parallel(world, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_two_cpu_processes_with_resume(world, tiny_dir, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stage):
+    """The shipped ZeRO-2/3 configs with 2 processes: real data parallelism, a frozen prefix under
+    non-reentrant checkpointing, exact resume, and (ZeRO-3) 16-bit weights gathered into a standard model."""
     import yaml
 
-    config = yaml.safe_load((ROOT / "configs/accelerate/deepspeed_zero2.yaml").read_text())
+    config = yaml.safe_load((ROOT / f"configs/accelerate/deepspeed_zero{stage}.yaml").read_text())
     config["num_processes"] = 2
-    config["deepspeed_config"]["deepspeed_config_file"] = str(ROOT / "configs/deepspeed/zero2.json")
-    accelerate_config = tmp_path / "zero2.yaml"
+    config["deepspeed_config"]["deepspeed_config_file"] = str(ROOT / f"configs/deepspeed/zero{stage}.json")
+    accelerate_config = tmp_path / f"zero{stage}.yaml"
     accelerate_config.write_text(yaml.safe_dump(config))
-    common = {"trainable.layers": "1-2", "record_samples": "true", "save_steps": 2, "save_total_limit": 0}
+    common = {"trainable.layers": "1-2", "record_samples": "true", "save_steps": 2, "save_total_limit": 0,
+              "gradient_checkpointing": "true"}
     full = launch(accelerate_config, overrides(world, tiny_dir("llava"), tmp_path / "a", **common), {})
     assert full.returncode == 0, full.stderr[-3000:]
     check_data_parallel(tmp_path / "a", steps=4)
@@ -330,3 +334,9 @@ def test_deepspeed_zero2_two_cpu_processes_with_resume(world, tiny_dir, tmp_path
     assert [m["loss"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == \
         [m["loss"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl")][2:]
     assert read_jsonl(tmp_path / "b" / "samples-rank0.jsonl")[-1] == read_jsonl(tmp_path / "a" / "samples-rank0.jsonl")[-1]
+    # the merged model is a standard checkpoint holding the trained delta
+    merged = tensors(tmp_path / "b" / "final")
+    delta = load_file(tmp_path / "b" / "final" / "delta.safetensors")
+    assert delta and all(torch.equal(merged[k], delta[k]) for k in delta)
+    before = tensors(tiny_dir("llava"))
+    assert all(torch.equal(before[k], merged[k]) for k in before if k not in delta)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from midtune.adapters import family_of, unwrap
-from midtune.checkpoint import CheckpointError, atomic_dir, base_hash, load_pretrained, save_delta
+from midtune.checkpoint import CheckpointError, atomic_dir, base_hash, load_pretrained, load_with_delta, save_delta
 from midtune.data import Collator, DataError, SupervisedDataset
 from midtune.spec import FreezePlan, SpecError, TrainableSpec, resolve_layers, resolve_plan
 from train.backward_cut import setup_checkpointing
@@ -384,7 +384,17 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
         save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
                    method=config.method, trainable=plan.spec.to_dict(),
                    lora_config=lora_config_dict(unwrapped) if lora else None)
-        if config.save_merged:
+        if config.save_merged and zero3_enabled():
+            # The ZeRO-3 model holds only partitions; rebuild base + delta on this process, as train.export does
+            # (saving the gathered state through the ZeRO-3-loaded model wrote non-standard key names).
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            merged, _ = load_with_delta(config.model, tmp / "delta.safetensors", dtype=config.dtype,
+                                        trust_remote_code=config.trust_remote_code, verify_base=False)
+            merged.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
+        elif config.save_merged:
             merged = unwrapped.merge_and_unload() if lora else unwrapped
             merged.save_pretrained(tmp, state_dict=None if lora else {k[len(prefix):]: v for k, v in state.items()},
                                    safe_serialization=True)
@@ -400,6 +410,12 @@ def weights_checksum(model, names: list[str], accelerator) -> str:
     for name in names:
         digest.update(params[name].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def truncate_metrics(path: Path, step: int) -> None:
