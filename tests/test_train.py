@@ -340,3 +340,16 @@ def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stag
     assert delta and all(torch.equal(merged[k], delta[k]) for k in delta)
     before = tensors(tiny_dir("llava"))
     assert all(torch.equal(before[k], merged[k]) for k in before if k not in delta)
+
+
+@pytest.mark.slow
+def test_demo_middle_block_config_learns(world, tiny_dir, tmp_path):
+    """The shipped demo config (stage C, middle half of the LLM) trains on the shapes world: its loss falls."""
+    args = [f"model={tiny_dir('llava')}", f"data={world / 'train.json'}", f"image_folder={world / 'images'}",
+            f"output_dir={tmp_path / 'run'}", "max_steps=30", "batch_size=8"]
+    result = train(load_config(ROOT / "configs/demo/stage_c_middle.yaml", args))
+    assert result.summary["plan"]["trainable_layers"] == [1, 2]  # middle:0.5 of 4 layers
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, (first, last)  # observed: 5.81 → 5.30 (a random-init 4 × 64 LLM, 2 layers training)
