@@ -36,6 +36,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+MAX_CACHED = 200_000  # samples whose rendered text the dataset keeps in memory by default
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Processor outputs aligned with input_ids (padded like attention_mask); everything else is vision input.
@@ -281,12 +282,31 @@ class Tokenised:
     extra: dict[str, list[int]]  # other token-aligned processor outputs (mm_token_type_ids)
 
 
-def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None = None) -> Tokenised:
+@dataclass
+class RenderedText:
+    """A conversation's chat-template text, its unexpanded token ids and which of them are labels: everything
+    about a sample that does not depend on its pixels (cached by the dataset, so templates render once)."""
+
+    text: str
+    ids: list[int]
+    is_label: list[bool]
+
+
+def render_text(processor, sample: Sample) -> RenderedText:
+    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    text, spans = render_with_assistant_spans(processor, sample.messages)
+    enc = tokenizer(text, return_offsets_mapping=True)
+    is_label = [any(start <= s < end for start, end in spans) and e > s for s, e in enc["offset_mapping"]]
+    return RenderedText(text, enc["input_ids"], is_label)
+
+
+def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None = None,
+                    rendered: RenderedText | None = None) -> Tokenised:
     """Token ids and labels (-100 outside assistant turns; every token for a text sample).
 
     With `images` (decoded), the processor runs and its output is checked against our expansion. Without
     them, image-token counts come from the processor's token-count API and the images' header sizes: the cheap
-    path used to measure lengths of a whole dataset before training."""
+    path used to measure lengths of a whole dataset before training. `rendered` skips re-rendering the text."""
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     if sample.messages is None:  # language pretraining text
         ids = tokenizer(sample.text)["input_ids"]
@@ -294,13 +314,12 @@ def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None 
             ids = ids + [tokenizer.eos_token_id]
         return Tokenised(ids, list(ids), {}, {})
 
-    text, spans = render_with_assistant_spans(processor, sample.messages)
-    enc = tokenizer(text, return_offsets_mapping=True)
-    is_label = [any(start <= s < end for start, end in spans) and e > s for s, e in enc["offset_mapping"]]
+    rendered = rendered or render_text(processor, sample)
+    text, base_ids, is_label = rendered.text, rendered.ids, rendered.is_label
 
     if images is None and sample.images:
         counts = image_token_counts(processor, [image_size(img) for img in sample.images])
-        ids, labels = _expand_image_tokens(enc["input_ids"], is_label, counts, processor)
+        ids, labels = _expand_image_tokens(base_ids, is_label, counts, processor)
         return Tokenised(ids, labels, {}, {})
 
     out = processor(text=[text], images=images or None, return_tensors="pt")
@@ -311,7 +330,7 @@ def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None 
         counts = []
     if counts is None:  # no count API: take the processor's runs (one run per image)
         counts = [end - start for start, end in image_token_spans(expanded, _image_token_ids(processor))]
-    ids, labels = _expand_image_tokens(enc["input_ids"], is_label, counts, processor)
+    ids, labels = _expand_image_tokens(base_ids, is_label, counts, processor)
     if ids != expanded:
         raise DataError(
             "the processor's tokenisation differs from the tokenizer's outside image-token runs; "
@@ -439,6 +458,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         split: str = "train",
         allow_outside_images: bool = False,
         progress: bool = False,
+        cache_text: bool | None = None,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -460,11 +480,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
             rows = tqdm(rows, desc=f"checking {Path(path).name}", unit="row")
         self.samples: list[Sample] = []
         self.lengths: list[int] = []
+        # Rendered text per sample (a few hundred bytes each): chat templates then render once, not every epoch.
+        # Off by default for very large datasets, where it would cost gigabytes per process.
+        self._cache_text = cache_text
+        self._rendered: list[RenderedText | None] = []
         for index, row in rows:
             self.summary.rows += 1
             try:
                 sample = parse_row(row, index, self.source, folder, allow_outside_images)
-                length, truncated = self._check_length(sample, on_image_truncation)
+                rendered = render_text(processor, sample) if sample.messages is not None else None
+                length, truncated = self._check_length(sample, rendered, on_image_truncation)
             except BadSample as e:
                 if on_bad_sample == "error" and not isinstance(e, TooLong):
                     raise
@@ -473,16 +498,20 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 continue
             self.samples.append(sample)
             self.lengths.append(length)
+            if self._cache_text is not False and len(self.samples) <= MAX_CACHED:
+                self._rendered.append(rendered)
             self.summary.truncated += truncated
             self.summary.with_images += sample.has_images
             self.summary.text_only += not sample.has_images
         self.summary.samples = len(self.samples)
+        if len(self._rendered) != len(self.samples):  # over the cap: cache all or nothing
+            self._rendered = []
         if not self.samples:
             raise DataError(f"{self.source}: no usable samples ({self.summary})")
 
-    def _check_length(self, sample: Sample, policy: str) -> tuple[int, bool]:
+    def _check_length(self, sample: Sample, rendered: RenderedText | None, policy: str) -> tuple[int, bool]:
         # Text tokenisation + image-token counts from header sizes: exact lengths without decoding pixels.
-        tok = tokenise_sample(self.processor, sample)
+        tok = tokenise_sample(self.processor, sample, rendered=rendered)
         n = len(tok.input_ids)
         if n <= self.max_length:
             return n, False
@@ -505,7 +534,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         images = [load_image(img) for img in sample.images]
-        tok = tokenise_sample(self.processor, sample, images)
+        rendered = self._rendered[i] if self._rendered else None
+        tok = tokenise_sample(self.processor, sample, images, rendered=rendered)
         n = min(len(tok.input_ids), self.max_length)
         item = {
             "input_ids": torch.tensor(tok.input_ids[:n]),
