@@ -33,7 +33,7 @@ from train.checkpoints import STATE_FILE, load_checkpoint, resolve_resume, save_
 from train.config import ConfigError, TrainConfig, load_config, plain, to_dict, to_yaml
 
 log = logging.getLogger("midtune.train")
-RUN_FILES = ("run.json", "metrics.jsonl", "config.yaml", "final", "logs")
+RUN_FILES = ("run.json", "metrics.jsonl", "config.yaml", "final", "logs", "analysis")
 
 
 class UserError(Exception):
@@ -68,6 +68,9 @@ def train(config: TrainConfig) -> RunResult:
 
     started = time.time()
     output_dir = Path(config.output_dir)
+    # analysis hook: background geometry profiles of saved checkpoints (analysis/hook.py); checks `analysis.pairs` now
+    from analysis.hook import AnalysisHook
+    analysis_hook = AnalysisHook.from_config(config)
     resume_path = prepare_output_dir(config, output_dir)
 
     # The accelerator comes first: under ZeRO-3 (zero3_init_flag) from_pretrained then loads partitioned.
@@ -103,7 +106,7 @@ def train(config: TrainConfig) -> RunResult:
 
     # -- data ----------------------------------------------------------------------------------------------
     dataset = SupervisedDataset(
-        config.data, processor, image_folder=config.image_folder, max_length=config.max_length,
+        plain(config.data), processor, image_folder=config.image_folder, max_length=config.max_length,
         on_bad_sample=config.on_bad_sample, on_image_truncation=config.on_image_truncation, split=config.split,
         allow_outside_images=config.allow_outside_images, progress=main_process,
     )
@@ -207,9 +210,11 @@ def train(config: TrainConfig) -> RunResult:
             step_samples = []
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            analysis_hook.poll(accelerator)  # analysis hook: log finished profiles (non-blocking)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names, output_dir, step,
                                 {"step": step, "epoch": epoch, "loss": step_loss}, config.save_total_limit)
+                analysis_hook.on_save(step, output_dir / f"checkpoint-{step}", accelerator)  # analysis hook
             if step >= total_steps:
                 break
         epoch += 1
@@ -223,6 +228,7 @@ def train(config: TrainConfig) -> RunResult:
     # -- final outputs ------------------------------------------------------------------------------------
     save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names, output_dir, step,
                     {"step": step, "epoch": epoch, "loss": losses[-1] if losses else None}, config.save_total_limit)
+    analysis_hook.on_save(step, output_dir / f"checkpoint-{step}", accelerator, final=True)  # analysis hook
     final = save_final(accelerator, model, processor, plan, config, output_dir)
     wall = time.time() - started
     summary = {
@@ -251,6 +257,7 @@ def train(config: TrainConfig) -> RunResult:
         (output_dir / "run.json").write_text(json.dumps(summary, indent=2))
         say(f"done: {step} steps in {wall:.1f}s, final loss {summary['final_loss']:.4f}, "
             f"median step {summary['median_step_time_s']:.3f}s → {final}")
+    analysis_hook.finish(accelerator)  # analysis hook: wait (analysis.timeout) for outstanding profiles
     accelerator.end_training()
     return RunResult(summary, accelerator.unwrap_model(model), processor)
 

@@ -63,9 +63,25 @@ class OptimConfig:
 
 
 @dataclass
+class AnalysisHookConfig:
+    """Geometry profile of each saved checkpoint, in a background process (analysis/hook.py); off when `pairs` is
+    null. `every`: "save" (every checkpoint save) or "final" (the last one only)."""
+
+    pairs: Optional[str] = None  # a pairs.jsonl (the shapes world's, or your own)
+    image_folder: Optional[str] = None  # default: <pairs dir>/images
+    every: str = "save"
+    max_pairs: int = 200  # the first N pairs
+    k: int = 30  # neighbours of the overlap metrics; needs max_pairs >= k + 2
+    label: str = "dominant_color"  # label of the probe and the label overlap
+    device: str = "cpu"  # where the profile runs: cpu leaves the accelerators to training; auto or cuda:N
+    batch_size: int = 8
+    timeout: float = 1800.0  # seconds to wait for outstanding profiles when training ends
+
+
+@dataclass
 class TrainConfig:
     model: str = MISSING  # a directory or hub id
-    data: str = MISSING  # LLaVA json/jsonl, or a datasets directory
+    data: Any = MISSING  # LLaVA json/jsonl or a datasets directory, or a list of them (mixed in one dataset)
     output_dir: str = MISSING
     image_folder: Optional[str] = None
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
@@ -101,6 +117,7 @@ class TrainConfig:
     # Write each rank's sample ids per step, and a checksum of its trainable weights at the end, to
     # samples-rank<k>.jsonl: shows data order and that data-parallel ranks see disjoint data and stay in sync.
     record_samples: bool = False
+    analysis: AnalysisHookConfig = field(default_factory=AnalysisHookConfig)
 
 
 CHOICES = {

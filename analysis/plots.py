@@ -1,0 +1,74 @@
+"""Figures of the analysis app (matplotlib, Agg backend, PNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, metrics=None):
+    """One figure: a panel per metric, a line per model, hidden-state index on x. Returns the (closed) Figure."""
+    from analysis.profile import PLOTTED, TITLES
+
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = list(metrics or PLOTTED)
+    last = max((max(per_layer) for per_layer in profiles.values() if per_layer), default=0)
+    cols = 3
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for name, per_layer in profiles.items():
+            layers = sorted(per_layer)
+            ax.plot(layers, [per_layer[layer].get(metric, float("nan")) for layer in layers], marker="o",
+                    markersize=3, label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.3, last + 0.3)
+        ax.set_title(TITLES.get(metric, metric), fontsize=10)
+        ax.set_xlabel("layer (hidden-state index; 0 = embeddings)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot_intervention(result: dict, path: Path):
+    """Accuracy per window (x: the window's first layer), a line per task + their mean; baselines dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    windows = result["windows"]
+    starts = [w["start"] for w in windows]
+    tasks = list(result["baseline"]["accuracy"])
+    for i, task in enumerate(tasks):
+        color = f"C{i}"
+        ax.plot(starts, [w["accuracy"][task] for w in windows], marker="o", color=color, label=task,
+                linewidth=2.5 if task == "mean" else 1.2)
+        ax.axhline(result["baseline"]["accuracy"][task], color=color, linestyle="--", linewidth=0.8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"first layer of the blocked window (size {result['window']})")
+    ax.set_ylabel("accuracy")
+    ax.set_title("image → text attention knockout (dashed: no intervention)", fontsize=10)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig

@@ -1,0 +1,243 @@
+"""Per-layer geometry profile of one extraction: how image and caption representations relate, layer by layer.
+
+For every hidden-state index l (0 = embeddings … num_layers = final norm; see analysis.extract) the k-nearest
+neighbours of each representation are searched once (`analysis.geometry.knn`, k = max(k, 2·gride_rank)) and shared
+by every neighbour-based metric:
+
+=================  ======================================================================================
+metric             meaning
+=================  ======================================================================================
+visual_id          TwoNN intrinsic dimension of the image-token means (DADApy's "base" fit, 90 % of μ)
+textual_id         TwoNN ID of the caption means
+last_id            TwoNN ID of the image prompt's last token (from index 1: at index 0 it is the same embedding
+                   for every pair, so last_id and last_t_overlap are NaN there, without a warning)
+visual_id_gride    GRIDE ID of the image-token means at one fixed scale: the ML estimate from μ = r_2n/r_n with
+                   n = gride_rank (default 8, i.e. r16/r8); NaN with a warning when N − 2 < 2·gride_rank
+textual_id_gride   the same for the caption means
+vt_overlap         neighbourhood overlap χ of image-token means and caption means (k neighbours; the
+                   fraction of an image's k nearest images whose captions are among its caption's k nearest)
+last_t_overlap     the same between the prompt's last token and the caption means
+label_overlap      fraction of each image-mean's k neighbours sharing its label (class-balanced, DADApy)
+probe_acc          linear probe: LogisticRegression on standardised image-token means → label, trained on 70 %,
+                   accuracy on the held-out 30 % (stratified when every class has ≥ 2 pairs; fixed seed)
+idcorr, idcorr_p   Intrinsic Dimension Correlation of image-token means vs caption means and its permutation
+                   p-value (`idcorr_shuffles` shuffles, default 3; p is NaN with 0). IdCorr standardises and
+                   concatenates the two, so it runs its own neighbour searches.
+=================  ======================================================================================
+
+Undefined values (constant or NaN representations, a single class in the probe's training split, …) are NaN
+and emit a GeometryWarning naming the model and layer; they never stop the other layers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from analysis.extract import AnalysisError
+from analysis.geometry import GeometryWarning, gride_scaling, id_correlation, knn, label_overlap, \
+    neighborhood_overlap, twonn
+
+METRICS = ("visual_id", "textual_id", "last_id", "visual_id_gride", "textual_id_gride", "vt_overlap",
+           "last_t_overlap", "label_overlap", "probe_acc", "idcorr", "idcorr_p")
+PLOTTED = ("visual_id", "textual_id", "last_id", "visual_id_gride", "textual_id_gride", "vt_overlap",
+           "last_t_overlap", "label_overlap", "probe_acc", "idcorr")
+TITLES = {
+    "visual_id": "visual ID (TwoNN)", "textual_id": "textual ID (TwoNN)", "last_id": "last-token ID (TwoNN)",
+    "visual_id_gride": "visual ID (GRIDE)", "textual_id_gride": "textual ID (GRIDE)",
+    "vt_overlap": "visual↔textual overlap", "last_t_overlap": "last-token↔textual overlap",
+    "label_overlap": "label overlap (visual)", "probe_acc": "linear probe accuracy (visual)",
+    "idcorr": "IdCorr (visual, textual)", "idcorr_p": "IdCorr p-value",
+}
+PROFILE_FORMAT = "midtune-profile/1"
+
+
+@dataclass
+class ProfileSettings:
+    k: int = 30
+    label: str = "dominant_color"
+    gride_rank: int = 8
+    idcorr_shuffles: int = 3
+    idcorr: bool = True
+    test_size: float = 0.3
+    seed: int = 0
+
+    def check(self, n_pairs: int | None = None) -> None:
+        if self.k < 1:
+            raise AnalysisError(f"k must be >= 1, got {self.k}")
+        if self.gride_rank < 1 or self.gride_rank & (self.gride_rank - 1):
+            raise AnalysisError(f"gride rank must be a power of two (1, 2, 4, 8, …), got {self.gride_rank}")
+        if self.idcorr_shuffles < 0:
+            raise AnalysisError(f"idcorr shuffles must be >= 0, got {self.idcorr_shuffles}")
+        if n_pairs is not None and n_pairs < self.k + 2:
+            raise AnalysisError(f"{n_pairs} pairs, but k = {self.k} needs at least k + 2 = {self.k + 2} "
+                                f"(use more pairs or a smaller k)")
+
+
+def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings | None = None,
+                    name: str = "model", progress: bool = False) -> dict[int, dict[str, float]]:
+    """{hidden-state index: {metric: value}} for one extraction (anything with `layer(kind, l)`, `num_states`)."""
+    settings = settings or ProfileSettings()
+    labels = np.asarray(labels)
+    n = len(labels)
+    settings.check(n)
+    k_search = min(max(settings.k, 2 * settings.gride_rank), n - 2)
+    from tqdm.auto import tqdm
+
+    out: dict[int, dict[str, float]] = {}
+    for layer in tqdm(range(extraction.num_states), desc=f"profile {name}", unit="layer", disable=not progress):
+        where = f"model {name!r}, layer {layer}"
+        # At index 0 the prompt's last token is one and the same embedding for every pair: not measured there.
+        kinds = ("image_mean", "caption_mean") + (("image_last",) if layer > 0 else ())
+        reps = {kind: extraction.layer(kind, layer) for kind in kinds}
+        for kind, x in reps.items():
+            if len(x) != n:
+                raise AnalysisError(f"{where}: {kind} has {len(x)} rows for {n} labels")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[layer] = _layer_metrics(reps, labels, settings, k_search)
+        for w in caught:  # re-emitted with the model and layer named
+            if issubclass(w.category, (RuntimeWarning, UserWarning)):  # GeometryWarning is a RuntimeWarning
+                warnings.warn(f"{where}: {w.message}", GeometryWarning, stacklevel=2)
+    return out
+
+
+def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search: int) -> dict[str, float]:
+    nan = float("nan")
+    values = dict.fromkeys(METRICS, nan)
+
+    def safe(what: str, fn):
+        try:
+            return fn()
+        except (ValueError, FloatingPointError, np.linalg.LinAlgError) as e:
+            warnings.warn(f"{what}: {e} — NaN", GeometryWarning, stacklevel=2)
+            return None
+
+    nb = {kind: safe(kind, lambda x=x: knn(x, k_search)) for kind, x in reps.items()}
+    img, txt, last = nb["image_mean"], nb["caption_mean"], nb.get("image_last")
+    for metric, neighbours in (("visual_id", img), ("textual_id", txt), ("last_id", last)):
+        if neighbours is not None:
+            values[metric] = _num(safe(metric, lambda nb_=neighbours: twonn(nb_)))
+    for metric, neighbours in (("visual_id_gride", img), ("textual_id_gride", txt)):
+        if neighbours is not None:
+            values[metric] = _num(safe(metric, lambda nb_=neighbours: _gride_at(nb_, s.gride_rank)))
+    if img is not None and txt is not None:
+        values["vt_overlap"] = _num(safe("vt_overlap", lambda: neighborhood_overlap(img, txt, s.k)))
+    if last is not None and txt is not None:
+        values["last_t_overlap"] = _num(safe("last_t_overlap", lambda: neighborhood_overlap(last, txt, s.k)))
+    if img is not None:
+        values["label_overlap"] = _num(safe("label_overlap", lambda: label_overlap(img, labels, s.k)))
+        values["probe_acc"] = _num(safe("probe_acc", lambda: probe_accuracy(reps["image_mean"], labels,
+                                                                           s.test_size, s.seed)))
+    if s.idcorr and img is not None and txt is not None:
+        result = safe("idcorr", lambda: id_correlation(reps["image_mean"], reps["caption_mean"],
+                                                       n_shuffles=s.idcorr_shuffles, seed=s.seed))
+        if result is not None:
+            values["idcorr"], values["idcorr_p"] = _num(result[0]), _num(result[1])
+    return values
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _gride_at(nb, rank: int) -> float:
+    """GRIDE's ML ID at scale n1 = rank (μ = r_2n1 / r_n1)."""
+    max_rank = min(nb.k, nb.n - 2)
+    if 2 * rank > max_rank:
+        warnings.warn(f"GRIDE at rank {rank} needs {2 * rank} neighbours, but only {max_rank} are available "
+                      f"({nb.n} pairs)", GeometryWarning, stacklevel=2)
+        return float("nan")
+    ids, _, _ = gride_scaling(nb, range_max=2 * rank)
+    return float(ids[int(math.log2(rank))])
+
+
+def probe_accuracy(X: np.ndarray, labels: np.ndarray, test_size: float = 0.3, seed: int = 0) -> float:
+    """Held-out accuracy of a logistic-regression probe (standardised features) for `labels`."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.asarray(X, dtype=np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError("representation contains NaN or infinite values")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"probe: only one class ({classes[0]!r}) in the labels")
+    n_test = math.ceil(test_size * len(labels))
+    stratify = labels if counts.min() >= 2 and n_test >= len(classes) and len(labels) - n_test >= len(classes) \
+        else None
+    X_train, X_test, y_train, y_test = train_test_split(X, labels, test_size=test_size, random_state=seed,
+                                                        stratify=stratify)
+    if len(np.unique(y_train)) < 2:
+        raise ValueError("probe: the training split holds a single class")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe.fit(X_train, y_train)
+    return float((probe.predict(X_test) == y_test).mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _json_value(v: float):
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]]], info: dict[str, dict],
+                   settings: ProfileSettings, extra: dict | None = None) -> dict[str, Path]:
+    """profiles.json (`profiles[model][layer][metric]`, NaN → null), profiles.csv (a row per model and layer),
+    profile.png (a panel per metric, a line per model)."""
+    from analysis.plots import plot_profiles
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "format": PROFILE_FORMAT,
+        "settings": {**asdict(settings), **(extra or {})},
+        "metrics": {m: TITLES[m] for m in METRICS},
+        "layers": "hidden_states index: 0 = embeddings, l = output of decoder layer l-1, last = final norm",
+        "models": info,
+        "profiles": {name: {str(layer): {m: _json_value(v) for m, v in metrics.items()}
+                            for layer, metrics in per_layer.items()} for name, per_layer in profiles.items()},
+    }
+    paths = {"json": out_dir / "profiles.json", "csv": out_dir / "profiles.csv", "png": out_dir / "profile.png"}
+    paths["json"].write_text(json.dumps(doc, indent=1))
+    with open(paths["csv"], "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "layer", *METRICS])
+        for name, per_layer in profiles.items():
+            for layer, metrics in per_layer.items():
+                writer.writerow([name, layer, *("" if not math.isfinite(metrics[m]) else f"{metrics[m]:.6g}"
+                                                for m in METRICS)])
+    plot_profiles(profiles, paths["png"])
+    return paths
+
+
+def read_profiles(path: str | Path) -> dict:
+    """profiles.json → its document, with `profiles[model][int layer][metric]` as floats (null → NaN)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "profiles.json"
+    if not path.is_file():
+        raise AnalysisError(f"profile {str(path)!r} does not exist")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AnalysisError(f"{path}: not valid JSON ({e})") from None
+    if doc.get("format") != PROFILE_FORMAT:
+        raise AnalysisError(f"{path}: not a midtune profile (format {doc.get('format')!r})")
+    doc["profiles"] = {name: {int(layer): {m: float("nan") if v is None else float(v) for m, v in metrics.items()}
+                              for layer, metrics in per_layer.items()} for name, per_layer in doc["profiles"].items()}
+    return doc
