@@ -1,0 +1,523 @@
+"""midtune eval app: lmms-eval benchmarks for one or more models, side by side.
+
+    python -m eval --model base=runs/demo/stage_b/final --model middle=runs/demo/stage_c_middle/final \\
+                   --tasks midtune_shapes [--limit N] [--output_dir runs/eval]
+
+`--model NAME=PATH` (repeatable; the first model is the reference the differences are taken from). PATH is a
+merged/Hugging Face model directory, a hub id, or a midtune delta (`RUN/final/delta.safetensors`, evaluated on
+the base named in its metadata; `NAME=DELTA@BASE` names the base). `--tasks` takes midtune's tasks
+(`midtune_shapes`, `midtune_shapes_<qtype>`, `midtune_shapes_mc`, ...), any lmms-eval task or group (mme, pope,
+gqa, ...) and tasks found under `--include_path` directories, comma-separated.
+
+lmms-eval runs through its Python API, so every error is an error here: a one-line message and a non-zero exit
+(2 for bad input found before any model runs, 1 for a failure while evaluating). Each model's results
+(lmms-eval's results JSON + the logged samples) are written to `output_dir/<NAME>/` as soon as that model is done;
+an existing result for the same model, tasks and limit is reused unless `--redo`. At the end the models are
+compared in `comparison.md`, `comparison.csv` and `comparison.png`, and the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+RESULTS_FILE = "results.json"
+SAMPLES_GLOB = "samples_*.jsonl"
+
+
+class EvalError(Exception):
+    """A problem the user can fix; printed as one line. `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str  # what the user wrote
+    source: object  # eval.lmms_plugin.ModelSource
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="a model to evaluate (repeatable): NAME=DIR, NAME=HUB_ID, NAME=DELTA or NAME=DELTA@BASE; "
+                         "the first is the reference for the differences")
+    ap.add_argument("--tasks", default="midtune_shapes",
+                    help="comma-separated lmms-eval tasks/groups (default: midtune_shapes)")
+    ap.add_argument("--include_path", "--include-path", action="append", default=[], metavar="DIR",
+                    help="a directory of extra lmms-eval task YAMLs (repeatable)")
+    ap.add_argument("--limit", type=_limit, default=None,
+                    help="documents per task (a fraction if < 1); for quick checks, not for reported numbers")
+    ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    ap.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/eval")
+    ap.add_argument("--redo", action="store_true", help="re-evaluate models whose results already exist")
+    ap.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true")
+    ap.add_argument("--verbosity", default="WARNING", help="lmms-eval log level (default WARNING)")
+    return ap.parse_args(argv)
+
+
+def _limit(value: str) -> float | int:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be > 0, got {value}")
+    return int(number) if number >= 1 and number.is_integer() else number
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate every model on every task; returns {name: results}. Raises EvalError."""
+    specs = parse_models(args.model)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise EvalError("--tasks is empty")
+    for path in args.include_path:
+        if not Path(path).is_dir():
+            raise EvalError(f"--include_path {path!r} is not a directory")
+    output_dir = Path(args.output_dir)
+
+    print("loading lmms-eval and indexing tasks ...", flush=True)
+    task_manager, local_only = build_task_manager(tasks, args.include_path, args.verbosity)
+    if uses_shapes_tasks(tasks):
+        from eval.tasks import ShapesDataError, ensure_shapes_data
+
+        try:
+            ensure_shapes_data()
+        except (OSError, ShapesDataError) as e:
+            raise EvalError(f"midtune_shapes task data: {one_line(e)}") from None
+    if local_only and not os.environ.get("HF_DATASETS_CACHE"):
+        # Only local task data: keep datasets' conversion cache beside the results, out of $HOME. Hub benchmarks
+        # use the user's cache (that is where their downloads are), so it is left alone then.
+        os.environ["HF_DATASETS_CACHE"] = str((output_dir / ".hf_datasets_cache").resolve())
+    check_tasks(tasks, task_manager)
+
+    all_results: dict[str, dict] = {}
+    failure: EvalError | None = None
+    for k, spec in enumerate(specs, 1):
+        settings = {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "tasks": tasks,
+                    "limit": args.limit, "dtype": args.dtype}
+        model_dir = output_dir / spec.name
+        previous = None if args.redo else reusable(model_dir, settings)
+        if previous is not None:
+            print(f"[{k}/{len(specs)}] {spec.name}: reusing {model_dir / RESULTS_FILE} (--redo to re-evaluate)")
+            all_results[spec.name] = previous
+            continue
+        print(f"[{k}/{len(specs)}] {spec.name}: {spec.source.describe()}", flush=True)
+        try:
+            all_results[spec.name] = evaluate_model(spec, tasks, task_manager, args, settings, model_dir)
+        except EvalError as e:
+            failure = e
+            break
+    if all_results:
+        table = write_comparison(all_results, output_dir)
+        print()
+        print(table)
+        print(f"results in {output_dir}/ (per model: <NAME>/{RESULTS_FILE}, samples_<task>.jsonl; "
+              f"comparison.md, comparison.csv, comparison.png)")
+    if failure is not None:
+        raise failure
+    return all_results
+
+
+def parse_models(values: list[str]) -> list[ModelSpec]:
+    from eval.sources import resolve_source
+    from midtune.checkpoint import CheckpointError, check_base, load_delta
+
+    specs: list[ModelSpec] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = default_name(value), value
+        name, path = name.strip(), path.strip()
+        if not NAME_RE.match(name):
+            raise EvalError(f"--model {value!r}: the name {name!r} must be letters, digits, '.', '_', '+', '-'")
+        if any(s.name == name for s in specs):
+            raise EvalError(f"--model {value!r}: the name {name!r} is used twice")
+        if not path:
+            raise EvalError(f"--model {value!r}: no path after '='")
+        pretrained, delta = path, None
+        head, at, tail = path.rpartition("@")
+        if at and (head.endswith(".safetensors") or Path(head).is_file()):
+            pretrained, delta = tail, head  # DELTA@BASE
+        try:
+            source = resolve_source(pretrained, delta) if delta else resolve_source(pretrained)
+            if source.delta:  # refuse a base with other weights now, not after the models before it have run
+                _, metadata = load_delta(source.delta)
+                check_base(metadata, source.pretrained, source.delta)
+        except CheckpointError as e:
+            raise EvalError(f"model {name}: {e}") from None
+        specs.append(ModelSpec(name, path, source))
+    return specs
+
+
+def default_name(path: str) -> str:
+    p = Path(path.split("@")[0])
+    if p.suffix == ".safetensors":
+        p = p.parent
+    if p.name == "final":
+        p = p.parent
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", p.name or "model")
+
+
+def build_task_manager(tasks: list[str], include_path: list[str], verbosity: str):
+    """A TaskManager that knows every requested task. lmms-eval's own ~2,000 tasks are indexed only when a
+    requested task is not one of ours (or the user's): that indexing is most of lmms-eval's start-up time.
+    Returns (task_manager, every task is local)."""
+    from lmms_eval.tasks import TaskManager
+
+    from eval.tasks import TASKS_DIR
+
+    configure_logging(verbosity)
+    paths = [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in include_path]
+
+    def index(defaults: bool):
+        try:
+            return TaskManager(verbosity, include_path=paths, include_defaults=defaults, model_name="midtune")
+        except Exception as e:  # noqa: BLE001 - a broken task YAML can raise anything
+            raise EvalError(f"could not index the task YAMLs ({', '.join(paths)}): {one_line(e)}") from None
+
+    manager = index(False)
+    if not missing_tasks(tasks, manager):
+        return manager, True
+    manager = index(True)
+    missing = missing_tasks(tasks, manager)
+    if missing:
+        import difflib
+
+        hints = []
+        for name in missing:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
+            hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise EvalError(f"unknown task{'s' if len(missing) > 1 else ''}: {', '.join(hints)} — not among midtune's "
+                        f"tasks, lmms-eval's tasks or the --include_path directories")
+    return manager, False
+
+
+def configure_logging(level: str) -> None:
+    """lmms-eval's log lines go to stderr at `level` (lmms-eval itself installs a WARNING handler on stdout)."""
+    import lmms_eval.models  # noqa: F401  (importing it installs lmms-eval's own handler, replaced here)
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=level.upper(), format="lmms-eval {level}: {message}")
+
+
+def missing_tasks(tasks: list[str], manager) -> list[str]:
+    matched = set(manager.match_tasks(tasks))
+    return [t for t in tasks if t not in matched and "*" not in t and not Path(t).is_file()]
+
+
+def uses_shapes_tasks(tasks: list[str]) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch("midtune_shapes", t) or t.startswith("midtune_shapes") for t in tasks)
+
+
+def check_tasks(tasks: list[str], manager) -> None:
+    """Load every requested task once before any model runs: an unreachable dataset (offline), broken task data
+    or an empty task fails here, naming the task, not after the first model has been evaluated."""
+    from lmms_eval.evaluator_utils import get_task_list
+    from lmms_eval.tasks import get_task_dict
+
+    check_local_data(tasks, manager)
+    try:
+        task_dict = get_task_dict(tasks, manager)
+    except Exception as e:  # noqa: BLE001 - lmms-eval/datasets raise many kinds
+        raise EvalError(f"could not load task(s) {', '.join(tasks)}: {one_line(e)}") from None
+    for output in get_task_list(task_dict):
+        task = output.task
+        if task is None:
+            continue
+        try:
+            n = len(task.eval_docs)
+        except Exception as e:  # noqa: BLE001 - reported as the task's error
+            raise EvalError(f"task {output.task_name}: no test or validation documents ({one_line(e)})") from None
+        if n == 0:
+            files = (task.config.dataset_kwargs or {}).get("data_files") if task.config.dataset_kwargs else None
+            where = f" (data: {files})" if files else f" (dataset: {task.config.dataset_path})"
+            raise EvalError(f"task {output.task_name} has no documents{where}")
+
+
+def check_local_data(tasks: list[str], manager) -> None:
+    """Local task data (`dataset_path: json|csv|parquet|...` + `data_files`) must exist and not be empty; datasets'
+    own errors for these cases do not name the file (an empty JSON file raises a bare StopIteration)."""
+    from lmms_eval.utils import load_yaml_config
+
+    local_builders = {"csv", "json", "parquet", "text", "pandas", "arrow"}
+
+    def leaf_configs(names, seen: set[str]):
+        for name in manager.match_tasks(list(names)) if names else []:
+            info = manager.task_index.get(name)
+            if info is None or name in seen:
+                continue
+            seen.add(name)
+            if info["type"] == "tag":
+                yield from leaf_configs(info["task"], seen)
+                continue
+            if info["yaml_path"] == -1:
+                continue
+            config = load_yaml_config(info["yaml_path"], mode="simple")
+            if info["type"] == "group":
+                subtasks = config.get("task") or []
+                yield from leaf_configs([t for t in subtasks if isinstance(t, str)], seen)
+                for inline in (t for t in subtasks if isinstance(t, dict)):
+                    yield inline.get("task", name), inline, Path(info["yaml_path"]).parent
+            elif info["type"] == "task":
+                yield name, config, Path(info["yaml_path"]).parent
+
+    for name, config, yaml_dir in leaf_configs(tasks, set()):
+        if config.get("dataset_path") not in local_builders:
+            continue
+        files = (config.get("dataset_kwargs") or {}).get("data_files")
+        values = files.values() if isinstance(files, dict) else [files]
+        for value in values:
+            for entry in value if isinstance(value, list) else [value]:
+                if not isinstance(entry, str) or "://" in entry or any(c in entry for c in "*?["):
+                    continue
+                path = Path(entry) if Path(entry).is_absolute() else yaml_dir / entry
+                if not path.is_file():
+                    raise EvalError(f"task {name}: data file {path} does not exist")
+                if path.stat().st_size == 0 or (path.stat().st_size < 4096 and not path.read_bytes().strip()):
+                    raise EvalError(f"task {name}: data file {path} is empty")
+
+
+def one_line(e: BaseException) -> str:
+    """The most useful one-line description of an exception (tenacity retries and chains unwrapped)."""
+    while True:
+        last = getattr(e, "last_attempt", None)  # tenacity.RetryError
+        if last is not None and last.exception() is not None:
+            e = last.exception()
+            continue
+        break
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > 400:
+        text = text[:400] + " …"
+    return f"{type(e).__name__}: {text}"
+
+
+def fingerprint(source) -> dict[str, list[int]]:
+    """Size and modification time of the local files a model is loaded from, so that results of a model that
+    has since been retrained in place are not reused. Hub models have none."""
+    files: list[Path] = []
+    for path in (source.pretrained, source.delta):
+        if path and Path(path).is_dir():
+            files += sorted(f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".json"))
+        elif path and Path(path).is_file():
+            files.append(Path(path))
+    return {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
+def reusable(model_dir: Path, settings: dict) -> dict | None:
+    path = model_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return results if results.get("midtune", {}).get("settings") == json.loads(json.dumps(settings)) else None
+
+
+def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: dict, model_dir: Path) -> dict:
+    """Load one model, run lmms-eval on it, and write its results; raises EvalError naming the model."""
+    import torch
+    from lmms_eval import evaluator
+
+    from eval.lmms_plugin import Midtune
+
+    started = time.time()
+    try:
+        lm = Midtune(pretrained=spec.source.pretrained, delta=spec.source.delta, device=args.device,
+                     dtype=args.dtype, batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
+                     verify_base=False)  # the base hash was checked before any model ran
+    except Exception as e:  # noqa: BLE001 - any loading failure names the model
+        raise EvalError(f"model {spec.name}: cannot load {spec.source.describe()!r}: {one_line(e)}", code=1) from None
+    loaded = time.time() - started
+    try:
+        results = evaluator.simple_evaluate(
+            model=lm, tasks=tasks, limit=args.limit, batch_size=args.batch_size, device=str(lm.device),
+            log_samples=True, task_manager=manager, verbosity=args.verbosity, bootstrap_iters=1000,
+        )
+    except Exception as e:  # noqa: BLE001 - any evaluation failure names the model
+        raise EvalError(f"model {spec.name}: evaluation failed: {one_line(e)}", code=1) from None
+    finally:
+        del lm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if results is None:  # a non-zero rank under torchrun/accelerate: rank 0 writes
+        return {}
+    samples = results.pop("samples", {})
+    results["config"]["model"] = "midtune"
+    results["config"]["model_args"] = spec.source.to_dict()
+    results["midtune"] = {"name": spec.name, "model": spec.path, "settings": settings,
+                          "load_time_s": round(loaded, 2), "wall_time_s": round(time.time() - started, 2)}
+    write_model_results(model_dir, results, samples)
+    print(f"    done in {time.time() - started:.1f}s → {model_dir}/", flush=True)
+    return json.loads(json.dumps(results, default=_json_default))
+
+
+def write_model_results(model_dir: Path, results: dict, samples: dict) -> None:
+    """`<NAME>/results.json` and `<NAME>/samples_<task>.jsonl`, replacing any earlier run in one rename."""
+    from midtune.checkpoint import atomic_dir
+
+    with atomic_dir(model_dir) as tmp:
+        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=_json_default, ensure_ascii=False))
+        for task, rows in (samples or {}).items():
+            with open(tmp / f"samples_{task}.jsonl", "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _json_default(obj):
+    from lmms_eval.utils import handle_non_serializable
+
+    return handle_non_serializable(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparison
+# ---------------------------------------------------------------------------------------------------------
+
+
+def metric_rows(results: dict) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of one lmms-eval result: each group, then its subtasks, then the other tasks;
+    stderr left out."""
+    groups = results.get("groups") or {}
+    tasks = results.get("results") or {}
+    order: list[str] = []
+    for group in groups:
+        order += [group, *(results.get("group_subtasks") or {}).get(group, [])]
+    order += list(tasks)
+    rows = []
+    seen = set()
+    for task in dict.fromkeys(order):
+        for key, value in {**tasks.get(task, {}), **groups.get(task, {})}.items():
+            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, _, filt = key.partition(",")
+            label = metric if filt in ("", "none") else f"{metric} ({filt})"
+            if (task, label) not in seen:
+                seen.add((task, label))
+                rows.append((task, label, float(value)))
+    return rows
+
+
+def comparison_table(all_results: dict[str, dict]) -> tuple[list[str], list[list]]:
+    """Header and rows: task, metric, n, one column per model, then the difference of each later model from the
+    first. Missing values are None."""
+    names = list(all_results)
+    values: dict[tuple[str, str], dict[str, float]] = {}
+    order: list[tuple[str, str]] = []
+    n_docs: dict[str, int] = {}
+    for name, results in all_results.items():
+        for task, metric, value in metric_rows(results):
+            if (task, metric) not in values:
+                values[(task, metric)] = {}
+                order.append((task, metric))
+            values[(task, metric)][name] = value
+        for task, counts in (results.get("n-samples") or {}).items():
+            n_docs.setdefault(task, counts.get("effective", counts.get("original")))
+    header = ["task", "metric", "n", *names, *(f"Δ {n} − {names[0]}" for n in names[1:])]
+    rows = []
+    for task, metric in order:
+        row_values = [values[(task, metric)].get(n) for n in names]
+        ref = row_values[0]
+        diffs = [None if v is None or ref is None else v - ref for v in row_values[1:]]
+        rows.append([task, metric, n_docs.get(task), *row_values, *diffs])
+    return header, rows
+
+
+def write_comparison(all_results: dict[str, dict], output_dir: Path) -> str:
+    """comparison.md, comparison.csv and comparison.png under `output_dir`; returns the Markdown table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    header, rows = comparison_table(all_results)
+    n_models = len(all_results)
+
+    def fmt(value, k: int) -> str:
+        if value is None:
+            return "—"
+        if k == 2:
+            return str(value)
+        if k >= 3 + n_models:
+            return f"{value:+.4f}"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if k < 2 else "---:" for k in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(fmt(v, k) for k, v in enumerate(row)) + " |" for row in rows]
+    table = "\n".join(lines)
+    (output_dir / "comparison.md").write_text(table + "\n")
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    (output_dir / "comparison.csv").write_text(buf.getvalue())
+    plot_comparison(list(all_results), rows, output_dir / "comparison.png")
+    return table
+
+
+def plot_comparison(names: list[str], rows: list[list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{task}\n{metric}" for task, metric, *_ in rows]
+    x = np.arange(len(rows))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) * max(1, len(names)) ** 0.5 + 2), 4.5))
+    for k, name in enumerate(names):
+        heights = [row[3 + k] if row[3 + k] is not None else np.nan for row in rows]
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, heights, width, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("score")
+    ax.set_title("midtune eval: " + " vs ".join(names))
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""lmms-eval model `midtune`: any supported VLM family, from a merged directory, a hub id, or a base + a midtune delta.
+
+Registered through the entry point `[project.entry-points."lmms_eval.models"] midtune =
+"eval.lmms_plugin:MANIFEST"`, so with this package installed:
+
+    lmms-eval --model midtune --model_args pretrained=runs/demo/stage_c_middle/final --tasks ...
+    --model_args pretrained=BASE,delta=RUN/final/delta.safetensors      # base + delta (base hash verified)
+    --model_args pretrained=RUN/final/delta.safetensors                 # base from the delta's metadata
+    --model_args pretrained=llava-hf/llava-1.5-7b-hf,dtype=bfloat16,batch_size=8
+
+Arguments: `pretrained`, `delta`, `device` (auto: cuda if available, else cpu), `dtype` (auto: bfloat16 on GPU,
+float32 on CPU), `batch_size`, `trust_remote_code`, `verify_base` (check the delta's base hash, default on),
+`chat_template` (a template string or .jinja file, default: the processor's), `system_prompt`. Unknown
+arguments are accepted and ignored with a warning.
+
+Prompts are built with the processor's chat template: one user turn whose content is the request's images (as
+`{"type": "image"}` parts, first) followed by the text — the way midtune's training data renders `<image>\\n...`.
+A context that itself contains one `<image>` placeholder per image keeps them where they are.
+
+* `generate_until`: batched generation with LEFT padding; honours `until` (stop strings; the text is cut at the
+  first one), `max_new_tokens`, `temperature` (0 → greedy), `do_sample`, `top_p`, `top_k`, `num_beams`.
+* `loglikelihood`: the negative log-likelihood (a sum over the continuation's tokens) of the continuation as the
+  assistant's answer after the context, and whether greedy decoding would produce it. The NLL, not the
+  log-probability: lmms-eval's multiple choice takes the argmin. Each result is a `LoglikelihoodResult`, which
+  unpacks as `(nll, is_greedy)` and is an lmms-eval `GenerationResult` (lmms-eval 0.7.3 turns a plain tuple into
+  a string). Batched with right padding, so padding never moves a position.
+* `generate_until_multi_round`: round 0 answers the context; later rounds ask the task's `doc_to_text(doc,
+  previous_output=..., round_idx=..., previous_round_info=...)` for the next context until it signals the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def _manifest():
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="midtune", simple_class_path="eval.lmms_plugin.Midtune")
+
+
+def __getattr__(name: str):
+    # Importing this module first imports lmms_eval.models, whose registry loads this entry point while this
+    # module is still half-initialised; MANIFEST must already be readable then (a plain global defined below
+    # the imports would not be yet).
+    if name == "MANIFEST":
+        return _manifest()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+from lmms_eval.api.instance import GenerationResult
+from lmms_eval.api.model import lmms
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from eval.sources import ModelSource, resolve_device, resolve_dtype, resolve_source  # noqa: F401
+
+MANIFEST = _manifest()
+
+IMAGE_PLACEHOLDER = "<image>"
+GEN_PASSTHROUGH = ("top_p", "top_k", "num_beams", "repetition_penalty", "min_new_tokens", "length_penalty")
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_ROUNDS = 64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LoglikelihoodResult(GenerationResult):
+    """`(nll, is_greedy)` that lmms-eval passes through intact (0.7.3 stringifies plain tuples)."""
+
+    def __init__(self, nll: float, is_greedy: bool):
+        super().__init__(text=(float(nll), bool(is_greedy)))
+
+    @property
+    def nll(self) -> float:
+        return self.text[0]
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.text[1]
+
+    def __iter__(self):
+        return iter(self.text)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i):
+        return self.text[i]
+
+    def __repr__(self) -> str:
+        return f"LoglikelihoodResult(nll={self.nll!r}, is_greedy={self.is_greedy!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Midtune(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, delta: str | None = None, device: str | None = None,
+                 dtype: str | None = "auto", batch_size: int | str = 1, trust_remote_code: bool = False,
+                 verify_base: bool = True, chat_template: str | None = None, system_prompt: str | None = None,
+                 **kwargs) -> None:
+        super().__init__()
+        import torch
+
+        from midtune.checkpoint import load_pretrained, load_with_delta
+
+        ignored = {k: v for k, v in kwargs.items() if k not in ("max_batch_size",) and v is not None}
+        if ignored:
+            warnings.warn(f"midtune model: ignoring unknown arguments {sorted(ignored)}", stacklevel=2)
+        self.source = resolve_source(pretrained, delta)
+        self._device = torch.device(resolve_device(device))
+        self.dtype_name = resolve_dtype(dtype, str(self._device))
+        trust_remote_code = _as_bool(trust_remote_code)
+        if self.source.delta:
+            model, processor = load_with_delta(self.source.pretrained, self.source.delta, dtype=self.dtype_name,
+                                               trust_remote_code=trust_remote_code,
+                                               verify_base=_as_bool(verify_base))
+        else:
+            model, processor = load_pretrained(self.source.pretrained, dtype=self.dtype_name,
+                                               trust_remote_code=trust_remote_code)
+        self._model = model.to(self._device).eval()
+        self.processor = processor
+        self._tokenizer = getattr(processor, "tokenizer", processor)
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self.batch_size_per_gpu = _batch_size(batch_size)
+        self.chat_template = _read_template(chat_template)
+        self.system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
+        if not (self.chat_template or getattr(processor, "chat_template", None)
+                or getattr(self._tokenizer, "chat_template", None)):
+            raise ValueError(f"model {self.source.describe()!r}: its processor has no chat template; save one with "
+                             f"the processor or pass chat_template=<template or .jinja file>")
+        self._forward_keys = _accepted_keys(self._model.forward)
+        if os.environ.get("WORLD_SIZE") and int(os.environ["WORLD_SIZE"]) > 1:  # lmms-eval shards docs by rank
+            self._rank = int(os.environ.get("RANK", "0"))
+            self._world_size = int(os.environ["WORLD_SIZE"])
+
+    # -- properties lmms-eval and users read -------------------------------------------------------------
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._tokenizer.eos_token_id
+
+    # -- prompts -------------------------------------------------------------------------------------------
+    def build_prompt(self, context: str, n_images: int) -> str:
+        """The chat-template text of one user turn (images first, then `context`) + the assistant prefix."""
+        messages = [{"role": "user", "content": content_parts(context, n_images)}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        if doc_to_visual is None:
+            return []
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        out = []
+        for v in _flatten(visuals):
+            if hasattr(v, "convert"):  # a PIL image
+                out.append(v.convert("RGB"))
+            else:
+                raise ValueError(f"task {task!r}: the midtune model takes images only, but doc {doc_id} gives a "
+                                 f"{type(v).__name__} visual ({str(v)[:80]!r}) — video/audio are not supported")
+        return out
+
+    def _encode(self, texts: list[str], images: list[list], padding_side: str) -> dict:
+        import torch
+
+        flat = [im for ims in images for im in ims]
+        self._tokenizer.padding_side = padding_side
+        kwargs: dict = {"text": texts, "return_tensors": "pt", "padding": True}
+        if flat:
+            kwargs["images"] = flat
+        batch = self.processor(**kwargs)
+        out = {}
+        for key, value in batch.items():
+            if self._forward_keys is not None and key not in self._forward_keys:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.to(self._device)
+                if value.is_floating_point():
+                    value = value.to(self._model.dtype)
+            out[key] = value
+        return out
+
+    # -- generation ------------------------------------------------------------------------------------------
+    def generate_until(self, requests) -> list[str]:
+        from tqdm.auto import tqdm
+
+        items = []
+        for req in requests:
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args[:6]
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            items.append((self.build_prompt(context, len(visuals)), visuals, dict(gen_kwargs or {})))
+        results: list[str | None] = [None] * len(items)
+        pbar = tqdm(total=len(items), desc="midtune generate", disable=self.rank != 0)
+        for idx in _batches(items, self.batch_size, key=lambda it: _gen_key(it[2])):
+            texts = self.generate_batch([items[i][0] for i in idx], [items[i][1] for i in idx], items[idx[0]][2])
+            for i, text in zip(idx, texts):
+                results[i] = text
+            pbar.update(len(idx))
+        pbar.close()
+        return results
+
+    def generate_batch(self, prompts: list[str], images: list[list], gen_kwargs: dict) -> list[str]:
+        """Generate for already-templated prompts in one left-padded batch; texts cut at the first stop string."""
+        import torch
+
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else [s for s in until if s]
+        inputs = self._encode(prompts, images, padding_side="left")
+        prompt_len = inputs["input_ids"].shape[1]
+        kwargs = generation_settings(gen_kwargs)
+        eos = self._model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self._tokenizer.eos_token_id is not None and self._tokenizer.eos_token_id not in eos:
+            eos.append(self._tokenizer.eos_token_id)
+        if until:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(until, self._tokenizer, prompt_len)])
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, **kwargs, eos_token_id=eos or None,
+                                       pad_token_id=self._tokenizer.pad_token_id)
+        texts = self._tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        return [cut_at_stops(t, until) for t in texts]
+
+    def generate_until_multi_round(self, requests) -> list[list[str]]:
+        from tqdm.auto import tqdm
+
+        results = []
+        for req in tqdm(requests, desc="midtune multi-round", disable=self.rank != 0):
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args[:7]
+            gen_kwargs = dict(gen_kwargs or {})
+            doc = self.task_dict[task][split][doc_id]
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            outputs: list[str] = []
+            info = None
+            for round_idx in range(MAX_ROUNDS):
+                prompt = self.build_prompt(context, len(visuals))
+                outputs.append(self.generate_batch([prompt], [visuals], gen_kwargs)[0])
+                payload = doc_to_text(doc, previous_output=list(outputs), round_idx=round_idx + 1,
+                                      previous_round_info=info)
+                if isinstance(payload, tuple) and len(payload) == 5:
+                    next_visuals, next_context, terminal, updated, info = payload
+                    if updated is not None:
+                        outputs = list(updated)
+                    if terminal:
+                        break
+                    if next_context is not None:
+                        context = next_context
+                    visuals = [v.convert("RGB") for v in _flatten(next_visuals)] if next_visuals is not None else []
+                elif isinstance(payload, str):
+                    context = payload
+                else:
+                    break
+            results.append(outputs)
+        return results
+
+    # -- log-likelihood --------------------------------------------------------------------------------------
+    def loglikelihood(self, requests) -> list[LoglikelihoodResult]:
+        from tqdm.auto import tqdm
+
+        items = []
+        for req in requests:
+            args = req.args
+            if len(args) == 2:  # unconditional requests (acc_mutual_info): no document, no image
+                context, continuation = args
+                visuals = []
+            else:
+                context, target, doc_to_visual, doc_id, task, split = args[:6]
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target if isinstance(target, str) else target(doc)
+                visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            items.append((self.build_prompt(context, len(visuals)), str(continuation), visuals))
+        results: list[LoglikelihoodResult | None] = [None] * len(items)
+        pbar = tqdm(total=len(items), desc="midtune loglikelihood", disable=self.rank != 0)
+        for idx in _batches(items, self.batch_size, key=lambda it: 0, length=lambda it: len(it[0]) + len(it[1])):
+            scored = self.score_batch([items[i][0] for i in idx], [items[i][1] for i in idx],
+                                      [items[i][2] for i in idx])
+            for i, result in zip(idx, scored):
+                results[i] = result
+            pbar.update(len(idx))
+        pbar.close()
+        return results
+
+    def score_batch(self, prompts: list[str], continuations: list[str], images: list[list]) -> list[LoglikelihoodResult]:
+        """NLL (sum over tokens) of each continuation after its templated prompt, and whether it is greedy."""
+        import torch
+
+        n_cont = [self._continuation_length(p, c) for p, c in zip(prompts, continuations)]
+        inputs = self._encode([p + c for p, c in zip(prompts, continuations)], images, padding_side="right")
+        with torch.inference_mode():
+            logits = self._model(**inputs).logits
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        out = []
+        for row, (length, n) in enumerate(zip(lengths, n_cont)):
+            if n == 0:
+                out.append(LoglikelihoodResult(0.0, True))
+                continue
+            targets = inputs["input_ids"][row, length - n:length]
+            logprobs = torch.log_softmax(logits[row, length - n - 1:length - 1].float(), dim=-1)
+            nll = -logprobs.gather(-1, targets[:, None]).sum().item()
+            greedy = bool((logprobs.argmax(dim=-1) == targets).all())
+            out.append(LoglikelihoodResult(nll, greedy))
+        return out
+
+    def _continuation_length(self, prompt: str, continuation: str) -> int:
+        """How many tokens `continuation` adds after `prompt` (tokenising the joined text, as the model sees it)."""
+        tok = self._tokenizer
+        full = tok(prompt + continuation, add_special_tokens=True)["input_ids"]
+        head = tok(prompt, add_special_tokens=True)["input_ids"]
+        common = 0
+        for a, b in zip(head, full):
+            if a != b:
+                break
+            common += 1
+        return len(full) - common
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def content_parts(context: str, n_images: int) -> list[dict]:
+    """Chat content for a user turn: images first, then the text — or, when `context` holds exactly one `<image>`
+    per image, the images at their placeholders (newlines around a placeholder dropped, as midtune's data does)."""
+    if n_images and context.count(IMAGE_PLACEHOLDER) == n_images:
+        parts: list[dict] = []
+        for k, piece in enumerate(context.split(IMAGE_PLACEHOLDER)):
+            if k > 0:
+                parts.append({"type": "image"})
+            piece = piece.strip("\n")
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
+    text = context.replace(IMAGE_PLACEHOLDER, "").strip("\n") if n_images else context
+    return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+
+
+def generation_settings(gen_kwargs: dict) -> dict:
+    """lmms-eval generation kwargs → `generate()` kwargs. temperature 0 (or do_sample false) → greedy."""
+    temperature = gen_kwargs.get("temperature")
+    temperature = float(temperature) if temperature is not None else None
+    if "do_sample" in gen_kwargs:
+        sample = _as_bool(gen_kwargs["do_sample"])
+    else:
+        sample = temperature is not None and temperature > 0
+    if temperature == 0:
+        sample = False
+    kwargs: dict = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+                    "do_sample": sample}
+    if sample:
+        kwargs["temperature"] = temperature if temperature is not None else 1.0
+    else:  # greedy: leave no sampling settings for generate() to warn about
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    for key in GEN_PASSTHROUGH:
+        if gen_kwargs.get(key) is not None and (sample or key not in ("top_p", "top_k")):
+            kwargs[key] = gen_kwargs[key]
+    return kwargs
+
+
+def cut_at_stops(text: str, stops: Iterable[str]) -> str:
+    cut = len(text)
+    for s in stops:
+        if s:
+            pos = text.find(s)
+            if pos != -1:
+                cut = min(cut, pos)
+    return text[:cut]
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Per-row stopping once a stop string appears in the generated text (only looks at the recent tokens)."""
+
+    def __init__(self, stops: list[str], tokenizer, prompt_len: int):
+        self.stops = stops
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.window = max(len(s) for s in stops) + 4
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.prompt_len:]
+        tails = self.tokenizer.batch_decode(new[:, -self.window:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
+
+
+def _batches(items: list, size: int, key, length=lambda it: len(it[0])) -> list[list[int]]:
+    """Indices grouped by `key` (same generation settings), longest first within a group, then chunked."""
+    groups: dict = {}
+    for i, item in enumerate(items):
+        groups.setdefault(key(item), []).append(i)
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda i: -length(items[i]))
+        out += [members[k:k + size] for k in range(0, len(members), size)]
+    return out
+
+
+def _gen_key(gen_kwargs: dict) -> str:
+    return json.dumps(gen_kwargs, sort_keys=True, default=str)
+
+
+def _flatten(visuals) -> list:
+    if visuals is None:
+        return []
+    if isinstance(visuals, (list, tuple)):
+        return [v for item in visuals for v in _flatten(item)]
+    return [visuals]
+
+
+def _as_bool(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _batch_size(value) -> int:
+    if value is None or str(value).startswith("auto"):
+        return 1
+    size = int(value)
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {value!r}")
+    return size
+
+
+def _read_template(value: str | None) -> str | None:
+    if value and os.path.isfile(value):
+        return Path(value).read_text()
+    return value or None
+
+
+def _accepted_keys(fn) -> set[str] | None:
+    """Parameter names `fn` takes, or None when it takes **kwargs (then every processor output is passed)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
