@@ -118,6 +118,7 @@ class Sample:
     messages: list[dict] | None  # None for a plain-text (pretraining) sample
     text: str | None
     images: list[Any]  # paths, or decoded images from a datasets column
+    source: str = ""  # the file it came from, for messages
 
     @property
     def has_images(self) -> bool:
@@ -140,7 +141,7 @@ def parse_row(
     if "conversations" not in row and isinstance(row.get("text"), str):
         if not row["text"].strip():
             raise bad("empty text", "empty text")
-        return Sample(sample_id, index, None, row["text"], [])
+        return Sample(sample_id, index, None, row["text"], [], source)
 
     conversations = row.get("conversations")
     if conversations is None:
@@ -176,7 +177,7 @@ def parse_row(
         if resolved and not placeholders:
             raise bad(f"the row has an image but no {IMAGE_PLACEHOLDER} in any human turn", "image without <image>")
         raise bad(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(resolved)} images", "image count mismatch")
-    return Sample(sample_id, index, messages, None, resolved)
+    return Sample(sample_id, index, messages, None, resolved, source)
 
 
 def _row_images(row: dict, bad) -> list[Any]:
@@ -464,7 +465,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         if on_image_truncation not in ("error", "skip"):
             raise DataError(f"on_image_truncation must be 'error' or 'skip', got {on_image_truncation!r}")
-        self.source = str(path)
+        paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+        if not paths:
+            raise DataError("no data files given")
+        self.source = ", ".join(map(str, paths))
         self.processor = processor
         self.max_length = max_length
         self.image_ids = _image_token_ids(processor)
@@ -473,21 +477,21 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if folder is not None and not folder.is_dir():
             raise DataError(f"image_folder {str(folder)!r} is not a directory")
 
-        rows = read_rows(path, split)
+        rows = ((str(p), index, row) for p in paths for index, row in read_rows(p, split))
         if progress:
             from tqdm.auto import tqdm
 
-            rows = tqdm(rows, desc=f"checking {Path(path).name}", unit="row")
+            rows = tqdm(rows, desc=f"checking {self.source}", unit="row")
         self.samples: list[Sample] = []
         self.lengths: list[int] = []
         # Rendered text per sample (a few hundred bytes each): chat templates then render once, not every epoch.
         # Off by default for very large datasets, where it would cost gigabytes per process.
         self._cache_text = cache_text
         self._rendered: list[RenderedText | None] = []
-        for index, row in rows:
+        for source, index, row in rows:
             self.summary.rows += 1
             try:
-                sample = parse_row(row, index, self.source, folder, allow_outside_images)
+                sample = parse_row(row, index, source, folder, allow_outside_images)
                 rendered = render_text(processor, sample) if sample.messages is not None else None
                 length, truncated = self._check_length(sample, rendered, on_image_truncation)
             except BadSample as e:
@@ -518,13 +522,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if any(end > self.max_length for _, end in image_token_spans(tok.input_ids, self.image_ids)):
             if policy == "error":
                 raise DataError(
-                    f"{self.source}: row {sample.row} (id={sample.id!r}): {n} tokens exceed max_length="
+                    f"{sample.source}: row {sample.row} (id={sample.id!r}): {n} tokens exceed max_length="
                     f"{self.max_length} and truncation would cut through image tokens"
                 )
-            raise TooLong(self.source, sample.row, sample.id,
+            raise TooLong(sample.source, sample.row, sample.id,
                           f"truncation to {self.max_length} would cut image tokens", "too long (image cut)")
         if all(label == IGNORE_INDEX for label in tok.labels[: self.max_length]):
-            raise TooLong(self.source, sample.row, sample.id,
+            raise TooLong(sample.source, sample.row, sample.id,
                           f"no assistant tokens within max_length={self.max_length}", "too long (no answer left)")
         return self.max_length, True
 

@@ -13,17 +13,20 @@ import shutil
 import time
 from pathlib import Path
 
-from midtune.shapes import generate_world
+from midtune.shapes import CANONICAL, generate_world
 from midtune.tiny import build_tiny, world_texts
 
-WORLD = dict(seed=0, n_train=4000, n_val=200, n_test=300, image_size=64)
-BASE = dict(family="llava", layers=8, hidden=256, vision_layers=4, vision_hidden=192, patch_size=8)
+WORLD = CANONICAL
+# 8 LLM layers so that a "middle half" block is 4 layers; a 16 px patch is one 16 px grid cell of the world.
+BASE = dict(family="llava", layers=8, hidden=128, heads=4, kv_heads=2, vision_layers=2, vision_hidden=64,
+            vision_heads=4, patch_size=16)
 
 
-def stage(name: str, out: Path, done_marker: str, force: bool, run) -> Path:
-    """Run a stage unless its marker file shows a finished earlier run."""
-    marker = out / done_marker
-    if marker.exists() and not force:
+def stage(name: str, out: Path, params: dict, force: bool, run) -> Path:
+    """Run a stage unless an earlier run finished it with the same parameters (recorded in a marker file)."""
+    marker = out / ".midtune-stage.json"
+    record = json.dumps(params, sort_keys=True)
+    if not force and marker.exists() and marker.read_text() == record:
         print(f"[{name}] reusing {out}")
         return out
     if out.exists():
@@ -31,6 +34,7 @@ def stage(name: str, out: Path, done_marker: str, force: bool, run) -> Path:
     start = time.perf_counter()
     print(f"[{name}] building {out} ...", flush=True)
     run(out)
+    marker.write_text(record)  # written last: a stage cut short is redone
     print(f"[{name}] done in {time.perf_counter() - start:.1f}s")
     return out
 
@@ -42,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = Path(args.out)
 
-    world = stage("world", root / "world", "world.json", args.force,
+    world = stage("world", root / "world", WORLD, args.force,
                   lambda out: generate_world(out, **WORLD))
-    base = stage("base", root / "base", "config.json", args.force,
+    base = stage("base", root / "base", {**BASE, "world": WORLD}, args.force,
                  lambda out: build_tiny(BASE["family"], out, world_texts(world),
                                         **{k: v for k, v in BASE.items() if k != "family"}))
 

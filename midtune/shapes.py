@@ -16,6 +16,7 @@ Output layout under DIR (image paths inside the JSON files are relative to DIR/i
     scenes_{split}.jsonl                 ground-truth scene description of every image
     pairs.jsonl                          test image + caption + labels, for geometry analysis
     corpus.jsonl                         text-only corpus for language pretraining
+    scenes_in_words.json                 text-only conversations: a scene as one word per grid cell -> its caption
     world.json                           summary of all of the above
 """
 
@@ -344,6 +345,19 @@ def llava_row(sample_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
     return {"id": sample_id, "image": image, "conversations": conversations}
 
 
+CAPTION_PROMPT = "Describe the image."
+
+# The world the demo trains on and whose test split backs the offline eval tasks. 48 px on a 3 × 3 grid makes
+# every cell 16 px: with 16 px patches each image token sees exactly one cell.
+CANONICAL = dict(seed=0, n_train=4000, n_val=200, n_test=300, image_size=48, grid=3, max_objects=4)
+
+
+def cell_words(scene: Scene, grid: int) -> str:
+    """The scene as one word per grid cell in reading order: "empty redcircle empty ... bluesquare"."""
+    by_cell = {(o.row, o.col): f"{o.color}{o.shape}" for o in scene}
+    return " ".join(by_cell.get((r, c), "empty") for r in range(grid) for c in range(grid))
+
+
 def facts_text(scene: Scene, rng: np.random.Generator, grid: int) -> str:
     """A few true sentences about a scene plus vocabulary facts, in rng order."""
     sentences = [_there_are(len(scene), "shape")]
@@ -356,6 +370,8 @@ def facts_text(scene: Scene, rng: np.random.Generator, grid: int) -> str:
         sentences.append(f"a {a.color} {a.shape} is {rel} a {b.color} {b.shape}.")
     color = _pick(rng, sorted({o.color for o in scene}, key=COLOR_NAMES.index))
     sentences.append(_there_are(sum(o.color == color for o in scene), f"{color} shape"))
+    # The cell words of `cell_words` spelled out, so the language model knows what "redcircle" means.
+    sentences += [f"{o.color}{o.shape} is a {o.color} {o.shape}." for o in scene]
     sentences.append(f"{_pick(rng, list(COLOR_NAMES))} is a color.")
     sentences.append(f"{_pick(rng, list(SHAPES))} is a shape.")
     keep = int(rng.integers(2, len(sentences) + 1))
@@ -434,7 +450,7 @@ def generate_world(
     n_train: int = 4000,
     n_val: int = 200,
     n_test: int = 300,
-    image_size: int = 64,
+    image_size: int = 48,
     grid: int = 3,
     max_objects: int = 4,
     progress: bool = True,
@@ -490,7 +506,7 @@ def generate_world(
             sid, image = f"{split}_{i:06d}", f"{split}/{split}_{i:06d}.png"
             qs = conversation_questions(scene, text_rngs[split], alt=(split == "train"))
             rows.append(llava_row(sid, image, [(q["question"], q["answer"]) for q in qs]))
-            caps.append(llava_row(sid, image, [("Describe the image.", caption(scene, grid))]))
+            caps.append(llava_row(sid, image, [(CAPTION_PROMPT, caption(scene, grid))]))
         _write_json(out / f"{split}.json", rows)
         _write_json(out / f"captions_{split}.json", caps)
         files[f"{split}.json"] = len(rows)
@@ -537,6 +553,18 @@ def generate_world(
     _write_jsonl(out / "corpus.jsonl", corpus)
     files["corpus.jsonl"] = len(corpus)
 
+    # --- scenes in words: text-only conversations captioning a scene given as one word per grid cell.
+    # A language model pretrained on these knows the world's concepts in text, the way a real LLM knows
+    # colours and shapes; alignment then only has to map each image patch onto its cell's word.
+    scenes_in_words = []
+    for i in range(n_train):
+        scene = sample_scene(corpus_rng, image_size, grid, max_objects)
+        scenes_in_words.append({"id": f"words_{i:06d}", "conversations": [
+            {"from": "human", "value": f"{cell_words(scene, grid)}\n{CAPTION_PROMPT}"},
+            {"from": "gpt", "value": caption(scene, grid)}]})
+    _write_json(out / "scenes_in_words.json", scenes_in_words)
+    files["scenes_in_words.json"] = len(scenes_in_words)
+
     summary = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
@@ -563,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-train", type=int, default=4000)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--n-test", type=int, default=300)
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--image-size", type=int, default=48, help="image side in pixels (48 = 3 cells of 16 px)")
     p.add_argument("--grid", type=int, default=3, help="grid side (cells per row/column)")
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

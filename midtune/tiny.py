@@ -31,13 +31,14 @@ SPECIAL_TOKENS = CHAT_TOKENS + tuple(
 
 
 def chat_template(image_placeholder: str) -> str:
-    """A ChatML template; images render as the family's placeholder at their place in the content list."""
+    """A ChatML template; images render as the family's placeholder and a newline (LLaVA-1.5's convention)
+    at their place in the content list."""
     return (
         "{%- for message in messages -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'image' -%}{{ '" + image_placeholder + "' }}"
+        "{%- if part['type'] == 'image' -%}{{ '" + image_placeholder + "\\n' }}"
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{ '<|im_end|>\\n' }}"
@@ -77,7 +78,7 @@ def world_texts(data_dir: str | Path) -> list[str]:
     corpus = data_dir / "corpus.jsonl"
     if corpus.exists():
         texts += [json.loads(line)["text"] for line in corpus.read_text().splitlines() if line.strip()]
-    for name in ("train.json", "captions_train.json"):
+    for name in ("train.json", "captions_train.json", "scenes_in_words.json"):
         path = data_dir / name
         if path.exists():
             for row in json.loads(path.read_text()):

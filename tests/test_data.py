@@ -142,7 +142,8 @@ def _bad_rows(world: Path, tmp_path: Path) -> dict[str, tuple[dict, str]]:
     corrupt.parent.mkdir(parents=True, exist_ok=True)
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     truncated = tmp_path / "images" / "truncated.png"
-    truncated.write_bytes((world / "images" / good["image"]).read_bytes()[:200])
+    png = (world / "images" / good["image"]).read_bytes()
+    truncated.write_bytes(png[: len(png) // 2])
     shutil.copy(world / "images" / good["image"], tmp_path / "images" / "ok.png")
     conv = good["conversations"]
     text_conv = [{"from": "human", "value": "what is red?"}, {"from": "gpt", "value": "red is a color."}]

@@ -233,7 +233,7 @@ def test_captions_pairs_and_corpus_text(world):
 
 
 def test_scene_geometry_and_pixels(world):
-    size = 64
+    size = json.loads((world / "world.json").read_text())["args"]["image_size"]
     edges = [-((-k * size) // 3) for k in range(4)]
     for split in shapes.SPLITS:
         for image, objects in scenes_by_image(world, split).items():
