@@ -39,3 +39,16 @@ def tiny_dir(world, tmp_path_factory):
         return built[family]
 
     return make
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Trainer and lmms-eval runs in this process each build an Accelerator; accelerate keeps process-wide
+    singletons, so reset them around every such test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -24,16 +24,8 @@ from train.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# In-process runs build Accelerators; accelerate keeps process-wide singletons (see conftest).
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def overrides(world: Path, model: Path, out: Path, **extra) -> list[str]:
