@@ -485,8 +485,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.samples: list[Sample] = []
         self.lengths: list[int] = []
         # Rendered text per sample (a few hundred bytes each): chat templates then render once, not every epoch.
-        # Off by default for very large datasets, where it would cost gigabytes per process.
-        self._cache_text = cache_text
+        # cache_text None: only up to MAX_CACHED samples (beyond, it would cost gigabytes per process); True: always.
         self._rendered: list[RenderedText | None] = []
         for source, index, row in rows:
             self.summary.rows += 1
@@ -502,7 +501,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 continue
             self.samples.append(sample)
             self.lengths.append(length)
-            if self._cache_text is not False and len(self.samples) <= MAX_CACHED:
+            if cache_text or (cache_text is None and len(self.samples) <= MAX_CACHED):
                 self._rendered.append(rendered)
             self.summary.truncated += truncated
             self.summary.with_images += sample.has_images
