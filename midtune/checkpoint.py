@@ -187,8 +187,9 @@ def save_merged(model, processor, out_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, keep_existing: Iterator[str] = ()) -> Iterator[Path]:
-    """Yield a temporary directory beside `target`; on success it replaces `target` in one rename."""
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it becomes `target` by rename (an existing
+    target is first renamed aside, then deleted). On failure the temporary directory is removed."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -196,9 +197,6 @@ def atomic_dir(target: Path, keep_existing: Iterator[str] = ()) -> Iterator[Path
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for name in keep_existing:  # files of an existing target to carry over (e.g. a delta beside weights)
-            if (target / name).exists() and not (tmp / name).exists():
-                shutil.copy2(target / name, tmp / name)
         _fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -23,7 +23,7 @@ How it is built:
 - `--projector linear` (LLaVA-1's single linear layer) is rejected: `LlavaMultiModalProjector` is always
   linear_1 → act → linear_2, so only mlp2x_gelu is expressible as a standard LlavaForConditionalGeneration.
 
-The output is written to `<out>.tmp-<pid>` and renamed onto `<out>` at the end, so an interrupted run never
+The output is written to a temporary directory beside `<out>` and renamed onto `<out>` at the end, so an interrupted run never
 leaves a half-written model where a complete one is expected.
 """
 
@@ -33,15 +33,15 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from midtune.checkpoint import DTYPES, save_merged
+
 PROJECTORS = ("mlp2x_gelu", "linear")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Vision encoders a vanilla LlavaForConditionalGeneration can hold: vision config model_type → (has a CLS token).
 VISION_MODEL_TYPES = {"clip_vision_model": True, "siglip_vision_model": False}
 VICUNA_SYSTEM = (
@@ -314,20 +314,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ComposeError(f"--out {out}: exists and is not empty (pass --overwrite / overwrite=True to replace it)")
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished `tmp` onto `out` (a non-empty `out` is moved aside first, then removed)."""
-    _check_out(out, overwrite)  # again: it may have appeared while we were building
-    old = None
-    if out.is_dir() and any(out.iterdir()):
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    elif out.is_dir():
-        out.rmdir()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # API
 # ---------------------------------------------------------------------------------------------------------
@@ -448,16 +434,8 @@ def compose(
     image_tokens = (size[0] // vision_config.patch_size) * (size[1] // vision_config.patch_size)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        _publish(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _check_out(out, overwrite)  # again: it may have appeared while we were building
+    save_merged(model, processor, out)  # built in a temporary directory beside `out`, then renamed onto it
 
     if verbose:
         parts = {
