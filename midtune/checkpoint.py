@@ -16,11 +16,13 @@ leaves a half-written checkpoint where a complete one is expected.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -197,17 +199,25 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        fault_point(f"atomic_dir:{target.name}")
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename the complete directory `tmp` to `target`. An existing target is renamed aside first and deleted
+    only after the new one is in place, so at every instant one complete copy exists under a known name."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
 
 
 @contextlib.contextmanager
@@ -225,8 +235,41 @@ def atomic_file(target: Path) -> Iterator[Path]:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path` to disk, so a rename never publishes data still in the page cache."""
     for f in path.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fault injection (tests)
+# ---------------------------------------------------------------------------------------------------------
+
+FAULT_ENV = "MIDTUNE_FAULT"
+_fault_visits: collections.Counter = collections.Counter()
+
+
+def fault_point(name: str) -> None:
+    """A place where the reliability tests inject a fault into a real process. `MIDTUNE_FAULT=NAME[@N]:ACTION`
+    acts the N-th time (default: the first) execution reaches the point `NAME`: `kill` sends this process
+    SIGKILL (a crash mid-write), `enospc` raises the OSError a full disk gives. Unset, it does nothing."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    where, _, action = spec.rpartition(":")
+    point, _, nth = where.partition("@")
+    if point != name:
+        return
+    _fault_visits[name] += 1
+    if _fault_visits[name] != int(nth or 1):
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    else:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r} (kill or enospc)")

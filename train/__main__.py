@@ -5,6 +5,12 @@
 
 The recipe, top to bottom: config → accelerator → model → freezing plan (+ LoRA) → backward cut → data →
 optimizer and schedule → loop (log, checkpoint) → final delta + merged model → run.json.
+
+Nothing is written to `output_dir` until every input has been checked. Exit codes: 0 done; 2 bad input (config,
+layer spec, data, model or checkpoint; one message naming the file, row or key); 1 a checkpoint or the final
+model could not be written (a full disk); 3 a non-finite loss; 128 + N stopped by signal N (SIGTERM: 143,
+SIGINT: 130) after finishing the step and saving a checkpoint. Whenever a checkpoint exists the command that
+resumes the run is printed.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import logging
 import math
 import os
 import resource
+import shlex
 import shutil
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +38,8 @@ from midtune.checkpoint import CheckpointError, atomic_dir, base_hash, load_pret
 from midtune.data import Collator, DataError, SupervisedDataset
 from midtune.spec import FreezePlan, SpecError, TrainableSpec, resolve_layers, resolve_plan
 from train.backward_cut import setup_checkpointing
-from train.checkpoints import STATE_FILE, load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoints import (CheckpointSaveError, all_ranks_ok, checkpoint_dirs, load_checkpoint,
+                               remove_interrupted_saves, resolve_resume, save_checkpoint)
 from train.config import ConfigError, TrainConfig, load_config, plain, to_dict, to_yaml
 
 log = logging.getLogger("midtune.train")
@@ -38,6 +48,22 @@ RUN_FILES = ("run.json", "metrics.jsonl", "config.yaml", "final", "logs", "analy
 
 class UserError(Exception):
     """A problem with the user's input: printed as one clear message, exit code 2."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped before its last step; the message says why. `code` is the exit status."""
+
+    code = 1
+
+
+class Interrupted(TrainingStopped):
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+
+
+class NonFiniteLoss(TrainingStopped):
+    code = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SpecError, DataError, CheckpointError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingStopped, CheckpointSaveError) as e:
+        print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
+        if checkpoint_dirs(Path(config.output_dir)):
+            extra = ["on_nan_loss=skip"] if isinstance(e, NonFiniteLoss) and config.on_nan_loss == "error" else []
+            print(f"resume with:\n  {resume_command(args.config, args.overrides, extra)}", file=sys.stderr)
+        return getattr(e, "code", 1)
     return 0
+
+
+def resume_command(config_path: str | None, overrides: list[str], extra: list[str] = ()) -> str:
+    """The command that continues this run from its newest complete checkpoint (run from this directory)."""
+    replaced = {"resume_from", *(o.partition("=")[0] for o in extra)}
+    args = ["--config", config_path] if config_path else []
+    args += [o for o in overrides if o.partition("=")[0].strip() not in replaced] + ["resume_from=latest", *extra]
+    # Under a launcher (accelerate launch, torchrun) this process cannot see the launcher's own options.
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    program = "accelerate launch <this run's launch options> train" if launched else "python -m train"
+    return f"cd {shlex.quote(os.getcwd())} && {program} {shlex.join(args)}"
 
 
 @dataclass
@@ -71,7 +114,7 @@ def train(config: TrainConfig) -> RunResult:
     # analysis hook: background geometry profiles of saved checkpoints (analysis/hook.py); checks `analysis.pairs` now
     from analysis.hook import AnalysisHook
     analysis_hook = AnalysisHook.from_config(config)
-    resume_path = prepare_output_dir(config, output_dir)
+    resume_path = check_output_dir(config, output_dir)
 
     # The accelerator comes first: under ZeRO-3 (zero3_init_flag) from_pretrained then loads partitioned.
     spec = TrainableSpec.from_dict(plain(to_dict(config)["trainable"]))  # spelling checked before any loading
@@ -86,6 +129,10 @@ def train(config: TrainConfig) -> RunResult:
         # LLaVA feeds the LLM from vision layer -2, so the last vision layer gets no gradient when the tower trains
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=vision_trains), *cpu_deepspeed_kwargs()],
     )
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    if deepspeed and config.on_nan_loss == "skip":
+        raise ConfigError("key 'on_nan_loss': 'skip' is not available under DeepSpeed (its engine applies the update "
+                          "inside backward, before a step could be dropped); use 'error'")
     set_seed(config.seed)
     main_process = accelerator.is_main_process
     say = accelerator.print
@@ -116,6 +163,7 @@ def train(config: TrainConfig) -> RunResult:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, collate_fn=Collator(pad_id),
         num_workers=config.num_workers, generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=ignore_stop_signals,
     )
 
     # -- optimizer and schedule ---------------------------------------------------------------------------
@@ -133,103 +181,139 @@ def train(config: TrainConfig) -> RunResult:
     scheduler = get_scheduler(config.optim.scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
 
-    step = 0
+    trainable_names = sorted(plan.trainable_names)
+    step, resumed_state = 0, {}
     if resume_path is not None:
-        state = load_checkpoint(accelerator, model, optimizer, scheduler, resume_path)
-        step = state["step"]
+        resumed_state = load_checkpoint(accelerator, model, optimizer, scheduler, resume_path, trainable_names)
+        step = resumed_state["step"]
         say(f"resumed from {resume_path} at step {step}")
+
+    # -- every input checked: now the run directory is written ----------------------------------------------
+    start_output_dir(accelerator, config, output_dir, resume_path)
+    samples_path = output_dir / f"samples-rank{accelerator.process_index}.jsonl"
     if main_process:
-        (output_dir / "config.yaml").write_text(to_yaml(config))
-        truncate_metrics(output_dir / "metrics.jsonl", step)
+        truncate_log(output_dir / "metrics.jsonl", step)
+    if config.record_samples:
+        truncate_log(samples_path, step)
     if config.report_to:
         accelerator.init_trackers(config.run_name or output_dir.name, config=flat_hparams(to_dict(config)))
 
     # -- loop -----------------------------------------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainable_names = sorted(plan.trainable_names)
-    micro = step * config.grad_accum  # micro-batches this rank has consumed
+    skipped_steps: list[dict] = list(resumed_state.get("skipped_steps", []))  # dropped for a non-finite loss
+    micro = (step + len(skipped_steps)) * config.grad_accum  # micro-batches this rank has consumed
     epoch, skip = divmod(micro, micro_per_epoch)
     step_times: list[float] = []
     tokens_total = 0
     losses: list[float] = []
-    window_loss = torch.zeros((), device=accelerator.device)
+    window: list[tuple[list[str], torch.Tensor]] = []  # this optimizer step's micro-batches: sample ids, loss
     window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+    saved_step = step if resume_path is not None else None
+
+    def checkpoint(at_step: int) -> Path:
+        nonlocal saved_step
+        path = save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names, output_dir, at_step,
+                               {"step": at_step, "epoch": epoch, "loss": losses[-1] if losses else None,
+                                "skipped_steps": skipped_steps}, config.save_total_limit)
+        saved_step = at_step
+        return path
+
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_steps, initial=step, disable=not main_process, desc="train", unit="step")
     step_start = time.perf_counter()
     metrics_file = open(output_dir / "metrics.jsonl", "a") if main_process else None
-    samples_file = None
-    if config.record_samples:
-        samples_file = open(output_dir / f"samples-rank{accelerator.process_index}.jsonl", "a")
-    step_samples: list[str] = []
-    while step < total_steps:
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for batch in batches:
-            step_samples += batch.pop("sample_ids")
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    max_norm = config.optim.max_grad_norm or float("inf")  # inf: measure, do not clip
-                    grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach() / config.grad_accum
-            window_tokens += batch["attention_mask"].sum()
-            if not accelerator.sync_gradients:
-                continue
+    samples_file = open(samples_path, "a") if config.record_samples else None
+    stop = StopSignals(announce=main_process).install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+    try:
+        while step < total_steps:
+            loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            skip = 0
+            for batch in batches:
+                sample_ids = batch.pop("sample_ids")
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    window.append((sample_ids, loss.detach()))
+                    # DeepSpeed's engine updates inside backward: a bad loss must be caught before it
+                    if deepspeed and not all_ranks_ok(accelerator, bool(torch.isfinite(loss))):
+                        raise nonfinite_error(accelerator, config, dataset, window, step, output_dir, skipped_steps)
+                    accelerator.backward(loss)
+                    window_tokens += batch["attention_mask"].sum()
+                    if accelerator.sync_gradients:
+                        # the reduced loss is NaN on every rank if it is on one: all ranks take the same branch
+                        step_loss = accelerator.reduce(sum(l for _, l in window) / config.grad_accum, "mean").item()
+                        max_norm = config.optim.max_grad_norm or float("inf")  # inf: measure, do not clip
+                        grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+                        grad = float(grad_norm) if grad_norm is not None else float("nan")
+                        finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad))
+                        if finite:
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
+                if not accelerator.sync_gradients:
+                    continue
 
-            step += 1
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step_loss = accelerator.reduce(window_loss, "mean").item()
-            step_tokens = int(accelerator.reduce(window_tokens, "sum").item())
-            window_loss.zero_()
-            window_tokens.zero_()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            step_times.append(now - step_start)
-            step_start = now
-            tokens_total += step_tokens
-            losses.append(step_loss)
-            grad = float(grad_norm) if grad_norm is not None else float("nan")
-            record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad,
-                      "step_time": step_times[-1], "tokens": step_tokens, "epoch": epoch}
-            if main_process and (step % config.logging_steps == 0 or step == total_steps):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            if config.report_to and step % config.logging_steps == 0:
-                accelerator.log({"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad,
-                                 "train/step_time": step_times[-1]}, step=step)
-            if samples_file:
-                samples_file.write(json.dumps({"step": step, "samples": step_samples}) + "\n")
-            step_samples = []
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            analysis_hook.poll(accelerator)  # analysis hook: log finished profiles (non-blocking)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names, output_dir, step,
-                                {"step": step, "epoch": epoch, "loss": step_loss}, config.save_total_limit)
-                analysis_hook.on_save(step, output_dir / f"checkpoint-{step}", accelerator)  # analysis hook
-            if step >= total_steps:
-                break
-        epoch += 1
-    progress.close()
-    if metrics_file:
-        metrics_file.close()
-    if samples_file:
-        samples_file.write(json.dumps({"final_weights": weights_checksum(model, trainable_names, accelerator)}) + "\n")
-        samples_file.close()
+                if not finite:  # no update was made; raises under on_nan_loss=error or past max_nan_skips
+                    skipped_steps.append(
+                        nonfinite_skip(accelerator, config, dataset, window, step, output_dir, skipped_steps))
+                    window = []
+                    window_tokens.zero_()
+                    continue
+                step += 1
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step_tokens = int(accelerator.reduce(window_tokens, "sum").item())
+                step_samples = [i for ids, _ in window for i in ids]
+                window = []
+                window_tokens.zero_()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                step_times.append(now - step_start)
+                step_start = now
+                tokens_total += step_tokens
+                losses.append(step_loss)
+                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad,
+                          "step_time": step_times[-1], "tokens": step_tokens, "epoch": epoch}
+                if main_process and (step % config.logging_steps == 0 or step == total_steps):
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if config.report_to and step % config.logging_steps == 0:
+                    accelerator.log({"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad,
+                                     "train/step_time": step_times[-1]}, step=step)
+                if samples_file:
+                    samples_file.write(json.dumps({"step": step, "samples": step_samples}) + "\n")
+                    samples_file.flush()
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+                analysis_hook.poll(accelerator)  # analysis hook: log finished profiles (non-blocking)
+                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                    checkpoint(step)
+                    analysis_hook.on_save(step, output_dir / f"checkpoint-{step}", accelerator)  # analysis hook
+                if step < total_steps and not all_ranks_ok(accelerator, stop.received is None):
+                    path = output_dir / f"checkpoint-{step}" if saved_step == step else checkpoint(step)
+                    raise Interrupted(stop.received or signal.SIGTERM, step, path)
+                if step >= total_steps:
+                    break
+            epoch += 1
+        progress.close()
+        if samples_file:
+            samples_file.write(json.dumps({"final_weights": weights_checksum(model, trainable_names, accelerator)}) + "\n")
 
-    # -- final outputs ------------------------------------------------------------------------------------
-    save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names, output_dir, step,
-                    {"step": step, "epoch": epoch, "loss": losses[-1] if losses else None}, config.save_total_limit)
-    analysis_hook.on_save(step, output_dir / f"checkpoint-{step}", accelerator, final=True)  # analysis hook
-    final = save_final(accelerator, model, processor, plan, config, output_dir)
+        # -- final outputs --------------------------------------------------------------------------------
+        checkpoint(step)
+        analysis_hook.on_save(step, output_dir / f"checkpoint-{step}", accelerator, final=True)  # analysis hook
+        final = save_final(accelerator, model, processor, plan, config, output_dir)
+    except (TrainingStopped, CheckpointSaveError):
+        progress.close()
+        analysis_hook.finish(accelerator, timeout=0)  # stop background profiles: the checkpoint is what counts
+        accelerator.end_training()
+        raise
+    finally:
+        stop.restore()
+        for f in (metrics_file, samples_file):
+            if f:
+                f.close()
     wall = time.time() - started
     summary = {
         "config": to_dict(config),
@@ -244,6 +328,7 @@ def train(config: TrainConfig) -> RunResult:
         "data": dataset.summary.to_dict(),
         "steps": step,
         "steps_this_session": len(step_times),
+        "skipped_steps": skipped_steps,
         "resumed_from": str(resume_path) if resume_path else None,
         "final_loss": losses[-1] if losses else None,
         "wall_time_s": wall,
@@ -255,11 +340,97 @@ def train(config: TrainConfig) -> RunResult:
     }
     if main_process:
         (output_dir / "run.json").write_text(json.dumps(summary, indent=2))
-        say(f"done: {step} steps in {wall:.1f}s, final loss {summary['final_loss']:.4f}, "
-            f"median step {summary['median_step_time_s']:.3f}s → {final}")
+        final_loss = f"{summary['final_loss']:.4f}" if losses else "—"
+        median = f"{summary['median_step_time_s']:.3f}s" if step_times else "—"
+        say(f"done: {step} steps in {wall:.1f}s, final loss {final_loss}, median step {median} → {final}")
     analysis_hook.finish(accelerator)  # analysis hook: wait (analysis.timeout) for outstanding profiles
     accelerator.end_training()
     return RunResult(summary, accelerator.unwrap_model(model), processor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults: signals and non-finite losses
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while training only set `received`: the loop finishes its step, saves a checkpoint and
+    stops. A second signal gets the previous handler (Ctrl-C twice stops at once; saves are atomic either way)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool):
+        self.announce = announce
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum] or signal.SIG_DFL)
+        if self.announce:
+            name = signal.Signals(signum).name
+            print(f"\n{name}: finishing this step, then saving a checkpoint ({name} again stops at once)",
+                  file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler or signal.SIG_DFL)
+        self.previous = {}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which still needs them to finish the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def nonfinite_skip(accelerator, config: TrainConfig, dataset, window, step: int, output_dir: Path,
+                   skipped_steps: list[dict]) -> dict:
+    """The record of a dropped optimizer step, or NonFiniteLoss under on_nan_loss=error or past max_nan_skips."""
+    if config.on_nan_loss == "error" or len(skipped_steps) >= config.max_nan_skips:
+        raise nonfinite_error(accelerator, config, dataset, window, step, output_dir, skipped_steps)
+    ids, what = offending_samples(accelerator, window)
+    log.warning(f"non-finite {what} in step {step + 1}: dropped the step (no update), samples "
+                f"{describe_samples(dataset, ids)} ({len(skipped_steps) + 1} of at most {config.max_nan_skips})")
+    return {"after_step": step, "samples": ids}
+
+
+def nonfinite_error(accelerator, config: TrainConfig, dataset, window, step: int, output_dir: Path,
+                    skipped_steps: list[dict]) -> NonFiniteLoss:
+    ids, what = offending_samples(accelerator, window)
+    checkpoints = checkpoint_dirs(output_dir)
+    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint had been saved yet"
+    why = (f"{len(skipped_steps)} steps were already dropped (max_nan_skips={config.max_nan_skips})"
+           if config.on_nan_loss == "skip" else "on_nan_loss=error; 'skip' drops such steps")
+    return NonFiniteLoss(f"non-finite {what} in step {step + 1}, on the batch of samples "
+                         f"{describe_samples(dataset, ids)}: stopped before updating the weights ({why}); "
+                         f"nothing was saved from this step and {kept}")
+
+
+def offending_samples(accelerator, window) -> tuple[list[str], str]:
+    """Sample ids of the micro-batches whose loss is not finite, from every rank; ('loss' or 'gradient norm')."""
+    from accelerate.utils import gather_object
+
+    local = [i for ids, loss in window if not torch.isfinite(loss) for i in ids]
+    if accelerator.num_processes > 1:
+        local = gather_object(local)
+    if local:
+        return local, "loss"
+    everything = [i for ids, _ in window for i in ids]  # finite losses, non-finite gradients: the whole step
+    return gather_object(everything) if accelerator.num_processes > 1 else everything, "gradient norm"
+
+
+def describe_samples(dataset, ids: list[str], limit: int = 8) -> str:
+    where = {}
+    for sample in dataset.samples:
+        where.setdefault(sample.id, f"{sample.source} row {sample.row}")
+    shown = [f"{i!r} ({where[i]})" if i in where else repr(i) for i in ids[:limit]]
+    return ", ".join(shown) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,30 +438,39 @@ def train(config: TrainConfig) -> RunResult:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(config: TrainConfig, output_dir: Path) -> Path | None:
-    """Refuse to mix two runs in one directory; returns the checkpoint to resume from, if any."""
+def check_output_dir(config: TrainConfig, output_dir: Path) -> Path | None:
+    """Refuse to mix two runs in one directory; returns the checkpoint to resume from, if any. Writes nothing."""
     if config.resume_from:
-        try:
-            return resolve_resume(config.resume_from, output_dir)
-        except FileNotFoundError as e:
-            raise UserError(str(e)) from None
-    existing = [name for name in RUN_FILES if (output_dir / name).exists()]
-    existing += [d.name for d in output_dir.glob("checkpoint-*")] if output_dir.exists() else []
+        return resolve_resume(config.resume_from, output_dir)
+    existing = existing_run_files(output_dir)
     if existing and not config.overwrite:
         raise UserError(
             f"output_dir {str(output_dir)!r} already holds a run ({', '.join(sorted(existing)[:4])}); "
             f"set overwrite=true to replace it or resume_from=latest to continue it"
         )
-    if existing and is_main_rank():
-        for name in existing:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def existing_run_files(output_dir: Path) -> list[str]:
+    if not output_dir.exists():
+        return []
+    return [name for name in RUN_FILES if (output_dir / name).exists()] + \
+        [d.name for d in output_dir.glob("checkpoint-*")] + [f.name for f in output_dir.glob("samples-rank*.jsonl")]
+
+
+def start_output_dir(accelerator, config: TrainConfig, output_dir: Path, resume_path: Path | None) -> None:
+    """Once every input has been checked: replace an overwritten run, clear what crashed saves left behind,
+    and write the resolved config."""
+    if accelerator.is_main_process:
+        if resume_path is None:  # overwrite=true (check_output_dir refused an existing run otherwise)
+            for name in existing_run_files(output_dir):
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_interrupted_saves(output_dir):
+            log.info(f"removed {leftover.name}, left by a save that was cut short")
+        (output_dir / "config.yaml").write_text(to_yaml(config))
+    accelerator.wait_for_everyone()
 
 
 def add_lora(model, spec: TrainableSpec, config: TrainConfig):
@@ -387,25 +567,30 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
     else:
         prefix = "module." if any(k.startswith("module.") for k in state) else ""
         delta = {n: state[prefix + n] for n in plan.trainable_names}
-    with atomic_dir(final) as tmp:
-        save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
-                   method=config.method, trainable=plan.spec.to_dict(),
-                   lora_config=lora_config_dict(unwrapped) if lora else None)
-        if config.save_merged and zero3_enabled():
-            # The ZeRO-3 model holds only partitions; rebuild base + delta on this process, as train.export does
-            # (saving the gathered state through the ZeRO-3-loaded model wrote non-standard key names).
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    try:
+        with atomic_dir(final) as tmp:
+            save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
+                       method=config.method, trainable=plan.spec.to_dict(),
+                       lora_config=lora_config_dict(unwrapped) if lora else None)
+            if config.save_merged and zero3_enabled():
+                # The ZeRO-3 model holds only partitions; rebuild base + delta on this process, as train.export
+                # does (saving the gathered state through the ZeRO-3-loaded model wrote non-standard key names).
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-            unset_hf_deepspeed_config()
-            merged, _ = load_with_delta(config.model, tmp / "delta.safetensors", dtype=config.dtype,
-                                        trust_remote_code=config.trust_remote_code, verify_base=False)
-            merged.save_pretrained(tmp, safe_serialization=True)
-            processor.save_pretrained(tmp)
-        elif config.save_merged:
-            merged = unwrapped.merge_and_unload() if lora else unwrapped
-            merged.save_pretrained(tmp, state_dict=None if lora else {k[len(prefix):]: v for k, v in state.items()},
-                                   safe_serialization=True)
-            processor.save_pretrained(tmp)
+                unset_hf_deepspeed_config()
+                merged, _ = load_with_delta(config.model, tmp / "delta.safetensors", dtype=config.dtype,
+                                            trust_remote_code=config.trust_remote_code, verify_base=False)
+                merged.save_pretrained(tmp, safe_serialization=True)
+                processor.save_pretrained(tmp)
+            elif config.save_merged:
+                merged = unwrapped.merge_and_unload() if lora else unwrapped
+                merged.save_pretrained(tmp, safe_serialization=True,
+                                       state_dict=None if lora else {k[len(prefix):]: v for k, v in state.items()})
+                processor.save_pretrained(tmp)
+    except OSError as e:  # atomic_dir has removed its temporary directory; an earlier final/ is untouched
+        raise CheckpointSaveError(f"could not write {final}: {e.strerror or e}; nothing half-written was left, and "
+                                  f"the last checkpoint holds the trained weights (resume_from=latest writes final/ "
+                                  f"again)") from e
     return final
 
 
@@ -425,11 +610,19 @@ def zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint so the log reads as one run."""
+def truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint (and a finished run's closing line) so the log reads as one
+    run. A line cut short by a crash is dropped too."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", math.inf) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 

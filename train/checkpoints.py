@@ -9,8 +9,11 @@
 Under DeepSpeed and FSDP parameters or optimizer state are partitioned across ranks, so their own checkpoints
 are written (accelerate's `save_state`; DeepSpeed excludes frozen parameters) in place of the first three files.
 
-A checkpoint is written into `.checkpoint-<step>.tmp` and renamed when complete, so `checkpoint-*` directories
-are always whole and `resume_from=latest` can trust the newest one.
+A checkpoint is written into `.checkpoint-<step>.tmp`, flushed to disk and renamed when complete, so
+`checkpoint-*` directories are always whole and `resume_from=latest` can trust the newest one. A save that fails
+(a full disk) removes its temporary directory and raises CheckpointSaveError; one cut short by a crash leaves
+only the temporary directory, which the next start removes. Older checkpoints are rotated out only after the
+new one is in place.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ import numpy as np
 import torch
 
 from midtune.adapters import unwrap
+from midtune.checkpoint import CheckpointError, fault_point, fsync_tree, replace_dir
 
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be written (disk full, permissions); the previous checkpoints are untouched."""
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -40,15 +48,26 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume_from: str, output_dir: Path) -> Path:
+    """The checkpoint `resume_from` names; raises CheckpointError naming what is missing."""
     if resume_from == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            raise FileNotFoundError(f"resume_from=latest: no complete checkpoint-* in {output_dir}")
+            raise CheckpointError(f"resume_from=latest: no complete checkpoint-* in {output_dir}")
         return found[-1]
     path = Path(resume_from)
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from={resume_from!r}: no such checkpoint directory")
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume_from={resume_from!r}: not a complete checkpoint (no {STATE_FILE})")
+        raise CheckpointError(f"resume_from={resume_from!r}: not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def remove_interrupted_saves(output_dir: Path) -> list[Path]:
+    """Delete what saves cut short by a crash left behind (`.checkpoint-N.tmp`, `.final.tmp-PID`, ...)."""
+    leftovers = [d for d in Path(output_dir).glob(".*") if re.fullmatch(r"\.(checkpoint-\d+|final)\.(tmp|old)(-\d+)?", d.name)]
+    for d in leftovers:
+        shutil.rmtree(d, ignore_errors=True)
+    return leftovers
 
 
 def _rng_state() -> dict:
@@ -74,17 +93,53 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def all_ranks_ok(accelerator, ok: bool) -> bool:
+    """True when `ok` holds on every process: ranks must agree before one of them stops."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor(0.0 if ok else 1.0, device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() == 0
+
+
 def save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names: list[str], output_dir: Path,
                     step: int, trainer_state: dict, save_total_limit: int) -> Path:
-    from safetensors.torch import save_file
-
+    """Write `checkpoint-<step>/` atomically. A failed write (a full disk) on any rank raises CheckpointSaveError
+    on every rank, with the temporary directory removed and the earlier checkpoints untouched."""
     target = Path(output_dir) / f"checkpoint-{step}"
-    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+    tmp = Path(output_dir) / f".checkpoint-{step}.tmp"  # one name on every rank (a PID suffix would differ)
+    failure: OSError | None = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        _write_checkpoint_files(accelerator, model, optimizer, scheduler, trainable_names, tmp)
+    except OSError as e:
+        failure = e
+    if all_ranks_ok(accelerator, failure is None) and accelerator.is_main_process:  # also the barrier
+        try:
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))  # last: marks the checkpoint whole
+            fsync_tree(tmp)
+            replace_dir(tmp, target)
+        except OSError as e:
+            failure = e
+    if not all_ranks_ok(accelerator, failure is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint_dirs(output_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+        reason = (failure.strerror or str(failure)) if failure is not None else "a write failed on another process"
+        raise CheckpointSaveError(f"could not write checkpoint-{step} in {output_dir}: {reason}; nothing "
+                                  f"half-written was left and {kept}") from failure
+    if accelerator.is_main_process and save_total_limit:  # only now that the new one is in place
+        for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    return target
+
+
+def _write_checkpoint_files(accelerator, model, optimizer, scheduler, trainable_names: list[str], tmp: Path) -> None:
+    from safetensors.torch import save_file
 
     if accelerator.distributed_type.name == "DEEPSPEED":
         accelerator.save_state(str(tmp), exclude_frozen_parameters=True)
@@ -93,45 +148,67 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names: l
     elif accelerator.is_main_process:
         params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
         save_file({n: params[n].detach().cpu().contiguous() for n in trainable_names}, str(tmp / "trainable.safetensors"))
+        fault_point("checkpoint.write")  # tests: a crash or a full disk half-way through a save
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if accelerator.is_main_process:  # stepped by hand, so no engine saves it for us
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
-    accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))  # last: marks the checkpoint whole
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-        if save_total_limit:
-            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return target
 
 
-def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path) -> dict:
-    """Restore a checkpoint into the prepared objects; returns its trainer state."""
+def read_torch_state(path: Path) -> dict:
+    """A state dict saved with torch.save, read with weights_only=True: tensors and plain containers only, so a
+    tampered file cannot run code. Raises CheckpointError naming the file."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing from the checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, refused global: all one message
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0]})") from None
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, trainable_names: list[str]) -> dict:
+    """Restore a checkpoint into the prepared objects; returns its trainer state. A checkpoint of another run
+    (other trainable tensors) or a damaged one raises CheckpointError naming the file."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except ValueError as e:
+        raise CheckpointError(f"{path / STATE_FILE}: not a trainer state ({e})") from None
     if accelerator.distributed_type.name == "DEEPSPEED":
         accelerator.load_state(str(path), load_module_strict=False)
     elif accelerator.distributed_type.name == "FSDP":
         accelerator.load_state(str(path))
     else:
-        tensors = load_file(str(path / "trainable.safetensors"))
+        file = path / "trainable.safetensors"
+        try:
+            tensors = load_file(str(file))
+        except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
-        missing = set(tensors) - set(params)
-        if missing:
-            raise ValueError(f"{path}: checkpoint tensors not in the model, e.g. {sorted(missing)[0]!r}")
+        if set(tensors) != set(trainable_names):
+            extra, missing = sorted(set(tensors) - set(trainable_names)), sorted(set(trainable_names) - set(tensors))
+            example = f"it holds {extra[0]!r}, which this run does not train" if extra else \
+                f"it lacks {missing[0]!r}, which this run trains"
+            raise CheckpointError(f"{file}: a checkpoint of a different trainable set ({example}); resume with the "
+                                  f"config it was written with")
+        for name, value in tensors.items():
+            if value.shape != params[name].shape:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(value.shape)}, the model "
+                                      f"{tuple(params[name].shape)}")
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        try:
+            optimizer.load_state_dict(read_torch_state(path / "optimizer.pt"))
+        except (ValueError, KeyError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({e})") from None
+    scheduler.load_state_dict(read_torch_state(path / "scheduler.pt"))
     rng = path / f"rng-{accelerator.process_index}.json"
     if rng.exists():
         _set_rng_state(json.loads(rng.read_text()))

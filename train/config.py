@@ -96,6 +96,10 @@ class TrainConfig:
     max_length: int = 2048
     on_bad_sample: str = "error"  # error | skip
     on_image_truncation: str = "skip"  # skip | error
+    # A non-finite (NaN/inf) loss or gradient norm: error stops with the batch's sample ids, writing no checkpoint
+    # of the suspect weights; skip drops that optimizer step (no update) and stops after max_nan_skips of them.
+    on_nan_loss: str = "error"  # error | skip
+    max_nan_skips: int = 10
     allow_outside_images: bool = False
     split: str = "train"  # for datasets directories
     num_workers: int = 0
@@ -124,6 +128,7 @@ CHOICES = {
     "method": ("full", "lora"),
     "on_bad_sample": ("error", "skip"),
     "on_image_truncation": ("skip", "error"),
+    "on_nan_loss": ("error", "skip"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "dtype": ("float32", "bfloat16", "float16"),
 }
@@ -217,8 +222,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"key 'max_steps': must be ≥ 1 (or -1 to run `epochs`), got {config.max_steps}")
     if config.max_steps == -1 and config.epochs <= 0:
         raise ConfigError(f"key 'epochs': must be > 0 when max_steps is -1, got {config.epochs}")
-    if config.save_steps < 0 or config.save_total_limit < 0:
-        raise ConfigError("keys 'save_steps' and 'save_total_limit' must be ≥ 0")
+    for key in ("save_steps", "save_total_limit", "max_nan_skips"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"key {key!r}: must be ≥ 0, got {getattr(config, key)}")
     if not 0 <= config.optim.warmup_ratio < 1:
         raise ConfigError(f"key 'optim.warmup_ratio': must be in [0, 1), got {config.optim.warmup_ratio}")
     for key in ("lr", "projector_lr", "vision_lr", "embeddings_lr"):
