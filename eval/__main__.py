@@ -11,9 +11,11 @@ gqa, ...) and tasks found under `--include_path` directories, comma-separated.
 
 lmms-eval runs through its Python API, so every error is an error here: a one-line message and a non-zero exit
 (2 for bad input found before any model runs, 1 for a failure while evaluating). Each model's results
-(lmms-eval's results JSON + the logged samples) are written to `output_dir/<NAME>/` as soon as that model is done;
-an existing result for the same model, tasks and limit is reused unless `--redo`. At the end the models are
-compared in `comparison.md`, `comparison.csv` and `comparison.png`, and the table is printed.
+(lmms-eval's results JSON + the logged samples) are written to `output_dir/<NAME>/` task by task, as soon as each
+(model, task) is done, so a failure loses only the task it happened in. A re-run reuses every finished (model, task)
+result with the same weights, limit and dtype and evaluates only the rest; `--redo` evaluates everything again.
+At the end the models are compared in `comparison.md`, `comparison.csv` and `comparison.png`, and the table is
+printed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import hashlib
 import io
 import json
 import os
@@ -33,6 +36,7 @@ from pathlib import Path
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 RESULTS_FILE = "results.json"
 SAMPLES_GLOB = "samples_*.jsonl"
+TASK_RESULTS_DIR = "tasks"  # <NAME>/tasks/<task>.json: one finished (model, task) result and its settings
 
 
 class EvalError(Exception):
@@ -72,7 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     ap.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/eval")
-    ap.add_argument("--redo", action="store_true", help="re-evaluate models whose results already exist")
+    ap.add_argument("--redo", action="store_true",
+                    help="evaluate every (model, task) again; by default finished results in --output_dir with the "
+                         "same weights, limit and dtype are reused and only the missing ones run")
     ap.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true")
     ap.add_argument("--verbosity", default="WARNING", help="lmms-eval log level (default WARNING)")
     return ap.parse_args(argv)
@@ -132,19 +138,24 @@ def run(args: argparse.Namespace) -> dict:
     all_results: dict[str, dict] = {}
     failure: EvalError | None = None
     for k, spec in enumerate(specs, 1):
-        settings = {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "tasks": tasks,
-                    "limit": args.limit, "dtype": args.dtype}
+        settings = {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "limit": args.limit,
+                    "dtype": args.dtype}
         model_dir = output_dir / spec.name
-        previous = None if args.redo else reusable(model_dir, settings)
-        if previous is not None:
-            print(f"[{k}/{len(specs)}] {spec.name}: reusing {model_dir / RESULTS_FILE} (--redo to re-evaluate)")
-            all_results[spec.name] = previous
-            continue
-        print(f"[{k}/{len(specs)}] {spec.name}: {spec.source.describe()}", flush=True)
-        try:
-            all_results[spec.name] = evaluate_model(spec, tasks, task_manager, args, settings, model_dir)
-        except EvalError as e:
-            failure = e
+        done = {} if args.redo else finished_tasks(model_dir, tasks, settings)
+        todo = [t for t in tasks if t not in done]
+        if not todo:
+            print(f"[{k}/{len(specs)}] {spec.name}: reusing {model_dir}/ (--redo to re-evaluate)")
+        else:
+            reused = f"; reusing {', '.join(done)} (--redo to re-evaluate)" if done else ""
+            print(f"[{k}/{len(specs)}] {spec.name}: {spec.source.describe()}{reused}", flush=True)
+            try:
+                evaluate_model(spec, todo, task_manager, args, settings, model_dir)
+            except EvalError as e:
+                failure = e
+        finished = finished_tasks(model_dir, tasks, settings)  # what is on disk now, this run's tasks included
+        if finished:
+            all_results[spec.name] = write_model_results(model_dir, spec, [finished[t] for t in tasks if t in finished])
+        if failure is not None:
             break
     if all_results:
         table = write_comparison(all_results, output_dir)
@@ -345,19 +356,30 @@ def fingerprint(source) -> dict[str, list[int]]:
     return {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
-def reusable(model_dir: Path, settings: dict) -> dict | None:
-    path = model_dir / RESULTS_FILE
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text())
-    except ValueError:
-        return None
-    return results if results.get("midtune", {}).get("settings") == json.loads(json.dumps(settings)) else None
+def task_results_path(model_dir: Path, task: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", task)
+    if safe != task:  # a glob or a YAML path: keep distinct requests in distinct files
+        safe += "-" + hashlib.sha256(task.encode()).hexdigest()[:8]
+    return model_dir / TASK_RESULTS_DIR / f"{safe}.json"
 
 
-def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: dict, model_dir: Path) -> dict:
-    """Load one model, run lmms-eval on it, and write its results; raises EvalError naming the model."""
+def finished_tasks(model_dir: Path, tasks: list[str], settings: dict) -> dict[str, dict]:
+    """{task: its lmms-eval results} of the requested tasks already evaluated with these settings."""
+    wanted = json.loads(json.dumps(settings))
+    done = {}
+    for task in tasks:
+        try:
+            part = json.loads(task_results_path(model_dir, task).read_text())
+        except (OSError, ValueError):
+            continue
+        if part.get("midtune", {}).get("task") == task and part["midtune"].get("settings") == wanted:
+            done[task] = part
+    return done
+
+
+def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: dict, model_dir: Path) -> None:
+    """Load one model and run lmms-eval on it one task at a time, writing each task's results as it finishes;
+    raises EvalError naming the model (and the task)."""
     import torch
     from lmms_eval import evaluator
 
@@ -371,39 +393,65 @@ def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: d
     except Exception as e:  # noqa: BLE001 - any loading failure names the model
         raise EvalError(f"model {spec.name}: cannot load {spec.source.describe()!r}: {one_line(e)}", code=1) from None
     loaded = time.time() - started
+    # lmms-eval's simple_evaluate ends with lm.clean(), which deletes the model's modules; they are handed back
+    # before each task so that one loaded model serves them all.
+    modules = {name: value for name, value in vars(lm).items() if isinstance(value, torch.nn.Module)}
     try:
-        results = evaluator.simple_evaluate(
-            model=lm, tasks=tasks, limit=args.limit, batch_size=args.batch_size, device=str(lm.device),
-            log_samples=True, task_manager=manager, verbosity=args.verbosity, bootstrap_iters=1000,
-        )
-    except Exception as e:  # noqa: BLE001 - any evaluation failure names the model
-        raise EvalError(f"model {spec.name}: evaluation failed: {one_line(e)}", code=1) from None
+        for task in tasks:
+            task_started = time.time()
+            for name, value in modules.items():
+                setattr(lm, name, value)
+            try:
+                results = evaluator.simple_evaluate(
+                    model=lm, tasks=[task], limit=args.limit, batch_size=args.batch_size, device=str(lm.device),
+                    log_samples=True, task_manager=manager, verbosity=args.verbosity, bootstrap_iters=1000,
+                )
+            except Exception as e:  # noqa: BLE001 - any evaluation failure names the model and task
+                raise EvalError(f"model {spec.name}: task {task}: evaluation failed: {one_line(e)}", code=1) from None
+            if results is None:  # a non-zero rank under torchrun/accelerate: rank 0 writes
+                continue
+            samples = results.pop("samples", {})
+            results["config"]["model"] = "midtune"
+            results["config"]["model_args"] = spec.source.to_dict()
+            results["midtune"] = {"name": spec.name, "model": spec.path, "task": task, "settings": settings,
+                                  "load_time_s": round(loaded, 2), "wall_time_s": round(time.time() - task_started, 2)}
+            write_task_results(model_dir, task, results, samples)
+            print(f"    {task}: done in {time.time() - task_started:.1f}s → {model_dir}/", flush=True)
     finally:
-        del lm
+        del lm, modules
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if results is None:  # a non-zero rank under torchrun/accelerate: rank 0 writes
-        return {}
-    samples = results.pop("samples", {})
-    results["config"]["model"] = "midtune"
-    results["config"]["model_args"] = spec.source.to_dict()
-    results["midtune"] = {"name": spec.name, "model": spec.path, "settings": settings,
-                          "load_time_s": round(loaded, 2), "wall_time_s": round(time.time() - started, 2)}
-    write_model_results(model_dir, results, samples)
-    print(f"    done in {time.time() - started:.1f}s → {model_dir}/", flush=True)
-    return json.loads(json.dumps(results, default=_json_default))
 
 
-def write_model_results(model_dir: Path, results: dict, samples: dict) -> None:
-    """`<NAME>/results.json` and `<NAME>/samples_<task>.jsonl`, replacing any earlier run in one rename."""
-    from midtune.checkpoint import atomic_dir
+def write_task_results(model_dir: Path, task: str, results: dict, samples: dict) -> None:
+    """The task's samples_<subtask>.jsonl files, then `tasks/<task>.json`, each written whole or not at all; the
+    task counts as finished once its JSON is there."""
+    from midtune.checkpoint import atomic_file
 
-    with atomic_dir(model_dir) as tmp:
-        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=_json_default, ensure_ascii=False))
-        for task, rows in (samples or {}).items():
-            with open(tmp / f"samples_{task}.jsonl", "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n" for row in rows)
+    for name, rows in (samples or {}).items():
+        with atomic_file(model_dir / f"samples_{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n" for row in rows)
+    with atomic_file(task_results_path(model_dir, task)) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=_json_default, ensure_ascii=False))
+
+
+MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def write_model_results(model_dir: Path, spec: ModelSpec, parts: list[dict]) -> dict:
+    """`<NAME>/results.json`: the finished tasks' lmms-eval results as one (per-task tables merged; the rest from
+    the latest task). Returns it."""
+    from midtune.checkpoint import atomic_file
+
+    merged = json.loads(json.dumps(parts[-1], default=_json_default))
+    for key in MERGED_KEYS:
+        merged[key] = {name: value for part in parts for name, value in (part.get(key) or {}).items()}
+    merged["midtune"] = {"name": spec.name, "model": spec.path, "settings": parts[-1]["midtune"]["settings"],
+                         "tasks": {p["midtune"]["task"]: {"wall_time_s": p["midtune"]["wall_time_s"]} for p in parts}}
+    with atomic_file(model_dir / RESULTS_FILE) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2, default=_json_default, ensure_ascii=False))
+    return merged
 
 
 def _json_default(obj):
