@@ -38,6 +38,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", help="pairs JSONL: {id, image, caption, labels}")
     p.add_argument("--image-folder", help="folder the pairs' images are relative to (default: <pairs dir>/images)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths (absolute, or with ..) that lead outside the image folder")
     p.add_argument("--k", type=int, default=30, help="neighbours for the overlaps (default 30; needs k + 2 pairs)")
     p.add_argument("--label", default="dominant_color", help="label of the probe and label overlap")
     p.add_argument("--max-pairs", type=int, help="use only the first N pairs")
@@ -141,7 +143,8 @@ def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
                                        batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype)
     extract_settings.check()
     # Everything that can be checked without a model is checked first.
-    pairs = read_pairs(args.pairs, args.image_folder, label=args.label, max_pairs=args.max_pairs)
+    pairs = read_pairs(args.pairs, args.image_folder, label=args.label, max_pairs=args.max_pairs,
+                       allow_outside_images=args.allow_outside_images)
     settings.check(len(pairs))
     named = [parse_model_arg(m) for m in models]
     names = [n for n, _ in named]

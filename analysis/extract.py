@@ -80,9 +80,10 @@ class Pair:
 
 
 def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, label: str | None = None,
-               max_pairs: int | None = None, min_pairs: int = 1) -> list[Pair]:
-    """The rows of a pairs JSONL file, checked: every row parses and has id/image/caption, every image exists,
-    `label` (if given) is in every row's `labels`, and at least `min_pairs` rows remain after `max_pairs`.
+               max_pairs: int | None = None, min_pairs: int = 1, allow_outside_images: bool = False) -> list[Pair]:
+    """The rows of a pairs JSONL file, checked: every row parses and has id/image/caption, every image exists
+    inside the image folder (unless `allow_outside_images`), `label` (if given) is in every row's `labels`, and at
+    least `min_pairs` rows remain after `max_pairs`.
 
     `image_folder` defaults to `<pairs dir>/images`. Raises AnalysisError naming the file, row and problem."""
     path = Path(path)
@@ -118,6 +119,9 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
                 have = ", ".join(sorted(labels)) or "none"
                 raise AnalysisError(f"{where} (id={row['id']!r}): no label {label!r} (this row has: {have})")
             image = (folder / row["image"]).resolve()
+            if not allow_outside_images and not image.is_relative_to(folder.resolve()):
+                raise AnalysisError(f"{where} (id={row['id']!r}): image path {row['image']!r} escapes the image "
+                                    f"folder {str(folder)!r} (--allow-outside-images permits it)")
             if not image.is_file():
                 missing.append(f"line {lineno} (id={row['id']!r}): {image}")
             pairs.append(Pair(row["id"], image, row["caption"], {k: str(v) for k, v in labels.items()}))

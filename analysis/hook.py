@@ -79,7 +79,8 @@ class AnalysisHook:
             if getattr(a, key) < 1:
                 raise ConfigError(f"key 'analysis.{key}': must be >= 1, got {getattr(a, key)}")
         try:
-            pairs = read_pairs(a.pairs, a.image_folder, label=a.label, max_pairs=a.max_pairs)
+            pairs = read_pairs(a.pairs, a.image_folder, label=a.label, max_pairs=a.max_pairs,
+                               allow_outside_images=config.allow_outside_images)
             ProfileSettings(k=a.k).check(len(pairs))
         except AnalysisError as e:
             raise ConfigError(f"key 'analysis.pairs': {e}") from None
@@ -149,6 +150,8 @@ class AnalysisHook:
             cmd += ["--lora-scale", repr(c.lora.alpha / c.lora.r)]
         if c.trust_remote_code:
             cmd.append("--trust-remote-code")
+        if c.allow_outside_images:
+            cmd.append("--allow-outside-images")
         return cmd
 
     def _start_next(self) -> None:
