@@ -405,7 +405,7 @@ def nonfinite_error(accelerator, config: TrainConfig, dataset, window, step: int
     ids, what = offending_samples(accelerator, window)
     checkpoints = checkpoint_dirs(output_dir)
     kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint had been saved yet"
-    why = (f"{len(skipped_steps)} steps were already dropped (max_nan_skips={config.max_nan_skips})"
+    why = (f"already dropped {len(skipped_steps)} step(s), max_nan_skips={config.max_nan_skips}"
            if config.on_nan_loss == "skip" else "on_nan_loss=error; 'skip' drops such steps")
     return NonFiniteLoss(f"non-finite {what} in step {step + 1}, on the batch of samples "
                          f"{describe_samples(dataset, ids)}: stopped before updating the weights ({why}); "
