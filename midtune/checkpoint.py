@@ -51,14 +51,26 @@ def load_pretrained(path: str, dtype: str | torch.dtype = "float32", trust_remot
     local = Path(path)
     if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
         raise CheckpointError(f"model {path!r}: no such model directory (expected a config.json in it)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from safetensors import SafetensorError
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"model {path!r}: cannot read its config: {_first_line(e)}") from None
     family = family_for_config(config)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = model_class(family).from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map
-    )
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        model = model_class(family).from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map
+        )
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or mismatched files
+        raise CheckpointError(f"model {path!r}: cannot load it: {type(e).__name__}: {_first_line(e)}") from None
     return model, processor
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def weight_files(path: str) -> list[Path]:

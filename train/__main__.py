@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from midtune.adapters import family_of, unwrap
+from midtune.adapters import UnsupportedModelError, family_of, unwrap
 from midtune.checkpoint import CheckpointError, atomic_dir, base_hash, load_pretrained, load_with_delta, save_delta
 from midtune.data import Collator, DataError, SupervisedDataset
 from midtune.spec import FreezePlan, SpecError, TrainableSpec, resolve_layers, resolve_plan
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         train(config)
-    except (ConfigError, SpecError, DataError, CheckpointError, UserError) as e:
+    except (ConfigError, SpecError, DataError, CheckpointError, UnsupportedModelError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingStopped, CheckpointSaveError) as e:

@@ -19,6 +19,7 @@ new one is in place.
 from __future__ import annotations
 
 import json
+import pickle  # only for the exception torch.load raises on a refused file
 import random
 import re
 import shutil
@@ -162,7 +163,11 @@ def read_torch_state(path: Path) -> dict:
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing from the checkpoint") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, refused global: all one message
+    except pickle.UnpicklingError as e:  # what the restricted unpickler refused, in torch's words
+        detail = next((line.strip() for line in str(e).splitlines() if "nsupported" in line), str(e).splitlines()[0])
+        raise CheckpointError(f"{path}: refused to load: it holds Python objects that no checkpoint contains "
+                              f"({detail}); it was not written by midtune or has been altered") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0]})") from None
 
 

@@ -144,10 +144,28 @@ def _valid_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# The names other trainers (Hugging Face Trainer, LLaVA's scripts) give to settings midtune names differently:
+# spelling is no guide from these to ours.
+FOREIGN_KEYS = {
+    "learning_rate": "optim.lr", "lr_scheduler_type": "optim.scheduler", "lr_scheduler": "optim.scheduler",
+    "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio", "warmup_steps": "optim.warmup_steps",
+    "max_grad_norm": "optim.max_grad_norm", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "model_name_or_path": "model", "data_path": "data",
+    "model_max_length": "max_length", "bf16": "mixed_precision", "fp16": "mixed_precision",
+    "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+}
+
+
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     valid = _valid_keys()
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(k for k in valid if '.' not in k)}"
+    known = FOREIGN_KEYS.get(key.rsplit(".", 1)[-1])
+    if known:
+        hint = f"; did you mean {known!r}?"
+    elif close:
+        hint = f"; did you mean {close[0]!r}?"
+    else:
+        hint = f"; valid keys: {', '.join(k for k in valid if '.' not in k)}"
     return ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
@@ -175,8 +193,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             loaded = OmegaConf.load(path)  # YAML safe_load underneath
-        except Exception as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except Exception as e:  # noqa: BLE001 - yaml's errors, and OmegaConf's for what YAML allows but it does not
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or _first_line(e)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
         layers.append((str(path), loaded))
