@@ -188,7 +188,7 @@ CASES = [
     Case("image-cut-by-max-length", "train", lambda e: e.train(max_length=8, on_image_truncation="error"),
          ("{world}/train.json: row 0 (id='train_000000'):", "exceed max_length=8",
           "truncation would cut through image tokens")),
-    # -- configs -------------------------------------------------------------------------------------------
+    # -- configs, the run directory, models ----------------------------------------------------------------
     Case("config-file-missing", "train", lambda e: ["--config", str(e.dir / "run.yaml")],
          ("config file '{dir}/run.yaml' does not exist",)),
     Case("config-not-yaml", "train", lambda e: ["--config", str(e.write("run.yaml", "model: [unclosed\n"))],
