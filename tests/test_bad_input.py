@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -253,7 +253,8 @@ CASES = [
          ("delta '{dir}/delta.safetensors' does not exist",)),
     Case("eval-model-missing", "eval", lambda e: e.eval("--model", f"a={e.dir / 'no-run' / 'final'}"),
          ("model a: checkpoint directory '{dir}/no-run/final' does not exist",), cli=True),
-    Case("eval-delta-not-safetensors", "eval", lambda e: e.eval("--model", f"a={e.write('delta.safetensors', b'garbage')}"),
+    Case("eval-delta-not-safetensors", "eval",
+         lambda e: e.eval("--model", f"a={e.write('delta.safetensors', b'garbage')}"),
          ("model a: delta '{dir}/delta.safetensors': not a readable safetensors file",)),
     Case("eval-safetensors-not-a-delta", "eval",
          lambda e: e.eval("--model", f"a={shutil.copy(e.model / 'model.safetensors', e.dir / 'weights.safetensors')}"),
@@ -269,7 +270,8 @@ CASES = [
     Case("pairs-no-caption", "analysis", lambda e: e.profile(e.pairs(change=without("caption"))),
          ("{dir}/pairs.jsonl: line 3: missing or empty 'caption'",)),
     Case("pairs-image-missing", "analysis", lambda e: e.profile(e.pairs(change=with_(image="test/nowhere.png"))),
-         ("{dir}/pairs.jsonl: 1 image file(s) not found", "line 3 (id='test_000002'): {world}/images/test/nowhere.png")),
+         ("{dir}/pairs.jsonl: 1 image file(s) not found",
+          "line 3 (id='test_000002'): {world}/images/test/nowhere.png")),
     Case("pairs-image-escapes", "analysis", lambda e: e.profile(e.pairs(change=with_(image="/etc/hostname"))),
          ("{dir}/pairs.jsonl: line 3 (id='test_000002'): image path '/etc/hostname' escapes the image folder",)),
     Case("pairs-label-missing", "analysis", lambda e: e.profile(e.pairs(), "--label", "mood"),

@@ -59,15 +59,17 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def start_train(args: list[str], **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+def start_train(args: list[str], stderr: Path, **env) -> subprocess.Popen:
+    """`python -m train` in the background, its stderr to a file (a pipe nobody reads could fill and block it)."""
+    with open(stderr, "w") as err:
+        return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
+                                stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
 def wait_for_first_step(metrics: Path, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not (metrics.is_file() and metrics.read_text().strip()):
-        assert proc is None or proc.poll() is None, proc.stderr.read()[-3000:]
+        assert proc is None or proc.poll() is None, "training ended before its first step"
         assert time.monotonic() < deadline, "training did not reach its first step"
         time.sleep(0.01)
 
@@ -84,10 +86,11 @@ CONSTANT_LR = {"optim.scheduler": "constant", "optim.warmup_ratio": 0, "record_s
 @pytest.mark.slow
 def test_sigterm_saves_after_the_step_and_the_printed_command_resumes_identically(world, tiny_dir, tmp_path):
     out = tmp_path / "stopped"
-    proc = start_train(overrides(world, tiny_dir("llava"), out, max_steps=1000, **CONSTANT_LR))
+    proc = start_train(overrides(world, tiny_dir("llava"), out, max_steps=1000, **CONSTANT_LR), tmp_path / "stderr")
     wait_for_first_step(out / "metrics.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    err = (tmp_path / "stderr").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     stopped = re.search(r"^stopped by SIGTERM after step (\d+); checkpoint: (.+)$", err, re.M)
     steps = int(stopped.group(1))
@@ -130,9 +133,9 @@ SAVES = {"max_steps": 6, "save_steps": 2, "save_total_limit": 0, "record_samples
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_latest_resumes_identically(world, tiny_dir, tmp_path):
     out = tmp_path / "crashed"
     args = overrides(world, tiny_dir("llava"), out, **SAVES)
-    proc = start_train(args, MIDTUNE_FAULT="checkpoint.write@2:kill")  # SIGKILL inside the second save
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    proc = start_train(args, tmp_path / "stderr", MIDTUNE_FAULT="checkpoint.write@2:kill")  # SIGKILL in 2nd save
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".checkpoint-4.tmp", "checkpoint-2", "config.yaml",
                                                     "metrics.jsonl", "samples-rank0.jsonl"]
     assert (out / ".checkpoint-4.tmp" / "trainable.safetensors").is_file()  # really cut short half-way
@@ -257,7 +260,8 @@ def test_skipped_nan_steps_are_dropped_counted_and_resume_exactly(world, poisone
     train(load_config(None, overrides(world, model, tmp_path / "resumed", resume_from="latest", **skipping)))
     assert [m["loss"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == \
         [m["loss"] for m in read_jsonl(out / "metrics.jsonl")][after:]
-    a, b = load_file(out / "final" / "delta.safetensors"), load_file(tmp_path / "resumed" / "final" / "delta.safetensors")
+    a = load_file(out / "final" / "delta.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "delta.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # past max_nan_skips it stops

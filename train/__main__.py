@@ -298,7 +298,8 @@ def train(config: TrainConfig) -> RunResult:
             epoch += 1
         progress.close()
         if samples_file:
-            samples_file.write(json.dumps({"final_weights": weights_checksum(model, trainable_names, accelerator)}) + "\n")
+            checksum = weights_checksum(model, trainable_names, accelerator)
+            samples_file.write(json.dumps({"final_weights": checksum}) + "\n")
 
         # -- final outputs --------------------------------------------------------------------------------
         checkpoint(step)

@@ -65,7 +65,8 @@ def resolve_resume(resume_from: str, output_dir: Path) -> Path:
 
 def remove_interrupted_saves(output_dir: Path) -> list[Path]:
     """Delete what saves cut short by a crash left behind (`.checkpoint-N.tmp`, `.final.tmp-PID`, ...)."""
-    leftovers = [d for d in Path(output_dir).glob(".*") if re.fullmatch(r"\.(checkpoint-\d+|final)\.(tmp|old)(-\d+)?", d.name)]
+    pattern = re.compile(r"\.(checkpoint-\d+|final)\.(tmp|old)(-\d+)?")
+    leftovers = [d for d in Path(output_dir).glob(".*") if pattern.fullmatch(d.name)]
     for d in leftovers:
         shutil.rmtree(d, ignore_errors=True)
     return leftovers
@@ -148,7 +149,8 @@ def _write_checkpoint_files(accelerator, model, optimizer, scheduler, trainable_
         accelerator.save_state(str(tmp))
     elif accelerator.is_main_process:
         params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
-        save_file({n: params[n].detach().cpu().contiguous() for n in trainable_names}, str(tmp / "trainable.safetensors"))
+        tensors = {n: params[n].detach().cpu().contiguous() for n in trainable_names}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
         fault_point("checkpoint.write")  # tests: a crash or a full disk half-way through a save
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if accelerator.is_main_process:  # stepped by hand, so no engine saves it for us

@@ -196,7 +196,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         except Exception as e:  # noqa: BLE001 - yaml's errors, and OmegaConf's for what YAML allows but it does not
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or _first_line(e)}") from None
+            reason = getattr(e, "problem", None) or _first_line(e)
+            raise ConfigError(f"{path}: not valid YAML{where}: {reason}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
         layers.append((str(path), loaded))
