@@ -233,7 +233,7 @@ def train(config: TrainConfig) -> RunResult:
             for batch in batches:
                 sample_ids = batch.pop("sample_ids")
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**batch, use_cache=False).loss  # no KV cache while training
                     window.append((sample_ids, loss.detach()))
                     # DeepSpeed's engine updates inside backward: a bad loss must be caught before it
                     if deepspeed and not all_ranks_ok(accelerator, bool(torch.isfinite(loss))):
