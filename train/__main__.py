@@ -41,6 +41,7 @@ from train.backward_cut import setup_checkpointing
 from train.checkpoints import (CheckpointSaveError, all_ranks_ok, checkpoint_dirs, load_checkpoint,
                                remove_interrupted_saves, resolve_resume, save_checkpoint)
 from train.config import ConfigError, TrainConfig, load_config, plain, to_dict, to_yaml
+from train.memory import Memory
 
 log = logging.getLogger("midtune.train")
 RUN_FILES = ("run.json", "metrics.jsonl", "config.yaml", "final", "logs", "analysis")
@@ -221,6 +222,8 @@ def train(config: TrainConfig) -> RunResult:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=total_steps, initial=step, disable=not main_process, desc="train", unit="step")
+    memory = Memory(str(accelerator.device))
+    memory.mark()  # what the loop adds to the loaded model: gradients, optimizer state, activations
     step_start = time.perf_counter()
     metrics_file = open(output_dir / "metrics.jsonl", "a") if main_process else None
     samples_file = open(samples_path, "a") if config.record_samples else None
@@ -297,6 +300,7 @@ def train(config: TrainConfig) -> RunResult:
                     break
             epoch += 1
         progress.close()
+        training_memory_mb = (memory.peak() - memory.base) / 2**20
         if samples_file:
             checksum = weights_checksum(model, trainable_names, accelerator)
             samples_file.write(json.dumps({"final_weights": checksum}) + "\n")
@@ -336,6 +340,7 @@ def train(config: TrainConfig) -> RunResult:
         "median_step_time_s": statistics.median(step_times) if step_times else None,
         "tokens_per_s": tokens_total / sum(step_times) if step_times else None,
         "peak_memory_mb": peak_memory_mb(),
+        "peak_training_memory_mb": training_memory_mb,  # peak above the loaded model, during the loop
         "final": str(final),
         "versions": versions(),
     }

@@ -36,11 +36,9 @@ section to BENCHMARKS.md (``--output`` elsewhere, ``--no-record`` to skip)::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -50,6 +48,8 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
+
+from train.memory import Memory
 
 # -------------------------------------------------------------------------------------------------------------
 # Presets and configurations
@@ -302,45 +302,6 @@ def make_batch(preset: Preset, seed: int, dtype) -> dict:
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
              "pixel_values": pixel_values.to(dtype)}
     return {k: v.to(preset.device) for k, v in batch.items()}
-
-
-class Memory:
-    """Peak memory since `mark()`: CUDA allocator peak, or on CPU the kernel's peak RSS (VmHWM) after a reset."""
-
-    def __init__(self, device: str):
-        self.cuda = device.startswith("cuda")
-        self.start = self.current()
-
-    @staticmethod
-    def _status(key: str) -> int:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-        return int(m.group(1)) * 1024
-
-    def current(self) -> int:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return self._status("VmRSS")
-
-    def mark(self) -> None:
-        import torch
-
-        gc.collect()
-        self.base = self.current()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-    def peak(self) -> int:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return self._status("VmHWM")
 
 
 def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
