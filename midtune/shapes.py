@@ -332,7 +332,18 @@ def conversation_questions(scene: Scene, rng: np.random.Generator, alt: bool) ->
         exists_question(scene, rng, positive=bool(rng.random() < 0.5), alt=alt),
     ]
     qs = [q for q in qs if q is not None]
-    return [qs[i] for i in rng.permutation(len(qs))]
+    kept: list[dict] = []
+    for q in (qs[i] for i in rng.permutation(len(qs))):
+        if not any(_gives_away(q, other) or _gives_away(other, q) for other in kept):
+            kept.append(q)
+    return kept
+
+
+def _gives_away(q: dict, other: dict) -> bool:
+    """Whether `other`'s question text contains `q`'s answer ("what shape is the purple object?" gives away
+    "what color is the triangle?" → purple). Packed into one conversation, such a pair teaches the model to copy
+    answers from the context instead of reading the image."""
+    return q["answer"] in other["question"].rstrip("?").split()
 
 
 def llava_row(sample_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
