@@ -1,0 +1,113 @@
+"""The demo's stage reuse and its report's verdicts (the full demo runs with `make demo`; a quick version of the
+whole pipeline runs here as a slow test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from midtune import demo, report
+
+
+def _acc(color, shape, count, position, exists):
+    a = dict(color=color, shape=shape, count=count, position=position, exists=exists)
+    a["mean"] = sum(a.values()) / 5
+    return a
+
+
+def _run(step_s, wall_s, peak_mb, trainable):
+    return {"step_s": step_s, "wall_s": wall_s, "peak_mb": peak_mb, "trainable": trainable, "total": 2_000_000,
+            "steps": 150}
+
+
+RUNS = {"full": _run(0.30, 50.0, 1000.0, 1_600_000), "middle": _run(0.21, 36.0, 900.0, 800_000)}
+
+
+def test_verdicts_report_a_reproduced_claim_with_measured_ratios():
+    acc = {"base": _acc(20, 30, 25, 25, 50), "full": _acc(90, 95, 80, 60, 85),
+           "middle": _acc(89, 95, 79, 59, 85)}
+    lines = report.verdicts(acc, RUNS, None)
+    text = "\n".join(lines)
+    assert "full fine-tuning beats the base by ≥ 10 points on count and position" in text
+    assert "Middle block: -0.6 points vs full (the mean over color, shape, count, position, exists; all five: -0.6)" in text
+    assert "0.70× the median step time" in text and "0.72× the training wall time" in text
+    assert "0.90× the training memory" in text and "0.50× the parameters" in text
+    assert "reproduced in the miniature" in text and "NOT" not in text
+    assert "30% less time per step" in text
+
+
+def test_verdicts_say_plainly_when_the_miniature_does_not_reproduce():
+    acc = {"base": _acc(20, 30, 25, 25, 50), "full": _acc(90, 95, 80, 30, 85),
+           "middle": _acc(70, 90, 60, 28, 80)}
+    slower = {"full": RUNS["full"], "middle": _run(0.33, 55.0, 1000.0, 800_000)}
+    text = "\n".join(report.verdicts(acc, slower, None))
+    assert "does not beat the base by ≥ 10 points on position" in text
+    assert "NOT reproduced in the miniature — the middle block is 12.5 points below full" in text
+    assert "largest gap: color -20.0" in text and "all five: -10.4" in text
+    assert "Cost claim (cheaper to train): NOT reproduced" in text
+
+
+def test_the_claim_is_not_judged_when_full_fine_tuning_learned_nothing():
+    acc = {name: _acc(20, 33, 25, 25, 50) for name in ("base", "full", "middle")}
+    text = "\n".join(report.verdicts(acc, RUNS, None))
+    assert "cannot be tested here — full fine-tuning learned no question type" in text
+    assert "reproduced in the miniature" not in text
+
+
+def test_geometry_verdict_finds_the_layer_where_overlap_grew_most():
+    layers = range(9)  # 8 decoder layers + embeddings
+    base = {layer: {"vt_overlap": 0.1} for layer in layers}
+    full = {layer: {"vt_overlap": 0.1 + (0.3 if layer == 4 else 0.0)} for layer in layers}
+    middle = {layer: {"vt_overlap": 0.1 + (0.2 if layer == 7 else 0.0)} for layer in layers}
+    lines = report.geometry_verdicts({"profiles": {"base": base, "full": full, "middle": middle}})
+    assert "grows most at hidden state 4 (+0.300; the middle third of the 8 decoder layers)" in lines[0]
+    assert "hidden state 7 (+0.200; the last third" in lines[1]
+    assert "4 (full)" in lines[2] and "7 (middle)" in lines[2]
+
+
+def test_a_stage_is_reused_only_with_the_same_parameters(tmp_path, capsys):
+    calls = []
+
+    def run(out):
+        calls.append(out)
+        out.mkdir(parents=True)
+        (out / "made").write_text("x")
+
+    out = tmp_path / "s"
+    demo.stage("s", out, {"a": 1}, False, run)
+    demo.stage("s", out, {"a": 1}, False, run)
+    assert len(calls) == 1 and "reusing" in capsys.readouterr().out
+    demo.stage("s", out, {"a": 2}, False, run)  # changed parameters: redone
+    demo.stage("s", out, {"a": 2}, True, run)  # --force: redone
+    assert len(calls) == 3
+
+
+def test_a_stage_cut_short_is_redone(tmp_path):
+    out = tmp_path / "s"
+
+    def crash(out):
+        out.mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        demo.stage("s", out, {"a": 1}, False, crash)
+    assert not (out / ".midtune-stage.json").exists()
+    demo.stage("s", out, {"a": 1}, False, lambda o: o.mkdir(parents=True))
+    assert json.loads((out / ".midtune-stage.json").read_text()) == {"a": 1}
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report(tmp_path, monkeypatch):
+    """The whole pipeline — world, base, stages A/B/C twice, lmms-eval, analysis, report — with a few steps per
+    stage and a few questions per task: checks the wiring, not the learning (that is `make demo`)."""
+    out = tmp_path / "demo"
+    demo.main(["--out", str(out), "--quick"])
+    md = (out / "report.md").read_text()
+    for model in ("base", "full", "middle"):
+        assert f"| {model} |" in md
+    assert "Middle block:" in md and "Paper's claim" in md
+    assert (out / "geometry.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000
+    marker = (out / "stage_c_full" / ".midtune-stage.json").read_text()
+    demo.main(["--out", str(out), "--quick"])  # everything reused
+    assert (out / "stage_c_full" / ".midtune-stage.json").read_text() == marker
