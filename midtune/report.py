@@ -62,17 +62,18 @@ def verdicts(acc: dict[str, dict], runs: dict[str, dict], geometry: dict | None)
     base, full, middle = acc["base"], acc["full"], acc["middle"]
     out = []
 
-    gains = {q: full[q] - base[q] for q in QTYPES}
-    gain_text = ", ".join(f"{q} {gains[q]:+.1f}" for q in QTYPES)
+    # "Clearly beats the base" also has to clear chance: a base that answers in the wrong format scores 0.
+    gains = {q: full[q] - max(base[q], 100 * CHANCE[q]) for q in QTYPES}
+    gain_text = ", ".join(f"{q} {full[q] - base[q]:+.1f}" for q in QTYPES)
     clear = [q for q in ("count", "position") if gains[q] >= CLEAR_GAIN]
     if len(clear) == 2:
-        out.append(f"Instruction tuning works: full fine-tuning beats the base by ≥ {CLEAR_GAIN:.0f} points on count "
-                   f"and position (points per type: {gain_text}).")
+        out.append(f"Instruction tuning works: full fine-tuning beats both the base and chance by ≥ {CLEAR_GAIN:.0f} "
+                   f"points on count and position (points over the base per type: {gain_text}).")
     else:
         missing = [q for q in ("count", "position") if q not in clear]
-        out.append(f"Instruction tuning is weak here: full fine-tuning does not beat the base by ≥ {CLEAR_GAIN:.0f} "
-                   f"points on {' and '.join(missing)} (points per type: {gain_text}).")
-    above = [q for q in QTYPES if full[q] > 100 * CHANCE[q] + CLEAR_GAIN]
+        out.append(f"Instruction tuning is weak here: full fine-tuning does not beat both the base and chance by ≥ "
+                   f"{CLEAR_GAIN:.0f} points on {' and '.join(missing)} (points over the base per type: {gain_text}).")
+    above = [q for q in QTYPES if full[q] >= 100 * CHANCE[q] + CLEAR_GAIN]
     out.append(f"Full fine-tuning is ≥ {CLEAR_GAIN:.0f} points above chance on {len(above)} of 5 question types"
                + (f" ({', '.join(above)})." if above else "."))
 
@@ -127,9 +128,15 @@ def geometry_verdicts(doc: dict) -> list[str]:
             continue
         top = max(finite, key=finite.get)
         third = "first" if top <= n_decoder / 3 else "last" if top > 2 * n_decoder / 3 else "middle"
+        mean = sum(finite.values()) / len(finite)
+        if finite[top] <= 0:
+            lines.append(f"Geometry ({name} vs base): the visual↔textual overlap grows at no hidden state (mean "
+                         f"change over layers {mean:+.3f}) — unlike the paper, where instruction tuning raises it "
+                         f"in the intermediate layers.")
+            continue
         lines.append(f"Geometry ({name} vs base): the visual↔textual overlap grows most at hidden state {top} "
                      f"({finite[top]:+.3f}; the {third} third of the {n_decoder} decoder layers); "
-                     f"mean change over layers {sum(finite.values()) / len(finite):+.3f}.")
+                     f"mean change over layers {mean:+.3f}.")
     peak = {name: max(layers, key=lambda layer: _finite(profiles[name][layer]["vt_overlap"])) for name in profiles}
     lines.append("Peak visual↔textual overlap at hidden state " + ", ".join(f"{layers_at} ({name})"
                                                                        for name, layers_at in peak.items()) + ".")

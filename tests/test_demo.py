@@ -29,7 +29,7 @@ def test_verdicts_report_a_reproduced_claim_with_measured_ratios():
            "middle": _acc(89, 95, 79, 59, 85)}
     lines = report.verdicts(acc, RUNS, None)
     text = "\n".join(lines)
-    assert "full fine-tuning beats the base by ≥ 10 points on count and position" in text
+    assert "full fine-tuning beats both the base and chance by ≥ 10 points on count and position" in text
     assert "Middle block: -0.6 points vs full (the mean over color, shape, count, position, exists; all five: -0.6)" in text
     assert "0.70× the median step time" in text and "0.72× the training wall time" in text
     assert "0.90× the training memory" in text and "0.50× the parameters" in text
@@ -42,10 +42,17 @@ def test_verdicts_say_plainly_when_the_miniature_does_not_reproduce():
            "middle": _acc(70, 90, 60, 28, 80)}
     slower = {"full": RUNS["full"], "middle": _run(0.33, 55.0, 1000.0, 800_000)}
     text = "\n".join(report.verdicts(acc, slower, None))
-    assert "does not beat the base by ≥ 10 points on position" in text
+    assert "does not beat both the base and chance by ≥ 10 points on position" in text
     assert "NOT reproduced in the miniature — the middle block is 12.5 points below full" in text
     assert "largest gap: color -20.0" in text and "all five: -10.4" in text
     assert "Cost claim (cheaper to train): NOT reproduced" in text
+
+
+def test_beating_a_base_that_scores_zero_is_not_enough():
+    acc = {"base": _acc(0, 0, 0, 0, 0), "full": _acc(18, 31, 46, 26, 50), "middle": _acc(18, 31, 51, 23, 50)}
+    text = "\n".join(report.verdicts(acc, RUNS, None))
+    assert "does not beat both the base and chance by ≥ 10 points on position" in text
+    assert "above chance on 1 of 5 question types (count)" in text
 
 
 def test_the_claim_is_not_judged_when_full_fine_tuning_learned_nothing():
@@ -111,3 +118,12 @@ def test_quick_demo_writes_the_report(tmp_path, monkeypatch):
     marker = (out / "stage_c_full" / ".midtune-stage.json").read_text()
     demo.main(["--out", str(out), "--quick"])  # everything reused
     assert (out / "stage_c_full" / ".midtune-stage.json").read_text() == marker
+
+
+def test_geometry_verdict_says_when_overlap_grows_nowhere():
+    layers = range(9)
+    base = {layer: {"vt_overlap": 0.24} for layer in layers}
+    lower = {layer: {"vt_overlap": 0.20} for layer in layers}
+    lines = report.geometry_verdicts({"profiles": {"base": base, "full": lower, "middle": base}})
+    assert "(full vs base): the visual↔textual overlap grows at no hidden state (mean change over layers -0.040)" \
+        in lines[0]
