@@ -114,7 +114,8 @@ def test_jsonl_and_datasets_on_disk(world, tiny_dir, tmp_path):
 
 def test_truncation_never_cuts_image_tokens(world, tiny_dir, tmp_path):
     processor = processor_of(tiny_dir, "llava")
-    rows = json.loads((world / "train.json").read_text())[:3]
+    # multi-turn rows, so that cutting the last 10 tokens still leaves an answer
+    rows = [r for r in json.loads((world / "train.json").read_text()) if len(r["conversations"]) >= 6][:3]
     # image first: 64 image tokens start at ~3; max_length 40 would cut through them
     path = write_json(tmp_path / "rows.json", rows)
     ds_kw = dict(image_folder=world / "images")
