@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -34,6 +32,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from analysis.geometry import Neighbours, knn, neighborhood_overlap, twonn
+from midtune.machine import machine_info
 
 # Runs inside the DADApy interpreter: its usual calls, neighbours computed once per representation.
 DADAPY_SCRIPT = """
@@ -96,29 +95,6 @@ def run_dadapy(python: str, a, b, k):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000, help="points per representation")
@@ -130,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-record", action="store_true", help="print only")
     args = parser.parse_args(argv)
 
-    info = machine_info()
+    info = machine_info(torch_threads=torch.get_num_threads(), numpy=np.__version__, sklearn=sklearn.__version__)
     a, b = make_data(args.n, args.dim, args.seed)
     print(f"data: A, B = {args.n} x {args.dim} float32, k = {args.k}; machine: {info}", flush=True)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+from midtune.machine import machine_info
 from train.memory import Memory
 
 # -------------------------------------------------------------------------------------------------------------
@@ -553,34 +553,6 @@ def goals(rows: list[dict], preset: Preset) -> list[str]:
     return out
 
 
-def machine_info(device: str, threads: int) -> dict:
-    import peft
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": threads,
-        "gpu": gpu,
-        "device": device,
-        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
-
-
 def record(path: Path, preset: Preset, rows: list[dict], goal_lines: list[str], info: dict, command: str,
            block: range, wall: float) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -665,7 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    info = machine_info(preset.device, args.threads)
+    import peft
+    import transformers
+
+    info = machine_info(torch_threads=args.threads, device=preset.device, transformers=transformers.__version__,
+                        peft=peft.__version__)
     block = block_layers(preset)
     from train.config import LoraConfig
 
