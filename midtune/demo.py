@@ -35,8 +35,6 @@ WORLD = CANONICAL
 BASE = dict(family="llava", layers=8, hidden=128, heads=4, kv_heads=2, vision_layers=2, vision_hidden=64,
             vision_heads=4, patch_size=16)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
-QTYPES = ("color", "shape", "count", "position", "exists")
-MODELS = ("base", "full", "middle")  # base = the model after stage B, before instruction tuning
 EVAL_TASKS = "midtune_shapes"
 # --quick (the test suite's check of the wiring): a small world, a few steps per stage, a few questions per task.
 QUICK = dict(world=dict(n_train=200, n_val=10, n_test=60), train=["max_steps=3", "batch_size=8"],
@@ -110,18 +108,19 @@ def main(argv: list[str] | None = None) -> None:
                     [world / "corpus.jsonl", world / "scenes_in_words.json"], [base], args.force, train_extra)
     b = train_stage("stage_b", root, "stage_b_align.yaml", a / "final", [world / "captions_train.json"], [a],
                     args.force, train_extra)
-    full = train_stage("stage_c_full", root, "stage_c_full.yaml", b / "final", [world / "train.json"], [b], args.force, train_extra)
+    full = train_stage("stage_c_full", root, "stage_c_full.yaml", b / "final", [world / "train.json"], [b],
+                       args.force, train_extra)
     middle = train_stage("stage_c_middle", root, "stage_c_middle.yaml", b / "final", [world / "train.json"], [b],
                          args.force, train_extra)
     finals = {"base": b / "final", "full": full / "final", "middle": middle / "final"}
 
     model_args = [f"--model={name}={path}" for name, path in finals.items()]
-    evaluated = stage("eval", root / "eval", {"tasks": EVAL_TASKS, "extra": eval_extra, "after": fingerprint(
-        *(p / ".midtune-stage.json" for p in (b, full, middle)))}, args.force,
+    models_done = fingerprint(*(p / ".midtune-stage.json" for p in (b, full, middle)))
+    evaluated = stage("eval", root / "eval", {"tasks": EVAL_TASKS, "extra": eval_extra, "after": models_done},
+                      args.force,
         lambda out: command([sys.executable, "-m", "eval", *model_args, "--tasks", EVAL_TASKS,
                              "--batch-size", "64", "--output_dir", str(out), *eval_extra]))
-    analysed = stage("analysis", root / "analysis", {"after": fingerprint(
-        *(p / ".midtune-stage.json" for p in (b, full, middle)))}, args.force,
+    analysed = stage("analysis", root / "analysis", {"after": models_done}, args.force,
         lambda out: command([sys.executable, "-m", "analysis", "profile", *model_args,
                              "--pairs", str(world / "pairs.jsonl"),
                              "--batch-size", "64", "--out", str(out)]))

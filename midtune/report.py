@@ -11,7 +11,8 @@ import math
 import shutil
 from pathlib import Path
 
-QTYPES = ("color", "shape", "count", "position", "exists")
+from midtune.shapes import QTYPES
+
 # A model answering at random among the choices the world allows (exists is balanced yes/no).
 CHANCE = {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 4, "exists": 1 / 2}
 CLEAR_GAIN = 10.0  # points: "clearly beats" means at least this much better
@@ -29,9 +30,9 @@ def load_accuracy(eval_dir: Path, name: str) -> dict[str, float]:
 
 def load_run(run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
-    return {"wall_s": run["wall_time_s"], "step_s": run["median_step_time_s"], "peak_mb": run["peak_training_memory_mb"],
-            "trainable": run["parameters"]["trainable"], "total": run["parameters"]["total"], "steps": run["steps"],
-            "layers": run["plan"].get("llm_layers") if isinstance(run.get("plan"), dict) else None}
+    return {"wall_s": run["wall_time_s"], "step_s": run["median_step_time_s"],
+            "peak_mb": run["peak_training_memory_mb"], "trainable": run["parameters"]["trainable"],
+            "total": run["parameters"]["total"], "steps": run["steps"]}
 
 
 def _pct(x: float) -> str:
@@ -164,8 +165,8 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
     world_info = json.loads((world / "world.json").read_text())
     config = json.loads((stages["base"] / "final" / "config.json").read_text())
     text = config["text_config"]
-    n_test = {q: c for q, c in world_info["counts"].get("test", {}).items()} if isinstance(
-        world_info["counts"].get("test"), dict) else None
+    n_samples = json.loads((eval_dir / next(iter(stages)) / "results.json").read_text())["n-samples"]
+    n_test = {q: n_samples[f"midtune_shapes_{q}"]["effective"] for q in QTYPES}
 
     md = [
         "# midtune demo: middle block vs full fine-tuning, in miniature",
@@ -176,7 +177,7 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
         f"instruction tuning ({runs['full']['steps']} steps, same data, seed and schedule) of the whole LLM (**full**) "
         f"or of the middle half of its layers only (**middle**). **base** is the model after stage B. Accuracy on "
         f"the world's test questions, scored through lmms-eval (`midtune_shapes`, greedy answers, exact match)"
-        + (f"; questions per type: {', '.join(f'{q} {n}' for q, n in n_test.items())}" if n_test else "") + ".",
+        f"; questions per type: {', '.join(f'{q} {n}' for q, n in n_test.items())}.",
         "",
         "## Accuracy (%) and training cost",
         "",
@@ -210,7 +211,8 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
         "",
         "## Files",
         "",
-        "`world/` the shapes world · `base/` the untrained tiny model · `stage_a/`, `stage_b/`, `stage_c_full/`, `stage_c_middle/` "
+        "`world/` the shapes world · `base/` the untrained tiny model · `stage_a/`, `stage_b/`, `stage_c_full/`, "
+        "`stage_c_middle/` "
         "training runs (each with `run.json`, `metrics.jsonl`, `config.yaml`, `final/`) · `eval/` lmms-eval results "
         "and samples per model, `comparison.md/.csv/.png` · `analysis/` profiles (JSON, CSV, PNG).",
         "",
