@@ -27,13 +27,15 @@ import sys
 import time
 from pathlib import Path
 
+from midtune import shapes
 from midtune.shapes import CANONICAL, generate_world
 from midtune.tiny import build_tiny, world_texts
 
 WORLD = CANONICAL
-# 8 LLM layers so that the "middle half" block is 4 layers (2-5); a 16 px patch is one 16 px grid cell of the world.
+# 8 LLM layers so that the "middle half" block is 4 layers (2-5). The vision tower sees the world's images at
+# their own size, so a 16 px patch is exactly one 16 px grid cell (resized to another size, patches straddle cells).
 BASE = dict(family="llava", layers=8, hidden=128, heads=4, kv_heads=2, vision_layers=2, vision_hidden=64,
-            vision_heads=4, patch_size=16)
+            vision_heads=4, patch_size=16, image_size=WORLD["image_size"])
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
 EVAL_TASKS = "midtune_shapes"
 # --quick (the test suite's check of the wiring): a small world, a few steps per stage, a few questions per task.
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     train_extra = QUICK["train"] if args.quick else []
     eval_extra = QUICK["eval"] if args.quick else []
 
-    world = stage("world", root / "world", world_args, args.force, lambda out: generate_world(out, **world_args))
-    base = stage("base", root / "base", {**BASE, "world": world_args}, args.force,
+    # The world is redone when its generator changes (new files, new questions), and everything after it with it.
+    world = stage("world", root / "world", {**world_args, "generator": fingerprint(Path(shapes.__file__))},
+                  args.force, lambda out: generate_world(out, **world_args))
+    base = stage("base", root / "base", {**BASE, "world": fingerprint(world / ".midtune-stage.json")}, args.force,
                  lambda out: build_tiny(BASE["family"], out, world_texts(world),
                                         **{k: v for k, v in BASE.items() if k != "family"}))
 
-    a = train_stage("stage_a", root, "stage_a_text.yaml", base,
-                    [world / "corpus.jsonl", world / "scenes_in_words.json"], [base], args.force, train_extra)
+    text_data = [world / "corpus.jsonl", world / "scenes_in_words.json", world / "questions_in_words.json"]
+    a = train_stage("stage_a", root, "stage_a_text.yaml", base, text_data, [base], args.force, train_extra)
     b = train_stage("stage_b", root, "stage_b_align.yaml", a / "final", [world / "captions_train.json"], [a],
                     args.force, train_extra)
     full = train_stage("stage_c_full", root, "stage_c_full.yaml", b / "final", [world / "train.json"], [b],

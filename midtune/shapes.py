@@ -17,6 +17,7 @@ Output layout under DIR (image paths inside the JSON files are relative to DIR/i
     pairs.jsonl                          test image + caption + labels, for geometry analysis
     corpus.jsonl                         text-only corpus for language pretraining
     scenes_in_words.json                 text-only conversations: a scene as one word per grid cell -> its caption
+    questions_in_words.json              text-only conversations: a scene in cell words -> the train questions' answers
     world.json                           summary of all of the above
 """
 
@@ -575,6 +576,21 @@ def generate_world(
             {"from": "gpt", "value": caption(scene, grid)}]})
     _write_json(out / "scenes_in_words.json", scenes_in_words)
     files["scenes_in_words.json"] = len(scenes_in_words)
+
+    # --- questions in words: the train questions about a scene given in cell words, answered in the chat format.
+    # A chat LLM (Vicuna under LLaVA) already answers "blue" or "yes" as a reply; a tiny LLM that never saw those
+    # answer tokens at the start of a reply has untrained, near-identical output rows for them, and visual
+    # instruction tuning of the decoder layers alone cannot pull them apart.
+    questions_in_words = []
+    for i in range(n_train):
+        scene = sample_scene(corpus_rng, image_size, grid, max_objects)
+        turns = [(q["question"], q["answer"]) for q in conversation_questions(scene, corpus_rng, alt=True)]
+        row = llava_row(f"qwords_{i:06d}", "", turns)
+        del row["image"]
+        row["conversations"][0]["value"] = row["conversations"][0]["value"].replace("<image>", cell_words(scene, grid))
+        questions_in_words.append(row)
+    _write_json(out / "questions_in_words.json", questions_in_words)
+    files["questions_in_words.json"] = len(questions_in_words)
 
     summary = {
         "format_version": FORMAT_VERSION,
