@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from midtune import shapes
-from midtune.shapes import CANONICAL, generate_world
+from midtune.shapes import CANONICAL, generate_world, generator_hash
 from midtune.tiny import build_tiny, world_texts
 
 WORLD = CANONICAL
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_extra = QUICK["eval"] if args.quick else []
 
     # The world is redone when its generator changes (new files, new questions), and everything after it with it.
-    world = stage("world", root / "world", {**world_args, "generator": fingerprint(Path(shapes.__file__))},
+    world = stage("world", root / "world", {**world_args, "generator": generator_hash()},
                   args.force, lambda out: generate_world(out, **world_args))
     base = stage("base", root / "base", {**BASE, "world": fingerprint(world / ".midtune-stage.json")}, args.force,
                  lambda out: build_tiny(BASE["family"], out, world_texts(world),

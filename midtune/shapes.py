@@ -24,6 +24,7 @@ Output layout under DIR (image paths inside the JSON files are relative to DIR/i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -606,6 +607,11 @@ def generate_world(
     }
     _write_json(out / "world.json", summary)
     return summary
+
+
+def generator_hash() -> str:
+    """SHA-256 of this file: data written by another version of the generator is stale."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

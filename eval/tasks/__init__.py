@@ -11,12 +11,12 @@ with other arguments, or was written by a different version of `midtune/shapes.p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from midtune.shapes import CANONICAL
+
+from midtune.shapes import CANONICAL, generator_hash
 
 TASKS_DIR = Path(__file__).resolve().parent  # pass as include_path to lmms-eval's TaskManager
 SHAPES_TASK_DIR = TASKS_DIR / "midtune_shapes"
@@ -34,12 +34,6 @@ class ShapesDataError(RuntimeError):
 
 
 GENERATOR_FILE = "generator.sha256"  # hash of midtune/shapes.py that wrote the data: new generator → new data
-
-
-def generator_hash() -> str:
-    import midtune.shapes
-
-    return hashlib.sha256(Path(midtune.shapes.__file__).read_bytes()).hexdigest()
 
 
 def shapes_data_problem(data_dir: Path = SHAPES_DATA_DIR) -> str | None:
