@@ -348,14 +348,18 @@ def _gives_away(q: dict, other: dict) -> bool:
     return q["answer"] in other["question"].rstrip("?").split()
 
 
-def llava_row(sample_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
-    """LLaVA conversation row; "<image>\\n" goes only in the first human turn."""
+def conversation(turns: list[tuple[str, str]], context: str) -> list[dict]:
+    """LLaVA conversation turns; `context` (the image placeholder or a scene in words) opens the first one."""
     conversations = []
     for i, (question, answer) in enumerate(turns):
-        prefix = "<image>\n" if i == 0 else ""
-        conversations.append({"from": "human", "value": prefix + question})
+        conversations.append({"from": "human", "value": (context if i == 0 else "") + question})
         conversations.append({"from": "gpt", "value": answer})
-    return {"id": sample_id, "image": image, "conversations": conversations}
+    return conversations
+
+
+def llava_row(sample_id: str, image: str, turns: list[tuple[str, str]]) -> dict:
+    """LLaVA conversation row; "<image>\\n" goes only in the first human turn."""
+    return {"id": sample_id, "image": image, "conversations": conversation(turns, "<image>\n")}
 
 
 CAPTION_PROMPT = "Describe the image."
@@ -572,9 +576,8 @@ def generate_world(
     scenes_in_words = []
     for i in range(n_train):
         scene = sample_scene(corpus_rng, image_size, grid, max_objects)
-        scenes_in_words.append({"id": f"words_{i:06d}", "conversations": [
-            {"from": "human", "value": f"{cell_words(scene, grid)}\n{CAPTION_PROMPT}"},
-            {"from": "gpt", "value": caption(scene, grid)}]})
+        scenes_in_words.append({"id": f"words_{i:06d}", "conversations": conversation(
+            [(CAPTION_PROMPT, caption(scene, grid))], f"{cell_words(scene, grid)}\n")})
     _write_json(out / "scenes_in_words.json", scenes_in_words)
     files["scenes_in_words.json"] = len(scenes_in_words)
 
@@ -586,10 +589,8 @@ def generate_world(
     for i in range(n_train):
         scene = sample_scene(corpus_rng, image_size, grid, max_objects)
         turns = [(q["question"], q["answer"]) for q in conversation_questions(scene, corpus_rng, alt=True)]
-        row = llava_row(f"qwords_{i:06d}", "", turns)
-        del row["image"]
-        row["conversations"][0]["value"] = row["conversations"][0]["value"].replace("<image>", cell_words(scene, grid))
-        questions_in_words.append(row)
+        questions_in_words.append({"id": f"qwords_{i:06d}",
+                                   "conversations": conversation(turns, f"{cell_words(scene, grid)}\n")})
     _write_json(out / "questions_in_words.json", questions_in_words)
     files["questions_in_words.json"] = len(questions_in_words)
 
