@@ -468,9 +468,9 @@ def test_a_trained_checkpoint_scores_the_same_through_llava_hf(short_run, shapes
 
 # The recipe is still being tuned. Measured with it (200 steps, 30 s on 2 quiet CPU cores, --limit 100 on 200
 # colour questions): trained colour 0.20, untrained 0.00 (it never produces a vocabulary word). Also tried:
-# lr 5e-3 for 400 steps — one constant answer per type (colour 0.185, shape 0.32, count 0.255); before the vision tower saw the images at their own size (48 px, not resized to 64) the
-# patches straddled the grid cells, with the same constant answers.
-# The vision tower takes the world's images at their own size: one 16 px patch per 16 px grid cell.
+# lr 5e-3 for 400 steps — one constant answer per type (colour 0.185, shape 0.32, count 0.255). Before the
+# vision tower saw the images at their own size (48 px, not resized to 64) its 16 px patches straddled the grid
+# cells, with the same constant answers; now one patch is one grid cell.
 E2E_MODEL = {"layers": 3, "hidden": 96, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_hidden": 64,
              "vision_heads": 4, "patch_size": 16, "image_size": CANONICAL["image_size"]}
 E2E_TRAIN = {"trainable.layers": "all", "trainable.vision_tower": "true", "trainable.projector": "true",

@@ -109,6 +109,46 @@ def test_llava_files_well_formed(world):
             assert all(r["conversations"][0]["value"] == "<image>\nDescribe the image." for r in rows)
 
 
+def answer_from_cell_words(words: list[str], question: str) -> str:
+    """Answers a world question from a scene in cell words, independently of the generator's code."""
+    grid = int(len(words) ** 0.5)
+    objects = [(i // grid, i % grid, w) for i, w in enumerate(words) if w != "empty"]
+    kind = {w: (r, c) for r, c, w in objects}
+    if m := re.fullmatch(r"what (?:color is|is the color of) the (\w+)\?", question):
+        return next(c for c in shapes.COLOR_NAMES for _, _, w in objects if w == c + m[1])
+    if m := re.fullmatch(r"(?:what shape is the (\w+) object|which shape is (\w+))\?", question):
+        return next(s for s in shapes.SHAPES for _, _, w in objects if w == (m[1] or m[2]) + s)
+    if m := re.fullmatch(r"how many (?:(\w+) shapes are there|shapes are there|objects are in the image)\?", question):
+        return str(sum(w.startswith(m[1] or "") for _, _, w in objects))
+    if m := re.fullmatch(r"(?:is there|does the image contain) a (\w+) (\w+)\?", question):
+        return "yes" if m[1] + m[2] in kind else "no"
+    m = re.fullmatch(r"where is the (\w+) (\w+) (?:relative|compared) to the (\w+) (\w+)\?", question)
+    (r1, c1), (r2, c2) = kind[m[1] + m[2]], kind[m[3] + m[4]]
+    if abs(c1 - c2) > abs(r1 - r2):
+        return "left" if c1 < c2 else "right"
+    return "above" if r1 < r2 else "below"
+
+
+def test_questions_in_words_are_answered_by_their_scene(world):
+    rows = json.loads((world / "questions_in_words.json").read_text())
+    assert len(rows) == ARGS["n_train"]
+    cell_vocab = {"empty"} | {c + s for c in shapes.COLOR_NAMES for s in shapes.SHAPES}
+    asked = Counter()
+    for row in rows:
+        assert set(row) == {"id", "conversations"}  # text only: no image
+        turns = row["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns
+        scene_line, first_question = turns[0]["value"].split("\n")
+        words = scene_line.split()
+        assert len(words) == 9 and set(words) <= cell_vocab and set(words) != {"empty"}, scene_line
+        questions = [first_question] + [t["value"] for t in turns[2::2]]
+        for question, answer in zip(questions, [t["value"] for t in turns[1::2]]):
+            assert "<image>" not in question
+            assert answer == answer_from_cell_words(words, question), (row["id"], question, answer)
+            asked[question.split()[0]] += 1
+    assert set(asked) >= {"what", "how", "where"}, asked
+
+
 def test_test_questions_have_valid_choices_and_balanced_exists(world):
     summary = json.loads((world / "world.json").read_text())
     for qtype in shapes.QTYPES:
