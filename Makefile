@@ -6,10 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv clean
 
+# torch brings several GB of CUDA wheels: a dropped connection resumes (--resume-retries), and a failed install
+# is tried again (pip's cache keeps the wheels that already arrived) before a fresh clone is declared broken.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	for attempt in 1 2 3; do \
+	  $(BIN)/python -m pip install --quiet --resume-retries 10 -e ".[dev]" && break; \
+	  test $$attempt -lt 3 || exit 1; \
+	  echo "pip install failed (attempt $$attempt of 3), retrying in 30 s" >&2; sleep 30; \
+	done
 	touch $(STAMP)
 
 venv: $(STAMP)
