@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from midtune.shapes import CANONICAL
+from midtune.shapes import CANONICAL, COLORS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -484,7 +484,6 @@ E2E_TRAIN = {"trainable.layers": "all", "trainable.vision_tower": "false", "trai
              "optim.lr": 1e-3, "batch_size": 8, "max_steps": 600, "max_length": 192}
 E2E_LIMIT = 100
 CHANCE = {"color": 1 / 5}
-COLOUR_TEMPLATES = ("what color is the ", "what is the color of the ")
 
 
 def colour_questions_easy_first(world: Path, out: Path, easy_repeats: int = 3) -> Path:
@@ -497,9 +496,9 @@ def colour_questions_easy_first(world: Path, out: Path, easy_repeats: int = 3) -
     for row in json.loads((world / "train.json").read_text()):
         turns = row["conversations"]
         for i in range(0, len(turns), 2):
-            question = turns[i]["value"].replace("<image>", "").strip()
-            if not question.startswith(COLOUR_TEMPLATES):
+            if turns[i + 1]["value"] not in COLORS:  # only colour questions are answered with a colour
                 continue
+            question = turns[i]["value"].replace("<image>", "").strip()
             single = {"id": f"{row['id']}_q{i // 2}", "image": row["image"],
                       "conversations": [{"from": "human", "value": "<image>\n" + question}, turns[i + 1]]}
             rows += [single] * (easy_repeats if objects[row["image"]] == 1 else 1)
