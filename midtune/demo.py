@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                  lambda out: build_tiny(BASE["family"], out, world_texts(world),
                                         **{k: v for k, v in BASE.items() if k != "family"}))
 
-    text_data = [world / "corpus.jsonl", world / "scenes_in_words.json", world / "questions_in_words.json"]
+    text_data = [world / "scenes_in_words.json", world / "questions_in_words.json"]
     a = train_stage("stage_a", root, "stage_a_text.yaml", base, text_data, [base], args.force, train_extra)
     b = train_stage("stage_b", root, "stage_b_align.yaml", a / "final", [world / "captions_train.json"], [a],
                     args.force, train_extra)
