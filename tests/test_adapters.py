@@ -80,6 +80,17 @@ def test_tiny_round_trip_forward_on_a_world_image(tiny_dir, world, family):
     assert family_for_config(transformers.AutoConfig.from_pretrained(tiny_dir(family))).name == family
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_start_at_fan_in_init_not_the_hub_default(tiny_dir, family):
+    """Weights drawn with std 1/sqrt(width): the hub default 0.02 left a width-128 LLM stuck at the answer priors."""
+    _, model = load(tiny_dir, family)
+    parts = family_of(model).parts(model)
+    width = model.config.get_text_config().hidden_size
+    assert model.config.get_text_config().initializer_range == pytest.approx(width ** -0.5)
+    for weight in (parts.embeddings.weight, parts.language_layers[0].self_attn.q_proj.weight, parts.lm_head.weight):
+        assert weight.std().item() == pytest.approx(width ** -0.5, rel=0.1)
+
+
 def test_unsupported_class_lists_supported_ones():
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
