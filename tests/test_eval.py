@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from midtune.shapes import CANONICAL, COLORS
+from midtune.shapes import CANONICAL, COLORS, llava_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -490,9 +490,7 @@ def colour_questions(world: Path, out: Path) -> Path:
             if turns[i + 1]["value"] not in COLORS:  # only colour questions are answered with a colour
                 continue
             question = turns[i]["value"].replace("<image>", "").strip()
-            single = {"id": f"{row['id']}_q{i // 2}", "image": row["image"],
-                      "conversations": [{"from": "human", "value": "<image>\n" + question}, turns[i + 1]]}
-            rows.append(single)
+            rows.append(llava_row(f"{row['id']}_q{i // 2}", row["image"], [(question, turns[i + 1]["value"])]))
     assert rows, f"{world}: no colour questions in train.json"
     out.write_text(json.dumps(rows))
     return out
