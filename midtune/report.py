@@ -13,11 +13,16 @@ from pathlib import Path
 
 from midtune.shapes import QTYPES
 
-# A model answering at random among the choices the world allows (exists is balanced yes/no).
-CHANCE = {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 4, "exists": 1 / 2}
+# The canonical world's chance levels (a 3 × 3 grid, up to 4 objects); a report reads its world's own with `chance`.
+CHANCE = {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 9, "exists": 1 / 2}
 CLEAR_GAIN = 10.0  # points: "clearly beats" means at least this much better
 KEEPS_ACCURACY = 2.0  # points: the middle block "keeps full fine-tuning accuracy" within this many points
 GEOMETRY_METRICS = ("visual_id", "textual_id", "vt_overlap")
+
+
+def chance(world_info: dict) -> dict[str, float]:
+    """Accuracy of answering at random among the choices the world allows (exists is balanced yes/no)."""
+    return {q: 1 / len(world_info["question_types"][q]["choices"]) for q in QTYPES}
 
 
 def load_accuracy(eval_dir: Path, name: str) -> dict[str, float]:
@@ -43,7 +48,7 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def accuracy_table(acc: dict[str, dict], runs: dict[str, dict | None]) -> str:
+def accuracy_table(acc: dict[str, dict], runs: dict[str, dict | None], chance_of: dict = CHANCE) -> str:
     head = ["model", *QTYPES, "mean", "train wall (s)", "median step (s)", "training memory (MiB)", "trainable params"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, a in acc.items():
@@ -52,19 +57,20 @@ def accuracy_table(acc: dict[str, dict], runs: dict[str, dict | None]) -> str:
                 [f"{run['wall_s']:.1f}", f"{run['step_s']:.3f}", f"{run['peak_mb']:.0f}",
                  f"{_params(run['trainable'])} ({100 * run['trainable'] / run['total']:.0f}%)"])
         lines.append("| " + " | ".join([name, *(_pct(a[q]) for q in QTYPES), _pct(a["mean"]), *cost]) + " |")
-    chance = [100 * CHANCE[q] for q in QTYPES]
+    chance = [100 * chance_of[q] for q in QTYPES]
     lines.append("| chance | " + " | ".join(_pct(c) for c in chance) + f" | {_pct(sum(chance) / 5)} |"
                  + " |" * 4)
     return "\n".join(lines)
 
 
-def verdicts(acc: dict[str, dict], runs: dict[str, dict], geometry: dict | None) -> list[str]:
+def verdicts(acc: dict[str, dict], runs: dict[str, dict], geometry: dict | None,
+             chance_of: dict = CHANCE) -> list[str]:
     """Plain sentences computed from the numbers, including where the miniature does NOT match the paper."""
     base, full, middle = acc["base"], acc["full"], acc["middle"]
     out = []
 
     # "Clearly beats the base" also has to clear chance: a base that answers in the wrong format scores 0.
-    gains = {q: full[q] - max(base[q], 100 * CHANCE[q]) for q in QTYPES}
+    gains = {q: full[q] - max(base[q], 100 * chance_of[q]) for q in QTYPES}
     gain_text = ", ".join(f"{q} {full[q] - base[q]:+.1f}" for q in QTYPES)
     clear = [q for q in ("count", "position") if gains[q] >= CLEAR_GAIN]
     if len(clear) == 2:
@@ -74,7 +80,7 @@ def verdicts(acc: dict[str, dict], runs: dict[str, dict], geometry: dict | None)
         missing = [q for q in ("count", "position") if q not in clear]
         out.append(f"Instruction tuning is weak here: full fine-tuning does not beat both the base and chance by ≥ "
                    f"{CLEAR_GAIN:.0f} points on {' and '.join(missing)} (points over the base per type: {gain_text}).")
-    above = [q for q in QTYPES if full[q] >= 100 * CHANCE[q] + CLEAR_GAIN]
+    above = [q for q in QTYPES if full[q] >= 100 * chance_of[q] + CLEAR_GAIN]
     out.append(f"Full fine-tuning is ≥ {CLEAR_GAIN:.0f} points above chance on {len(above)} of 5 question types"
                + (f" ({', '.join(above)})." if above else "."))
 
@@ -160,9 +166,9 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
     plot_profiles(geometry["profiles"], root / "geometry.png", metrics=GEOMETRY_METRICS)
     shutil.copyfile(eval_dir / "comparison.png", root / "accuracy.png")
 
-    table = accuracy_table(acc, runs)
-    lines = verdicts(acc, runs, geometry)
     world_info = json.loads((world / "world.json").read_text())
+    table = accuracy_table(acc, runs, chance(world_info))
+    lines = verdicts(acc, runs, geometry, chance(world_info))
     config = json.loads((stages["base"] / "final" / "config.json").read_text())
     text = config["text_config"]
     n_samples = json.loads((eval_dir / next(iter(stages)) / "results.json").read_text())["n-samples"]

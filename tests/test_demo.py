@@ -38,8 +38,8 @@ def test_verdicts_report_a_reproduced_claim_with_measured_ratios():
 
 
 def test_verdicts_say_plainly_when_the_miniature_does_not_reproduce():
-    acc = {"base": _acc(20, 30, 25, 25, 50), "full": _acc(90, 95, 80, 30, 85),
-           "middle": _acc(70, 90, 60, 28, 80)}
+    acc = {"base": _acc(20, 30, 25, 25, 50), "full": _acc(90, 95, 80, 20, 85),
+           "middle": _acc(70, 90, 60, 18, 80)}
     slower = {"full": RUNS["full"], "middle": _run(0.33, 55.0, 1000.0, 800_000)}
     text = "\n".join(report.verdicts(acc, slower, None))
     assert "does not beat both the base and chance by ≥ 10 points on position" in text
@@ -49,14 +49,24 @@ def test_verdicts_say_plainly_when_the_miniature_does_not_reproduce():
 
 
 def test_beating_a_base_that_scores_zero_is_not_enough():
-    acc = {"base": _acc(0, 0, 0, 0, 0), "full": _acc(18, 31, 46, 26, 50), "middle": _acc(18, 31, 51, 23, 50)}
+    acc = {"base": _acc(0, 0, 0, 0, 0), "full": _acc(18, 31, 46, 18, 50), "middle": _acc(18, 31, 51, 23, 50)}
     text = "\n".join(report.verdicts(acc, RUNS, None))
     assert "does not beat both the base and chance by ≥ 10 points on position" in text
     assert "above chance on 1 of 5 question types (count)" in text
 
 
+def test_chance_levels_come_from_the_worlds_choices(world):
+    summary = json.loads((world / "world.json").read_text())
+    assert report.chance(summary) == {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 9, "exists": 1 / 2}
+    assert report.chance(summary) == report.CHANCE  # the test world has the canonical grid and object count
+    acc = {"base": _acc(20, 33, 25, 10, 50), "full": _acc(20, 33, 25, 30, 50), "middle": _acc(20, 33, 25, 30, 50)}
+    quarter = {**report.CHANCE, "position": 1 / 4}  # a world whose position question had four answers
+    assert "above chance on 1 of 5 question types (position)" in "\n".join(report.verdicts(acc, RUNS, None))
+    assert "above chance on 0 of 5" in "\n".join(report.verdicts(acc, RUNS, None, quarter))
+
+
 def test_the_claim_is_not_judged_when_full_fine_tuning_learned_nothing():
-    acc = {name: _acc(20, 33, 25, 25, 50) for name in ("base", "full", "middle")}
+    acc = {name: _acc(20, 33, 25, 11, 50) for name in ("base", "full", "middle")}
     text = "\n".join(report.verdicts(acc, RUNS, None))
     assert "cannot be tested here — full fine-tuning learned no question type" in text
     assert "reproduced in the miniature" not in text
