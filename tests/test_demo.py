@@ -57,7 +57,8 @@ def test_beating_a_base_that_scores_zero_is_not_enough():
 
 def test_chance_levels_come_from_the_worlds_choices(world):
     summary = json.loads((world / "world.json").read_text())
-    assert report.chance(summary) == {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 9, "exists": 1 / 2}
+    expected = {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 9, "exists": 1 / 2}
+    assert report.chance(summary) == expected
     assert report.chance(summary) == report.CHANCE  # the test world has the canonical grid and object count
     acc = {"base": _acc(20, 33, 25, 10, 50), "full": _acc(20, 33, 25, 30, 50), "middle": _acc(20, 33, 25, 30, 50)}
     quarter = {**report.CHANCE, "position": 1 / 4}  # a world whose position question had four answers
