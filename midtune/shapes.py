@@ -17,7 +17,8 @@ Output layout under DIR (image paths inside the JSON files are relative to DIR/i
     pairs.jsonl                          test image + caption + labels, for geometry analysis
     corpus.jsonl                         text-only corpus for language pretraining
     scenes_in_words.json                 text-only conversations: a scene as one word per grid cell -> its caption
-    questions_in_words.json              text-only conversations: a scene in cell words -> the train questions' answers
+    questions_in_words.json              text-only conversations: a scene in cell words -> answers to its colour,
+                                         shape and existence questions (WORD_QTYPES)
     world.json                           summary of all of the above
 """
 
