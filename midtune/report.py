@@ -167,8 +167,9 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
     shutil.copyfile(eval_dir / "comparison.png", root / "accuracy.png")
 
     world_info = json.loads((world / "world.json").read_text())
-    table = accuracy_table(acc, runs, chance(world_info))
-    lines = verdicts(acc, runs, geometry, chance(world_info))
+    chance_of = chance(world_info)
+    table = accuracy_table(acc, runs, chance_of)
+    lines = verdicts(acc, runs, geometry, chance_of)
     config = json.loads((stages["base"] / "final" / "config.json").read_text())
     text = config["text_config"]
     n_samples = json.loads((eval_dir / next(iter(stages)) / "results.json").read_text())["n-samples"]

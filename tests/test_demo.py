@@ -8,6 +8,7 @@ import json
 import pytest
 
 from midtune import demo, report
+from midtune.shapes import generate_world
 
 
 def _acc(color, shape, count, position, exists):
@@ -55,11 +56,14 @@ def test_beating_a_base_that_scores_zero_is_not_enough():
     assert "above chance on 1 of 5 question types (count)" in text
 
 
-def test_chance_levels_come_from_the_worlds_choices(world):
+def test_chance_levels_come_from_the_worlds_choices(world, tmp_path):
     summary = json.loads((world / "world.json").read_text())
     expected = {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 9, "exists": 1 / 2}
     assert report.chance(summary) == expected
     assert report.chance(summary) == report.CHANCE  # the test world has the canonical grid and object count
+    small = generate_world(tmp_path / "g2", seed=1, n_train=8, n_val=2, n_test=4, image_size=32, grid=2,
+                           max_objects=3, progress=False)
+    assert report.chance(small) == {**expected, "count": 1 / 3, "position": 1 / 4}  # 2 × 2 cells, up to 3 objects
     acc = {"base": _acc(20, 33, 25, 10, 50), "full": _acc(20, 33, 25, 30, 50), "middle": _acc(20, 33, 25, 30, 50)}
     quarter = {**report.CHANCE, "position": 1 / 4}  # a world whose position question had four answers
     assert "above chance on 1 of 5 question types (position)" in "\n".join(report.verdicts(acc, RUNS, None))
