@@ -110,7 +110,7 @@ class ImageTextKnockout:
             raise AnalysisError("knockout: the model was called without input_ids, so image positions are unknown")
         mask = kwargs["attention_mask"]
         keys = mask.shape[-1] if isinstance(mask, torch.Tensor) else hidden.shape[1]
-        if kwargs.get("past_key_values") is not None or block.shape[1:] != (hidden.shape[1], keys):
+        if uses_cache(args, kwargs) or block.shape[1:] != (hidden.shape[1], keys):
             # With a cache, later calls see only the new tokens: their block would miss the image (and
             # generated tokens would attend to it unblocked). Score whole sequences instead.
             raise AnalysisError(f"knockout: layer {index} was called with a KV cache (as in generation); "
@@ -119,6 +119,14 @@ class ImageTextKnockout:
                                                 getattr(module.config, "_attn_implementation", "sdpa"))
         self.applied += 1
         return args, kwargs
+
+
+def uses_cache(args, kwargs) -> bool:
+    """Whether a layer call carries a KV cache, found by type: transformers renamed the keyword (`past_key_values`
+    up to 5.23, `cache` from 5.24), and a decode step's sdpa mask can be None, so neither name nor shape shows it."""
+    from transformers.cache_utils import Cache
+
+    return any(isinstance(v, Cache) for v in (*args, *kwargs.values()))
 
 
 def text_to_image_block(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

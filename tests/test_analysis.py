@@ -16,7 +16,7 @@ from analysis.__main__ import main
 from analysis.extract import AnalysisError, ExtractSettings, InMemoryExtraction, extract, load_model, read_pairs, \
     resolve_model
 from analysis.geometry import GeometryWarning
-from analysis.intervene import ChoiceScorer, ImageTextKnockout, Question, read_questions
+from analysis.intervene import ChoiceScorer, ImageTextKnockout, Question, read_questions, uses_cache
 from analysis.profile import METRICS, ProfileSettings, compute_profile, read_profiles
 from analysis.suggest import suggest_block
 
@@ -292,6 +292,17 @@ def test_knockout_cuts_the_image_off(world, tiny_dir):
         assert blocked[0] != base[0] and one_layer not in (base[0], blocked[0])
         assert blocked_eager == pytest.approx(blocked[0], abs=1e-4)
     assert knockout._handles == []
+
+
+def test_knockout_sees_a_cache_under_any_keyword():
+    # transformers 5.24 renamed the layers' `past_key_values` keyword to `cache`, and the guard, which read the old
+    # name, stopped firing; a cache is recognised by its type, whatever the keyword or position
+    from transformers import DynamicCache
+
+    assert uses_cache((), {"past_key_values": DynamicCache()})
+    assert uses_cache((), {"cache": DynamicCache()})
+    assert uses_cache((torch.zeros(1), DynamicCache()), {})
+    assert not uses_cache((torch.zeros(1),), {"cache": None, "past_key_values": None, "use_cache": False})
 
 
 # ---------------------------------------------------------------------------------------------------------
