@@ -30,17 +30,20 @@ SHELL := /bin/bash
 # it does not find there (~200 lines). Those warnings only are dropped.
 QUIET_LOCAL_INDEX := sed -e "/^WARNING: Location 'file:.*' is ignored: it is neither a file nor a directory.$$/d"
 
-# uv installs the lock: from a cold cache it built this environment in 25 s where pip took 206 s (README). uv
+# uv installs the lock: from a cold cache it built this environment in 61 s where pip took 206 s (README). uv
 # itself comes first, at its locked version and hashes, through the venv's own pip; then `uv pip sync` makes
 # the environment exactly the lock (hashes checked, no resolution, anything not in the lock removed, --strict:
 # every installed package's requirements met), then midtune itself, editable, built by the locked setuptools.
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (this project's
+# machines) every process then compiled transformers & co. from source again: the tests took 15 min, not 8.
 # A dropped connection is retried by uv (UV_HTTP_RETRIES) and the whole sync up to 3 times.
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import re, sys; sys.stdout.write(re.search(r'^uv==.*?(?=^\S|\Z)', open('$(LOCK)').read(), re.M | re.S).group(0))" > $(VENV)/uv-pin.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r $(VENV)/uv-pin.txt 2>&1 | $(QUIET_LOCAL_INDEX)
 	for attempt in 1 2 3; do \
-	  UV_HTTP_RETRIES=10 $(BIN)/uv pip sync --quiet --strict --require-hashes --python $(BIN)/python $(LOCK) && break; \
+	  UV_HTTP_RETRIES=10 $(BIN)/uv pip sync --quiet --strict --require-hashes --compile-bytecode \
+	    --python $(BIN)/python $(LOCK) && break; \
 	  test $$attempt -lt 3 || exit 1; \
 	  echo "uv pip sync failed (attempt $$attempt of 3), retrying in 30 s" >&2; sleep 30; \
 	done
