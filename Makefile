@@ -24,7 +24,7 @@ PIP_CONSTRAINT_FILE = $(strip $(shell $(PYTHON) -m pip config list 2>/dev/null |
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: demo test venv lock clean
+.PHONY: demo test venv lock clean gpu-check
 
 # Machines of this project configure pip with local indexes that hold a few packages; pip warns once per package
 # it does not find there (~200 lines). Those warnings only are dropped.
@@ -59,6 +59,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	MIDTUNE_LOCK=$(abspath $(LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The prepared GPU check (.ci/gpu_check.py): at most 8 minutes on one GPU, results in runs/gpu-check/ and a
+# section appended to BENCHMARKS.md. SMOKE=1: the same steps on the CPU at tiny sizes. GPU_CHECK_PYTHON runs it
+# with another interpreter (a GPU machine's own environment; the tests' interpreter) instead of .venv.
+gpu-check: $(if $(GPU_CHECK_PYTHON),,$(STAMP))
+	$(or $(GPU_CHECK_PYTHON),$(BIN)/python) .ci/gpu_check.py $(if $(SMOKE),--smoke,) $(GPU_CHECK_ARGS)
+
 # Newest versions → $(LOCK_DIR)/requirements.lock → a fresh environment from it → the whole test suite →
 # requirements.lock replaced only when the tests pass. Any failure stops here and leaves the lock as it was. The
 # copy sits on a line of its own: make runs lines that call $(MAKE) even under `make -n`.
@@ -82,4 +88,4 @@ lock: $(STAMP)
 	@echo "requirements.lock pins the newest versions that pass the tests (git diff requirements.lock; commit it)"
 
 clean:
-	rm -rf runs/demo $(LOCK_DIR)
+	rm -rf runs/demo runs/gpu-check runs/gpu-check-smoke $(LOCK_DIR)

@@ -1,0 +1,698 @@
+#!/usr/bin/env python3
+"""The prepared GPU check: what midtune's users run (bf16 on CUDA, DeepSpeed, FSDP, lmms-eval), in minutes.
+
+    make gpu-check              # on a machine with a GPU: at most 8 minutes
+    make gpu-check SMOKE=1      # the same steps on the CPU with tiny sizes (part of the test suite)
+
+GPU time for this project comes unannounced and short, so this script exists before the GPU does and has been
+rehearsed on the CPU (SMOKE). Every step runs midtune's own commands in fresh processes, each under its own time
+limit (the whole process group is killed at the limit), so one hang costs that step only; a step that no longer
+fits the overall budget is skipped for time. The steps:
+
+1. bench     train.bench on the 1b preset in bf16 on CUDA: full / midtune block / naive block / LoRA; median
+             step time, tokens/s, peak CUDA memory (torch.cuda.max_memory_allocated) and the ratios beside the
+             analytic ones.
+2. train     a real training run through `accelerate launch` per single-GPU backend: plain, DeepSpeed ZeRO-2,
+             ZeRO-3 and FSDP2 (one process each): 4 steps with a checkpoint at step 2, then a resume from it that
+             must repeat steps 3-4's losses.
+3. eval      lmms-eval on CUDA: the midtune plugin and lmms-eval's own llava_hf on the same trained checkpoint
+             (the plain run's merged model) must give the same answers and scores on two shapes tasks.
+4. analysis  `analysis profile` on CUDA against the same on the CPU (same values), and the exact neighbour
+             search (analysis.geometry.knn) on CUDA against the CPU on 10k x 4096: same neighbours, the speed ratio.
+5. demo      `python -m midtune.demo` (what `make demo` runs) on CUDA, its wall time. It starts after the bench
+             (whose timings it would disturb) and runs beside steps 2-4, within the overall budget.
+
+Results: <out>/gpu-check.json (every figure, each step's status: passed / failed with a one-line reason /
+skipped for time) and <out>/gpu-check.md, a Markdown section naming the device, driver, torch and CUDA versions,
+which is also appended to BENCHMARKS.md (--record; SMOKE records nothing unless asked). Logs of every command
+are in <out>/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each step runs at: the GPU's sizes, or tiny ones that keep SMOKE under 4 minutes on 2 cores."""
+
+    device: str
+    budget_s: int
+    limits: dict  # seconds per step
+    bench: list  # train.bench arguments
+    world: list  # midtune.shapes arguments
+    tiny: list  # midtune.tiny arguments
+    train_steps: int
+    eval_limit: int
+    knn_points: int
+    knn_dim: int
+    profile_pairs: int
+    demo: list  # midtune.demo arguments
+    demo_min_s: int  # the demo is skipped for time with less than this left
+    jobs: int  # training backends run side by side (one GPU holds all four tiny runs)
+
+
+GPU = Sizes(
+    device="cuda", budget_s=480,
+    limits={"setup": 60, "bench": 170, "demo-start": 5, "analysis": 75, "train": 150, "eval": 90, "demo": 600},
+    bench=["--preset", "1b", "--device", "cuda", "--dtype", "bf16", "--configs", "full,midtune,naive,lora",
+           "--rounds", "2", "--steps", "10", "--warmup", "3", "--threads", "4"],  # ~17 s per worker, mostly start-up
+    world=["--n-train", "200", "--n-val", "10", "--n-test", "40"],
+    tiny=["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vision-layers", "2",
+          "--vision-hidden", "32", "--vision-heads", "4"],
+    train_steps=4, eval_limit=40, knn_points=10_000, knn_dim=4096, profile_pairs=200,
+    demo=[], demo_min_s=90, jobs=4,
+)
+SMOKE = Sizes(
+    device="cpu", budget_s=240,
+    limits={"setup": 40, "bench": 60, "demo-start": 5, "analysis": 60, "train": 150, "eval": 60, "demo": 240},
+    bench=["--preset", "smoke", "--device", "cpu", "--dtype", "fp32", "--configs", "full,midtune,naive,lora",
+           "--rounds", "1", "--threads", "1", "--in-process"],  # one process: the step's wiring, not a measurement
+    world=["--n-train", "40", "--n-val", "4", "--n-test", "12"],
+    tiny=["--layers", "4", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vision-layers", "1",
+          "--vision-hidden", "16", "--vision-heads", "2"],
+    train_steps=4, eval_limit=6, knn_points=1500, knn_dim=256, profile_pairs=40,
+    demo=["--quick"], demo_min_s=20, jobs=2,
+)
+
+BACKENDS = ("plain", "zero2", "zero3", "fsdp2")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Running commands under a limit
+# -------------------------------------------------------------------------------------------------------------
+
+
+class StepFailed(Exception):
+    """A step's failure, with the one-line reason that goes into the report."""
+
+
+class OutOfTime(Exception):
+    pass
+
+
+class Skipped(Exception):
+    """A step or backend that cannot run here, with the reason."""
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    """The line of a log that says what went wrong: the last error-looking line, else the last line."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    markers = ("Error", "error:", "Exception", "Traceback", "refused", "failed", "not supported", "No module")
+    pick = next((l for l in reversed(lines) if any(m in l for m in markers) and not l.startswith("Traceback")),
+                lines[-1] if lines else "no output")
+    return pick if len(pick) <= limit else pick[: limit - 1] + "…"
+
+
+class Clock:
+    def __init__(self, budget_s: float):
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start `cmd` in its own process group (so that a limit kills accelerate's workers too), output to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("w") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=full_env,
+                                start_new_session=True)
+    proc.log, proc.started = log, time.monotonic()  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for a started command; its output is returned. Past `timeout` the whole group is killed and OutOfTime
+    raised; a non-zero exit raises StepFailed with the log's telling line."""
+    log = proc.log  # type: ignore[attr-defined]
+    try:
+        proc.wait(timeout=max(timeout, 0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise OutOfTime(f"{log.stem}: still running after {time.monotonic() - proc.started:.0f} s (killed); "
+                        f"log {log.name}") from None
+    finally:
+        try:  # workers a launcher left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise StepFailed(f"{log.stem}: exit {proc.returncode} after {time.monotonic() - proc.started:.0f} s: "
+                         f"{one_line(text)}")
+    return text
+
+
+def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> str:
+    """Run `cmd` to the end within `timeout` seconds (see `finish`)."""
+    if timeout < 1:
+        raise OutOfTime(f"no time left for {log.stem}")
+    return finish(start(cmd, log, env), timeout)
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise StepFailed("no JSON result in the output")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The steps
+# -------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    sizes: Sizes
+    out: Path
+    clock: Clock
+    step_limit: float = 0.0
+    step_start: float = 0.0
+    setup: dict = field(default_factory=dict)  # world, model: paths made by the setup step
+    trained: Path | None = None  # a merged checkpoint (the plain backend's final/)
+    demo: subprocess.Popen | None = None  # the demo, running in the background
+
+    def left(self) -> float:
+        """Seconds left to the running step: its own limit or the overall budget, whichever ends first."""
+        return min(self.step_limit - (time.monotonic() - self.step_start), self.clock.left())
+
+    def need(self, key: str) -> Path:
+        if key not in self.setup:
+            raise StepFailed(f"needs the setup step's {key}, which failed")
+        return self.setup[key]
+
+
+def step_setup(ctx: Context) -> dict:
+    """A shapes world and a tiny random-init LLaVA that steps 2-4 train, evaluate and profile."""
+    world, model = ctx.out / "world", ctx.out / "tiny-llava"
+    for path in (world, model):
+        shutil.rmtree(path, ignore_errors=True)
+    run([PY, "-m", "midtune.shapes", "--out", str(world), "--no-progress", *ctx.sizes.world],
+        ctx.out / "logs" / "setup-world.log", ctx.left())
+    ctx.setup["world"] = world
+    run([PY, "-m", "midtune.tiny", "--family", "llava", "--data", str(world), "--out", str(model), *ctx.sizes.tiny],
+        ctx.out / "logs" / "setup-model.log", ctx.left())
+    ctx.setup["model"] = model
+    return {"world": str(world), "model": str(model)}
+
+
+def step_bench(ctx: Context) -> dict:
+    result = ctx.out / "bench.json"
+    result.unlink(missing_ok=True)
+    run([PY, "-m", "train.bench", *ctx.sizes.bench, "--no-record", "--json", str(result)],
+        ctx.out / "logs" / "bench.log", ctx.left())
+    data = json.loads(result.read_text())
+    preset = data["preset"]
+    tokens = preset["batch"] * ((preset["image_size"] // preset["patch_size"]) ** 2 + preset["text_len"])
+    rows = []
+    for r in data["rows"]:
+        rows.append({
+            "setup": r["setup"], "median_step_s": r["median_s"], "tokens_per_s": tokens / r["median_s"],
+            "peak_training_mib": r["peak_training_mib"], "peak_total_mib": r["peak_total_mib"],
+            "trainable": r["trainable"], "vs_full": r.get("vs_full"), "analytic_vs_full": r.get("analytic_vs_full"),
+            "vs_naive": r.get("vs_naive"), "analytic_vs_naive": r.get("analytic_vs_naive"),
+            "mem_vs_full": r.get("mem_vs_full"), "round_medians": r["round_medians"],
+        })
+    return {"preset": preset["name"], "dtype": preset["dtype"], "device": preset["device"],
+            "tokens_per_step": tokens, "rounds": preset["rounds"], "rows": rows, "goals": data["goals"]}
+
+
+def accelerate_config(ctx: Context, backend: str, port: int) -> Path:
+    """One process of the shipped accelerate config for `backend` (bf16 on the GPU; fp32 on the CPU)."""
+    import yaml
+
+    shipped = {"plain": "single_gpu", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3", "fsdp2": "fsdp"}
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{shipped[backend]}.yaml").read_text())
+    config.update(num_processes=1, main_process_port=port)
+    if "deepspeed_config" in config:  # the JSON's path is relative to the repository root
+        ds = config["deepspeed_config"]
+        ds["deepspeed_config_file"] = str(ROOT / ds["deepspeed_config_file"])
+    if "deepspeed_config" not in config:  # DeepSpeed takes precision from its JSON ("auto": train's bf16 on GPU)
+        config["mixed_precision"] = "no" if ctx.sizes.device == "cpu" else "bf16"
+    path = ctx.out / "train" / f"accelerate-{backend}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+EXPECTED_TYPE = {"plain": "NO", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
+
+
+def train_backend(ctx: Context, backend: str, port: int) -> dict:
+    if backend == "fsdp2" and ctx.sizes.device == "cpu":
+        # with use_cpu accelerate runs FSDP configs as plain MULTI_CPU data parallelism: nothing of FSDP is tried
+        raise Skipped("accelerate does not enable FSDP on the CPU (it would run MULTI_CPU instead)")
+    world, model = ctx.need("world"), ctx.need("model")
+    config = accelerate_config(ctx, backend, port)
+    first, resumed = ctx.out / "train" / backend / "a", ctx.out / "train" / backend / "b"
+    shutil.rmtree(first.parent, ignore_errors=True)
+    save_at = ctx.sizes.train_steps // 2
+    overrides = [f"model={model}", f"data={world / 'train.json'}", f"image_folder={world / 'images'}",
+                 f"max_steps={ctx.sizes.train_steps}", f"save_steps={save_at}", "save_total_limit=0",
+                 "batch_size=4", "seed=0", "optim.lr=1e-3", "report_to=[]", "trainable.layers=1-2",
+                 "gradient_checkpointing=true"]
+    # `accelerate launch` itself, minus the CLI's other subcommands: its `estimate-memory` imports timm and
+    # torchvision's models, 7 of the CLI's 11 s start-up on this project's CPU machine
+    launch = [PY, "-m", "accelerate.commands.launch", "--config_file", str(config), "train"]
+    # No use_cpu on the CPU: with it accelerate runs DeepSpeed configs as MULTI_CPU; without a GPU it runs on the CPU
+    env = {"OMP_NUM_THREADS": "1"} if ctx.sizes.device == "cpu" else {}
+    started = time.monotonic()
+    run([*launch, *overrides, f"output_dir={first}"], ctx.out / "logs" / f"train-{backend}.log", ctx.left(), env)
+    first_wall = time.monotonic() - started
+    resumed.mkdir(parents=True)
+    shutil.copytree(first / f"checkpoint-{save_at}", resumed / f"checkpoint-{save_at}")
+    run([*launch, *overrides, f"output_dir={resumed}", "resume_from=latest"],
+        ctx.out / "logs" / f"train-{backend}-resume.log", ctx.left(), env)
+    losses = [m["loss"] for m in read_jsonl(first / "metrics.jsonl")]
+    again = [m["loss"] for m in read_jsonl(resumed / "metrics.jsonl")]
+    info = json.loads((first / "run.json").read_text())
+    figures = {
+        "losses": losses, "resumed_losses": again, "wall_s": round(first_wall, 1),
+        "distributed_type": info.get("distributed_type"), "mixed_precision": info.get("mixed_precision"),
+        "median_step_s": info.get("median_step_time_s", info.get("median_step_s")),
+        "peak_training_memory_mb": info.get("peak_training_memory_mb"),
+        "trainable": info.get("parameters", {}).get("trainable"), "final": str(first / "final"),
+    }
+    if figures["distributed_type"] != EXPECTED_TYPE[backend]:
+        raise StepFailed(f"accelerate ran {figures['distributed_type']}, not {EXPECTED_TYPE[backend]}")
+    expected = losses[save_at:]
+    if len(again) != len(expected) or not again:
+        raise StepFailed(f"the resume logged {len(again)} losses, expected {len(expected)}")
+    diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(again, expected))
+    figures["resume_max_rel_diff"] = diff
+    figures["resume_exact"] = again == expected
+    if diff > 1e-5:
+        raise StepFailed(f"the resume does not repeat the losses: {again} vs {expected} (rel. diff {diff:.2e})")
+    return figures
+
+
+def step_train(ctx: Context) -> dict:
+    results: dict[str, dict] = {}
+
+    def one(item):
+        i, backend = item
+        t0 = time.monotonic()
+        try:
+            figures = train_backend(ctx, backend, 29500 + 17 * (i + 1))
+            results[backend] = {"status": "passed", **figures}
+        except (StepFailed, OutOfTime, Skipped) as e:
+            skipped = isinstance(e, Skipped) or (isinstance(e, OutOfTime) and "no time left" in str(e))
+            results[backend] = {"status": "skipped" if skipped else "failed", "reason": str(e.args[0])}
+        except Exception as e:  # noqa: BLE001 - one backend's surprise must not hide the others' results
+            results[backend] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        results[backend]["seconds"] = round(time.monotonic() - t0, 1)
+
+    with ThreadPoolExecutor(max_workers=ctx.sizes.jobs) as pool:
+        list(pool.map(one, enumerate(BACKENDS)))
+    plain = results.get("plain", {})
+    if plain.get("status") == "passed":
+        ctx.trained = Path(plain["final"])
+    ordered = {b: results[b] for b in BACKENDS}
+    failed = [b for b, r in ordered.items() if r["status"] == "failed"]
+    if not any(r["status"] == "passed" for r in ordered.values()):
+        raise StepFailed("no backend trained: " + "; ".join(f"{b}: {ordered[b]['reason']}" for b in failed),
+                         ordered)
+    summary = {"backends": ordered}
+    if failed:
+        raise StepFailed(f"{', '.join(failed)} failed ({len(BACKENDS) - len(failed)} of {len(BACKENDS)} "
+                         f"backends passed or were skipped)", summary)
+    return summary
+
+
+EVAL_PROGRAM = r"""
+import json, sys
+from lmms_eval import evaluator
+from lmms_eval.tasks import TaskManager
+from eval.lmms_plugin import cut_at_stops
+from eval.tasks import TASKS_DIR, ensure_shapes_data
+
+checkpoint, device, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ensure_shapes_data()
+tasks = ["midtune_shapes_color", "midtune_shapes_count"]
+out = {}
+for model, batch_size in (("llava_hf", 1), ("midtune", 8)):
+    args = f"pretrained={checkpoint},dtype=float32" + (f",device_map={device}" if model == "llava_hf" else "")
+    results = evaluator.simple_evaluate(model=model, model_args=args, tasks=tasks, limit=limit, device=device,
+                                        batch_size=batch_size, log_samples=True, bootstrap_iters=0,
+                                        task_manager=TaskManager("WARNING", include_path=str(TASKS_DIR),
+                                                                 include_defaults=False))
+    out[model] = {
+        "scores": {t: results["results"][t]["accuracy,none"] for t in tasks},
+        "answers": {t: [cut_at_stops(s["filtered_resps"][0], ["\n\n"]).strip() for s in results["samples"][t]]
+                    for t in tasks},
+    }
+print(json.dumps(out))
+"""
+
+
+def step_eval(ctx: Context) -> dict:
+    if ctx.trained is None:
+        raise StepFailed("needs the plain backend's trained checkpoint, which the train step did not produce")
+    text = run([PY, "-c", EVAL_PROGRAM, str(ctx.trained), ctx.sizes.device, str(ctx.sizes.eval_limit)],
+               ctx.out / "logs" / "eval.log", ctx.left(), {"HF_DATASETS_CACHE": str(ctx.out / "hf_datasets")})
+    result = last_json(text)
+    mine, theirs = result["midtune"], result["llava_hf"]
+    same_answers = {t: sum(a == b for a, b in zip(mine["answers"][t], theirs["answers"][t]))
+                    for t in mine["answers"]}
+    figures = {"checkpoint": str(ctx.trained), "limit": ctx.sizes.eval_limit, "dtype": "float32",
+               "midtune_scores": mine["scores"], "llava_hf_scores": theirs["scores"],
+               "same_answers": same_answers, "answers_per_task": {t: len(a) for t, a in mine["answers"].items()}}
+    if mine["scores"] != theirs["scores"] or mine["answers"] != theirs["answers"]:
+        raise StepFailed(f"midtune and llava_hf differ: scores {mine['scores']} vs {theirs['scores']}, "
+                         f"same answers {same_answers}", figures)
+    return figures
+
+
+KNN_PROGRAM = r"""
+import json, sys, time
+import numpy as np, torch
+from analysis.bench import make_data
+from analysis.geometry import knn, neighborhood_overlap, twonn
+
+n, dim, k, device = int(sys.argv[1]), int(sys.argv[2]), 30, sys.argv[3]
+a, b = make_data(n, dim, seed=0)
+
+def timed(dev):
+    knn(a[:256], k, device=dev)  # warm-up: CUDA context, kernels
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    nb_a, nb_b = knn(a, k, device=dev), knn(b, k, device=dev)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, nb_a, nb_b
+
+gpu_s, ga, gb = timed(device)
+cpu_s, ca, cb = timed("cpu")
+same = float((np.sort(ga.indices, 1) == np.sort(ca.indices, 1)).all(1).mean())
+print(json.dumps({"points": n, "dim": dim, "k": k, "device": device, "device_s": gpu_s, "cpu_s": cpu_s,
+                  "cpu_threads": torch.get_num_threads(), "speedup": cpu_s / gpu_s,
+                  "rows_with_same_neighbours": same,
+                  "max_distance_diff": float(np.abs(ga.distances - ca.distances).max()),
+                  "twonn": [twonn(ga), twonn(ca)], "overlap": [neighborhood_overlap(ga, gb, k=k),
+                                                             neighborhood_overlap(ca, cb, k=k)]}))
+"""
+
+
+def flat_numbers(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flat_numbers(v, f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from flat_numbers(v, f"{prefix}{i}.")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield prefix.rstrip("."), float(obj)
+
+
+def step_analysis(ctx: Context) -> dict:
+    world, model = ctx.need("world"), ctx.need("model")
+    profiles, seconds = {}, {}
+    started = {}
+    for where in (ctx.sizes.device, "cpu") if ctx.sizes.device != "cpu" else ("cpu", "cpu-again"):
+        out = ctx.out / "analysis" / where
+        shutil.rmtree(out, ignore_errors=True)
+        env = {"CUDA_VISIBLE_DEVICES": ""} if where.startswith("cpu") else {}  # the neighbour search too
+        started[where] = (out, start(
+            [PY, "-m", "analysis", "profile", "--model", f"tiny={model}", "--pairs", str(world / "pairs.jsonl"),
+             "--max-pairs", str(ctx.sizes.profile_pairs), "--k", "10", "--no-idcorr", "--no-progress",
+             "--device", "cpu" if where.startswith("cpu") else where, "--out", str(out)],
+            ctx.out / "logs" / f"analysis-profile-{where}.log", env))
+    for where, (out, proc) in started.items():  # both run side by side; each is waited for within the limit
+        finish(proc, ctx.left())
+        seconds[where] = round(time.monotonic() - proc.started, 1)
+        profiles[where] = dict(flat_numbers(json.loads(next(out.rglob("profiles.json")).read_text())))
+    (one, one_values), (two, two_values) = profiles.items()
+    # Relative: the forward passes differ in float32 rounding between devices, and estimators of intrinsic
+    # dimension and overlap move with the neighbour distances (the first H200 run: 0.0018 apart on one ID)
+    shared = [k for k in one_values if k in two_values and all(map(math.isfinite, (one_values[k], two_values[k])))]
+
+    def rel(k):
+        return abs(one_values[k] - two_values[k]) / max(abs(one_values[k]), abs(two_values[k]), 1e-12)
+
+    worst = max(shared, key=rel, default=None)
+    max_diff = rel(worst) if worst else float("nan")
+    text = run([PY, "-c", KNN_PROGRAM, str(ctx.sizes.knn_points), str(ctx.sizes.knn_dim), ctx.sizes.device],
+               ctx.out / "logs" / "analysis-knn.log", ctx.left())
+    figures = {"profile_seconds": seconds, "profile_values_compared": len(shared), "profile_max_rel_diff": max_diff,
+               "profile_worst_value": worst,
+               "profile_worst_values": {one: one_values.get(worst), two: two_values.get(worst)} if worst else {},
+               "knn": last_json(text)}
+    if not shared:
+        raise StepFailed("the two profiles share no finite values", figures)
+    if max_diff > 1e-3:
+        raise StepFailed(f"profiles differ between {one} and {two}: {worst} {figures['profile_worst_values']} "
+                         f"(relative {max_diff:.2g})", figures)
+    if figures["knn"]["rows_with_same_neighbours"] < 0.999:
+        raise StepFailed(f"neighbours differ on {1 - figures['knn']['rows_with_same_neighbours']:.2%} of rows", figures)
+    return figures
+
+
+def step_demo_start(ctx: Context) -> dict:
+    """The demo starts here, after the bench (whose timings it would disturb), and runs beside the analysis, train
+    and eval steps: on the H200 it needs about 5 minutes, which would not fit after them (the first GPU check
+    killed it in its last stage). `step_demo` waits for it with whatever is left of the budget."""
+    if ctx.clock.left() < ctx.sizes.demo_min_s:
+        raise OutOfTime(f"no time left for the demo ({ctx.clock.left():.0f} s, it needs {ctx.sizes.demo_min_s} s)")
+    out = ctx.out / "demo"
+    shutil.rmtree(out, ignore_errors=True)
+    ctx.demo = start([PY, "-m", "midtune.demo", "--out", str(out), "--force", *ctx.sizes.demo],
+                     ctx.out / "logs" / "demo.log")
+    return {}
+
+
+def step_demo(ctx: Context) -> dict:
+    if ctx.demo is None:
+        raise StepFailed("the demo was not started")
+    proc, ctx.demo = ctx.demo, None
+    try:
+        finish(proc, ctx.left())
+    except OutOfTime:
+        stages = [l for l in proc.log.read_text(errors="replace").splitlines() if l.startswith("[")]
+        raise OutOfTime(f"no time left: the demo did not finish within the budget (last: "
+                        f"{stages[-1] if stages else 'no stage done'}); killed") from None
+    out = ctx.out / "demo"
+    summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    return {"wall_s": round(time.monotonic() - proc.started, 1), "summary": summary,
+            "ran_beside": "analysis, train, eval"}
+
+
+# In the order they run; the report lists them in the order of the module docstring (REPORT_ORDER).
+STEPS = [("setup", step_setup), ("bench", step_bench), ("demo-start", step_demo_start), ("analysis", step_analysis),
+         ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
+REPORT_ORDER = ("setup", "bench", "train", "eval", "analysis", "demo")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The machine, the report
+# -------------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cpu_count": os.cpu_count()}
+    for name in ("transformers", "accelerate", "deepspeed", "peft", "lmms_eval"):
+        try:
+            from importlib.metadata import version
+
+            info[name] = version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - a missing package is itself a finding
+            info[name] = "not installed"
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["device_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            info["driver"] = smi.stdout.strip() or "unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            info["driver"] = "unknown (no nvidia-smi)"
+    else:
+        info["device"] = f"CPU only ({platform.processor() or platform.machine()})"
+    return info
+
+
+def fmt(x, spec=".3f"):
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    when = report["started"][:16].replace("T", " ")
+    title = "GPU check (SMOKE, CPU rehearsal)" if report["smoke"] else "GPU check"
+    lines = [f"## {title} — {when} UTC — {m['device']}", "",
+             f"`{report['command']}`; {report['wall_s']:.0f} s of a {report['budget_s']} s budget. "
+             f"Driver {m.get('driver', '–')}, torch {m['torch']} (CUDA {m['cuda']}), Python {m['python']}, "
+             f"transformers {m['transformers']}, accelerate {m['accelerate']}, deepspeed {m['deepspeed']}, "
+             f"peft {m['peft']}, lmms-eval {m['lmms_eval']}, {m['cpu_count']} CPU cores.", "",
+             "| step | status | seconds | note |", "|---|---|---:|---|"]
+    for s in report["steps"]:
+        note = s.get("reason") or s.get("figures", {}).get("partial", "")
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {note} |")
+    steps = {s["name"]: s for s in report["steps"]}
+    bench = steps.get("bench", {}).get("figures")
+    if bench:
+        lines += ["", f"train.bench, preset {bench['preset']}, {bench['dtype']} on {bench['device']}, "
+                  f"{bench['tokens_per_step']} tokens per step, {bench['rounds']} round(s):", "",
+                  "| setup | median step (s) | tokens/s | peak training memory (MiB) | peak total (MiB) | "
+                  "vs full (analytic) | vs naive (analytic) | memory vs full |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in bench["rows"]:
+            lines.append(f"| {r['setup']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                         f"{fmt(r['peak_training_mib'], '.0f')} | {fmt(r['peak_total_mib'], '.0f')} | "
+                         f"{fmt(r['vs_full'])} ({fmt(r['analytic_vs_full'])}) | "
+                         f"{fmt(r['vs_naive'])} ({fmt(r['analytic_vs_naive'])}) | {fmt(r['mem_vs_full'])} |")
+    train = steps.get("train", {}).get("figures", {}).get("backends")
+    if train:
+        lines += ["", "Training through `accelerate launch`, one process per backend, tiny LLaVA, layers 1-2 "
+                  "trained, a checkpoint at step 2 and a resume from it (the backends run side by side, beside the "
+                  "demo: their step times are not timings):", "",
+                  "| backend | status | distributed type | precision | median step (s) | losses | resumed | note |",
+                  "|---|---|---|---|---:|---|---|---|"]
+        for b, r in train.items():
+            losses = ", ".join(f"{x:.4f}" for x in r.get("losses", []))
+            resumed = ", ".join(f"{x:.4f}" for x in r.get("resumed_losses", []))
+            if r["status"] == "passed":
+                resumed += " (exact)" if r.get("resume_exact") else f" (rel. diff {r['resume_max_rel_diff']:.1e})"
+            lines.append(f"| {b} | {r['status']} | {r.get('distributed_type', '–')} | "
+                         f"{r.get('mixed_precision', '–')} | {fmt(r.get('median_step_s'))} | {losses or '–'} | "
+                         f"{resumed or '–'} | {r.get('reason', '')} |")
+    ev = steps.get("eval", {}).get("figures")
+    if ev:
+        lines += ["", f"lmms-eval, {ev['limit']} questions per task, {ev['dtype']}: midtune plugin "
+                  f"{ev['midtune_scores']}, llava_hf {ev['llava_hf_scores']}, same answers {ev['same_answers']} "
+                  f"of {ev['answers_per_task']}."]
+    an = steps.get("analysis", {}).get("figures")
+    if an:
+        knn = an["knn"]
+        lines += ["", f"analysis profile, {an['profile_values_compared']} values compared, largest relative "
+                  f"difference {an['profile_max_rel_diff']:.2g} ({an['profile_worst_value']}: "
+                  f"{an['profile_worst_values']}); seconds {an['profile_seconds']}. "
+                  f"Neighbour search on {knn['points']} × {knn['dim']} (k = {knn['k']}, two representations, "
+                  f"beside the demo): "
+                  f"{knn['device']} {knn['device_s']:.2f} s, CPU ({knn['cpu_threads']} threads) {knn['cpu_s']:.2f} s, "
+                  f"{knn['speedup']:.1f}×; same neighbours on {knn['rows_with_same_neighbours']:.2%} of rows, "
+                  f"largest distance difference {knn['max_distance_diff']:.2g}."]
+    demo = steps.get("demo", {}).get("figures")
+    if demo:
+        lines += ["", f"Demo: {demo['wall_s']:.0f} s.", ""]
+        if demo.get("summary"):
+            lines += ["```", demo["summary"].strip(), "```"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="the same steps on the CPU at tiny sizes (< 4 min)")
+    ap.add_argument("--out", help="results and logs (default runs/gpu-check, runs/gpu-check-smoke)")
+    ap.add_argument("--budget", type=int, help="seconds for all steps (default 480 on the GPU, 240 for SMOKE)")
+    ap.add_argument("--steps", help=f"comma-separated subset of {','.join(REPORT_ORDER)}")
+    ap.add_argument("--record", help="append the Markdown section here (default BENCHMARKS.md; SMOKE: nowhere)")
+    args = ap.parse_args(argv)
+
+    sizes = SMOKE if args.smoke else GPU
+    if args.budget:
+        sizes = Sizes(**{**sizes.__dict__, "budget_s": args.budget})
+    out = Path(args.out or ROOT / "runs" / ("gpu-check-smoke" if args.smoke else "gpu-check")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.steps.split(",")) if args.steps else set(REPORT_ORDER)
+    unknown = wanted - set(REPORT_ORDER)
+    if unknown:
+        ap.error(f"unknown step(s) {sorted(unknown)}")
+
+    info = machine()
+    if not args.smoke and "CPU only" in info["device"]:
+        print("gpu-check: no CUDA device here; `make gpu-check SMOKE=1` rehearses the steps on the CPU",
+              file=sys.stderr)
+        return 2
+    clock = Clock(sizes.budget_s)
+    ctx = Context(sizes, out, clock)
+    report = {"smoke": args.smoke, "command": "make gpu-check" + (" SMOKE=1" if args.smoke else ""),
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "budget_s": sizes.budget_s,
+              "machine": info, "steps": []}
+    print(f"gpu-check on {info['device']}: torch {info['torch']}, CUDA {info['cuda']}, budget {sizes.budget_s} s",
+          flush=True)
+    entries: dict[str, dict] = {}
+    try:
+        for name, fn in STEPS:
+            reported = "demo" if name == "demo-start" else name
+            entry = {"name": reported}
+            t0 = time.monotonic()
+            ctx.step_start, ctx.step_limit = t0, sizes.limits[name]
+            if reported not in wanted:
+                entry.update(status="skipped", reason="not asked for (--steps)")
+            elif name == "demo" and entries.get("demo", {}).get("status") != "passed":
+                continue  # the demo never started: its entry says why
+            elif name != "demo" and clock.left() < 5:
+                entry.update(status="skipped", reason=f"for time: {clock.left():.0f} s of the budget left")
+            else:
+                try:
+                    entry.update(status="passed", figures=fn(ctx))
+                except Skipped as e:
+                    entry.update(status="skipped", reason=str(e))
+                except OutOfTime as e:
+                    late = "no time left" in str(e)
+                    entry.update(status="skipped" if late else "failed", reason=f"for time: {e}" if late else str(e))
+                except StepFailed as e:
+                    entry.update(status="failed", reason=str(e.args[0]))
+                    if len(e.args) > 1:
+                        entry["figures"] = e.args[1]
+                except Exception as e:  # noqa: BLE001 - a surprise in one step must not cost the others
+                    entry.update(status="failed", reason=f"{type(e).__name__}: {one_line(str(e))}")
+            entry["seconds"] = round(entry.get("figures", {}).get("wall_s", time.monotonic() - t0), 1)
+            entries[reported] = entry
+            if name != "demo-start":
+                print(f"[{reported}] {entry['status']} in {entry['seconds']:.0f} s" +
+                      (f": {entry['reason']}" if entry.get("reason") else ""), flush=True)
+    finally:
+        if ctx.demo is not None:  # interrupted: the background demo goes too
+            try:
+                os.killpg(ctx.demo.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    report["steps"] = [entries[n] for n in REPORT_ORDER]
+    report["wall_s"] = round(time.monotonic() - clock.start, 1)
+    (out / "gpu-check.json").write_text(json.dumps(report, indent=1))
+    section = markdown(report)
+    (out / "gpu-check.md").write_text(section)
+    record = args.record if args.record is not None else (None if args.smoke else str(ROOT / "BENCHMARKS.md"))
+    if record:
+        with open(record, "a") as f:
+            f.write("\n" + section)
+    print("\n" + section)
+    print(f"results: {out / 'gpu-check.json'}" + (f"; section appended to {record}" if record else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`make gpu-check SMOKE=1`: the prepared GPU check, rehearsed on the CPU, so that it works the day a GPU comes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
+    record = tmp_path / "BENCHMARKS.md"
+    record.write_text("# earlier sections\n")
+    proc = subprocess.run(["make", "--no-print-directory", "gpu-check", "SMOKE=1", f"GPU_CHECK_PYTHON={sys.executable}",
+                           f"GPU_CHECK_ARGS=--out {tmp_path / 'out'} --record {record}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["setup", "bench", "train", "eval", "analysis", "demo"]
+    failed = {n: s.get("reason") for n, s in steps.items() if s["status"] != "passed"}
+    assert not failed, failed
+    assert report["wall_s"] < 240  # SMOKE's budget: under 4 minutes on 2 cores
+
+    bench = steps["bench"]["figures"]
+    assert {r["setup"] for r in bench["rows"]} == {"full", "midtune", "naive", "lora"}
+    assert all(r["median_step_s"] > 0 and r["tokens_per_s"] > 0 for r in bench["rows"])
+    midtune = next(r for r in bench["rows"] if r["setup"] == "midtune")
+    assert 0 < midtune["analytic_vs_full"] < 1 and midtune["vs_full"] > 0
+
+    backends = steps["train"]["figures"]["backends"]
+    assert list(backends) == ["plain", "zero2", "zero3", "fsdp2"]
+    for name in ("plain", "zero2", "zero3"):  # FSDP needs a GPU: accelerate does not enable it on the CPU
+        b = backends[name]
+        assert b["status"] == "passed", (name, b.get("reason"))
+        assert len(b["losses"]) == 4 and b["resumed_losses"] == b["losses"][2:]
+    assert backends["plain"]["distributed_type"] == "NO"
+    assert backends["zero3"]["distributed_type"] == "DEEPSPEED"
+    # on the CPU accelerate would run the FSDP config as plain MULTI_CPU: skipped, saying so (on the H200 it runs)
+    assert backends["fsdp2"]["status"] == "skipped" and "FSDP on the CPU" in backends["fsdp2"]["reason"]
+
+    ev = steps["eval"]["figures"]
+    assert ev["midtune_scores"] == ev["llava_hf_scores"]
+    assert steps["analysis"]["figures"]["profile_values_compared"] > 10
+    assert steps["analysis"]["figures"]["knn"]["rows_with_same_neighbours"] == 1.0
+    assert steps["demo"]["figures"]["wall_s"] > 0
+
+    section = (tmp_path / "out" / "gpu-check.md").read_text()
+    assert record.read_text() == "# earlier sections\n\n" + section
+    assert "| bench | passed |" in section and "| fsdp2 |" in section and report["machine"]["torch"] in section
+
+
+def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke(tmp_path):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu_check.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "SMOKE=1" in proc.stderr
+    assert not (tmp_path / "gpu-check.json").exists()
