@@ -280,6 +280,34 @@ def test_every_shipped_config_loads_and_resolves(path):
     assert plan.num_trainable > 0
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_fsdp_wraps_the_llm_and_vision_layers_by_class(tiny_dir, family):
+    """The shipped fsdp.yaml (transformer-based wrap, no classes named) failed in prepare() on the first GPU run:
+    accelerate took LLaVA's `_no_split_modules`, which name CLIPTextEmbeddings. midtune names the layer classes."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from midtune.checkpoint import load_pretrained
+    from train.__main__ import name_fsdp_wrap_classes
+
+    model, _ = load_pretrained(str(tiny_dir(family)))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    if family == "llava":  # what accelerate does on its own: the failure seen on the H200
+        with pytest.raises(ValueError, match="Could not find the transformer layer class"):
+            fsdp2_prepare_auto_wrap_policy(plugin, model)
+    names = name_fsdp_wrap_classes(plugin, model)
+    parts = family_of(model).parts(model)
+    assert names == list(dict.fromkeys([type(parts.language_layers[0]).__name__,
+                                        type(parts.vision_layers[0]).__name__]))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [m for m in model.modules() if policy(m)]
+    assert len(wrapped) == len(parts.language_layers) + len(parts.vision_layers)
+    # a user's own choice is left alone
+    named = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                           transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    assert name_fsdp_wrap_classes(named, model) is None and named.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+
+
 def launch(accelerate_config: Path, args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
     import os
 

@@ -169,6 +169,9 @@ def train(config: TrainConfig) -> RunResult:
 
     # -- optimizer and schedule ---------------------------------------------------------------------------
     optimizer = build_optimizer(model, plan, config)
+    wrapped = name_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), model)
+    if wrapped:
+        say(f"FSDP wraps each {', '.join(wrapped)}")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     micro_per_epoch = len(loader)
     if config.max_steps > 0:
@@ -546,6 +549,26 @@ def cpu_deepspeed_kwargs() -> list:
     if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
+
+
+def name_fsdp_wrap_classes(plugin, model) -> list[str] | None:
+    """FSDP's transformer-based wrap needs the layer classes to shard by. Unless the accelerate config names them
+    (fsdp_transformer_layer_cls_to_wrap), accelerate takes the model's `_no_split_modules`, which for LLaVA in
+    transformers 5 lists CLIPTextEmbeddings, a class a vision-only tower does not have, and prepare() fails
+    ("Could not find the transformer layer class CLIPTextEmbeddings in the model", the first FSDP2 run, on an
+    H200). midtune names the classes of the LLM's decoder layers and the vision tower's layers, from the adapter
+    table. Returns the names it set, or None where it left the plugin alone."""
+    if plugin is None or plugin.transformer_cls_names_to_wrap:
+        return None
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+        return None
+    parts = family_of(model).parts(model)
+    names = list(dict.fromkeys(type(layer).__name__ for layer in [*parts.language_layers, *parts.vision_layers]))
+    plugin.transformer_cls_names_to_wrap = names
+    return names
 
 
 def resolve_mixed_precision(value: str) -> str:
