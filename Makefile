@@ -2,9 +2,9 @@
 #
 # The environment is locked: requirements.lock pins every package (transitive ones too) to one version and
 # its sha256 hashes, for Linux x86_64 with PyPI's torch. .venv is built from it alone, and synced to it again
-# whenever the lock or pyproject.toml changes, so nothing from an older environment lingers. `make lock`
-# re-resolves the lock to the newest versions pyproject.toml allows, runs the tests in a fresh environment
-# built from the new lock, and replaces requirements.lock only if they pass.
+# whenever the lock, pyproject.toml or this Makefile changes, so nothing from an older environment lingers.
+# `make lock` re-resolves the lock to the newest versions pyproject.toml allows, runs the tests in a fresh
+# environment built from the new lock, and replaces requirements.lock only if they pass.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -104,8 +104,12 @@ class StepFailed(Exception):
     """A step's failure, with the one-line reason that goes into the report."""
 
 
+class TimedOut(StepFailed):
+    """A command killed at its limit: a failure (it hung or was too slow), unlike OutOfTime."""
+
+
 class OutOfTime(Exception):
-    pass
+    """Not enough of the budget left to start: the step or backend is skipped for time."""
 
 
 class Skipped(Exception):
@@ -144,7 +148,7 @@ def start(cmd: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT) 
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
-    """Wait for a started command; its output is returned. Past `timeout` the whole group is killed and OutOfTime
+    """Wait for a started command; its output is returned. Past `timeout` the whole group is killed and TimedOut
     raised; a non-zero exit raises StepFailed with the log's telling line."""
     log = proc.log  # type: ignore[attr-defined]
     try:
@@ -152,7 +156,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise OutOfTime(f"{log.stem}: still running after {time.monotonic() - proc.started:.0f} s (killed); "
+        raise TimedOut(f"{log.stem}: still running after {time.monotonic() - proc.started:.0f} s (killed); "
                         f"log {log.name}") from None
     finally:
         try:  # workers a launcher left behind
@@ -323,9 +327,10 @@ def step_train(ctx: Context) -> dict:
         try:
             figures = train_backend(ctx, backend, 29500 + 17 * (i + 1))
             results[backend] = {"status": "passed", **figures}
-        except (StepFailed, OutOfTime, Skipped) as e:
-            skipped = isinstance(e, Skipped) or (isinstance(e, OutOfTime) and "no time left" in str(e))
-            results[backend] = {"status": "skipped" if skipped else "failed", "reason": str(e.args[0])}
+        except (Skipped, OutOfTime) as e:
+            results[backend] = {"status": "skipped", "reason": str(e)}
+        except StepFailed as e:
+            results[backend] = {"status": "failed", "reason": str(e.args[0])}
         except Exception as e:  # noqa: BLE001 - one backend's surprise must not hide the others' results
             results[backend] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
         results[backend]["seconds"] = round(time.monotonic() - t0, 1)
@@ -495,9 +500,9 @@ def step_demo(ctx: Context) -> dict:
     proc, ctx.demo = ctx.demo, None
     try:
         finish(proc, ctx.left())
-    except OutOfTime:
+    except TimedOut:
         stages = [l for l in proc.log.read_text(errors="replace").splitlines() if l.startswith("[")]
-        raise OutOfTime(f"no time left: the demo did not finish within the budget (last: "
+        raise OutOfTime(f"the demo did not finish within the budget (last: "
                         f"{stages[-1] if stages else 'no stage done'}); killed") from None
     out = ctx.out / "demo"
     summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
@@ -661,8 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Skipped as e:
                     entry.update(status="skipped", reason=str(e))
                 except OutOfTime as e:
-                    late = "no time left" in str(e)
-                    entry.update(status="skipped" if late else "failed", reason=f"for time: {e}" if late else str(e))
+                    entry.update(status="skipped", reason=f"for time: {e}")
                 except StepFailed as e:
                     entry.update(status="failed", reason=str(e.args[0]))
                     if len(e.args) > 1:
