@@ -464,6 +464,16 @@ FAMILIES: dict[str, Family] = {
 FAMILIES_BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES.values()}
 
 
+def image_text_for(processor) -> str:
+    """How one image is written into a chat text for this processor's family (placeholder + newline), for chat
+    templates that take text content only."""
+    name = type(processor).__name__
+    for family in FAMILIES.values():
+        if family.processor_class == name:
+            return family.image_placeholder + "\n"
+    return getattr(processor, "image_token", "<image>") + "\n"
+
+
 def supported() -> str:
     return ", ".join(f"{f.model_class} ({f.name})" for f in FAMILIES.values())
 

@@ -32,6 +32,8 @@ from midtune.adapters import family_for_config, model_class
 
 DELTA_FORMAT = "midtune-delta/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers' attention kernels; the two flash ones need their own packages (flash-attn, kernels).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class CheckpointError(ValueError):
@@ -43,10 +45,39 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_attn_implementation(name: str | None) -> None:
+    """Refuse an attention implementation transformers cannot run here, before any weights are read."""
+    if name is None:
+        return
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(f"attn_implementation {name!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise CheckpointError("attn_implementation 'flash_attention_2' needs the flash-attn package "
+                                  "(pip install flash-attn --no-build-isolation, on a CUDA machine); or use 'sdpa'")
+
+
+def attn_implementations(model) -> dict[str, str]:
+    """Which attention implementation each part of a loaded model runs ({"model": ..., "text": ..., ...})."""
+    config = getattr(model, "config", None)
+    found = {"model": getattr(config, "_attn_implementation", None)}
+    for part in ("text_config", "vision_config"):
+        sub = getattr(config, part, None)
+        if sub is not None and getattr(sub, "_attn_implementation", None):
+            found[part.removesuffix("_config")] = sub._attn_implementation
+    return {k: v for k, v in found.items() if v}
+
+
 def load_pretrained(path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-                    device_map=None):
-    """(model, processor) of any supported family from a directory or hub id, via vanilla transformers."""
+                    device_map=None, attn_implementation: str | None = "sdpa"):
+    """(model, processor) of any supported family from a directory or hub id, via vanilla transformers.
+    `attn_implementation`: sdpa (default), eager, flash_attention_2 (needs flash-attn), ...; None: transformers'
+    own choice."""
     from transformers import AutoConfig, AutoProcessor
+
+    check_attn_implementation(attn_implementation)
 
     local = Path(path)
     if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "config.json").is_file():
@@ -60,8 +91,9 @@ def load_pretrained(path: str, dtype: str | torch.dtype = "float32", trust_remot
     family = family_for_config(config)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     try:
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = model_class(family).from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, device_map=device_map, **extra
         )
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or mismatched files
@@ -179,12 +211,13 @@ def _merge_lora(model, tensors: dict[str, torch.Tensor], lora_config: dict):
 
 
 def load_with_delta(base: str, delta: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-                    verify_base: bool = True):
+                    verify_base: bool = True, attn_implementation: str | None = "sdpa"):
     """(model, processor): the base model with a delta applied (LoRA merged)."""
     tensors, metadata = load_delta(delta)
     if verify_base:
         check_base(metadata, base, delta)
-    model, processor = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, processor = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       attn_implementation=attn_implementation)
     return apply_delta(model, tensors, metadata), processor
 
 

@@ -149,6 +149,9 @@ def parse_row(
     if not isinstance(conversations, list) or not conversations:
         raise bad("'conversations' must be a non-empty list of turns", "empty conversations")
 
+    if row.get("video") is not None or row.get("videos") is not None:
+        raise bad("has a 'video' field: midtune trains on images and text; video rows are not supported (remove "
+                  "the row, or set on_bad_sample=skip to leave such rows out)", "video (unsupported)")
     images = _row_images(row, bad)
     resolved = [_resolve_image(img, image_folder, allow_outside_images, bad) for img in images]
 
@@ -163,6 +166,8 @@ def parse_row(
         value = turn["value"]
         if not isinstance(value, str):
             raise bad(f"turn {t} value must be a string, got {type(value).__name__}", "malformed conversations")
+        if "<video>" in value:
+            raise bad(f"turn {t} has a <video> placeholder: video is not supported", "video (unsupported)")
         n = value.count(IMAGE_PLACEHOLDER)
         if n and role != "user":
             raise bad(f"turn {t}: {IMAGE_PLACEHOLDER} outside a human turn", "misplaced <image>")
@@ -249,30 +254,120 @@ def load_image(img: Any) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The chat-template text of `messages` and the character spans of the assistant turns in it."""
-    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+def render_chat(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """`messages` (content lists: {"type": "image"} / {"type": "text"}) rendered with the processor's chat template.
+
+    Templates written for text LLMs (SmolLM2's, Vicuna's) take each message's content as one string; for them
+    the content list is flattened, each image becoming the family's image placeholder and a newline."""
+    template = getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
     if not template:
         raise DataError("the processor has no chat template; save one with the model (processor.chat_template)")
+    if _takes_string_content(processor):
+        from midtune.adapters import image_text_for
+
+        image = image_text_for(processor)
+        messages = [{**m, "content": "".join(image if part["type"] == "image" else part.get("text", "")
+                                             for part in m["content"])} if isinstance(m["content"], list) else m
+                    for m in messages]
+        return _tokenizer(processor).apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt,
+                                                          chat_template=template)
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokenizer(processor):
+    return processor.tokenizer if hasattr(processor, "tokenizer") else processor
+
+
+def _takes_string_content(processor) -> bool:
+    """Whether the chat template reads a message's content as a string (it prints a content list's repr, or
+    fails on it). Probed once per processor."""
+    known = getattr(processor, "_midtune_string_content", None)
+    if known is None:
+        probe = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
+        try:
+            text = processor.apply_chat_template(probe, tokenize=False)
+            known = "'type'" in text or '"type"' in text
+        except Exception:  # noqa: BLE001 - a template that concatenates content with strings raises on a list
+            known = True
+        try:
+            processor._midtune_string_content = known
+        except AttributeError:
+            pass
+    return known
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The text of every special token (end-of-turn markers such as <|im_end|>, <|eot_id|>, </s>)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return sorted(set(added) | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
+
+def add_special_tokens_for(tokenizer, text: str) -> bool:
+    """Whether tokenising `text` should add the tokenizer's special tokens (BOS): not when the chat template has
+    written BOS itself, which would then appear twice."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
+def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of `messages` and the character spans of the assistant turns in it.
+
+    Each span covers the answer and the end of the turn. Where the template ends an assistant turn without a
+    special token (llava-hf's own template ends it with a space), the tokenizer's EOS is written after the
+    answer, as LLaVA's training does: otherwise no label ever teaches the model to stop."""
 
     def render(msgs: list[dict], gen: bool = False) -> str:
-        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return render_chat(processor, msgs, add_generation_prompt=gen)
 
     full = render(messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(messages[:i], gen=True)
         through = render(messages[: i + 1])
-        if not (through.startswith(prompt) and full.startswith(through)):
+        prompt = render(messages[:i], gen=True)
+        if through.startswith(prompt):
+            start = len(prompt)
+        else:
+            # Templates whose generation prompt differs from how they write the turn (lmms-eval's Vicuna writes
+            # "USER: q ASSISTANT:" as the prompt but "USER: q  ASSISTANT: a</s>" in a conversation): the answer
+            # starts where its own text does, within what the turn adds.
+            before = render(messages[:i]) if i else ""
+            answer = "".join(p.get("text", "") for p in message["content"]) if isinstance(message["content"], list) \
+                else message["content"]
+            at = through.find(answer.strip(), len(before)) if through.startswith(before) and answer.strip() else -1
+            if at < 0:
+                raise DataError(
+                    "the chat template is not prefix-stable (rendering a conversation's first turns does not give a "
+                    "prefix of rendering it whole), so assistant turns cannot be located for label masking"
+                )
+            # the space before the answer belongs to its first token in byte-level BPE ("Ġmiddle")
+            start = len(through[:at].rstrip(" ")) if at > len(before) else at
+        if not full.startswith(through):
             raise DataError(
                 "the chat template is not prefix-stable (rendering a conversation's first turns does not give a "
                 "prefix of rendering it whole), so assistant turns cannot be located for label masking"
             )
         # Train on the answer and its end-of-turn marker, not on trailing whitespace after it.
-        spans.append((len(prompt), len(through.rstrip())))
-    return full, spans
+        spans.append((start, len(through.rstrip())))
+    return _end_turns_with_eos(_tokenizer(processor), full, spans)
+
+
+def _end_turns_with_eos(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    eos = getattr(tokenizer, "eos_token", None)
+    specials = special_token_strings(tokenizer)
+    out, new_spans, shift, last = [], [], 0, 0
+    for start, end in spans:
+        out.append(text[last:end])
+        start, end, last = start + shift, end + shift, end
+        if eos and not any(text[:end - shift].endswith(tok) for tok in specials):
+            out.append(eos)
+            shift += len(eos)
+            end += len(eos)
+        new_spans.append((start, end))
+    out.append(text[last:])
+    return "".join(out), new_spans
 
 
 @dataclass
@@ -294,9 +389,9 @@ class RenderedText:
 
 
 def render_text(processor, sample: Sample) -> RenderedText:
-    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    tokenizer = _tokenizer(processor)
     text, spans = render_with_assistant_spans(processor, sample.messages)
-    enc = tokenizer(text, return_offsets_mapping=True)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens_for(tokenizer, text))
     is_label = [any(start <= s < end for start, end in spans) and e > s for s, e in enc["offset_mapping"]]
     return RenderedText(text, enc["input_ids"], is_label)
 
@@ -323,7 +418,8 @@ def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None 
         ids, labels = _expand_image_tokens(base_ids, is_label, counts, processor)
         return Tokenised(ids, labels, {}, {})
 
-    out = processor(text=[text], images=images or None, return_tensors="pt")
+    out = processor(text=[text], images=images or None, return_tensors="pt",
+                    add_special_tokens=add_special_tokens_for(tokenizer, text))
     expanded = out["input_ids"][0].tolist()
     if images:
         counts = image_token_counts(processor, [(im.height, im.width) for im in images])

@@ -521,8 +521,9 @@ def resolve_plan(
     for name, p in model.named_parameters(remove_duplicate=True):
         row = rows[_lookup(name, table)]
         row.names.append(name)
-        row.sizes.append(p.numel())
-        row.num_params += p.numel()
+        size = numel(p)
+        row.sizes.append(size)
+        row.num_params += size
         if adapter_marker and adapter_marker in name and not (row.group == LLM_LAYERS and row.trainable):
             raise SpecError(f"{where}: adapter tensor {name!r} lies outside the selected LLM layers")
         owner_by_id[id(p)] = name
@@ -551,6 +552,12 @@ def resolve_plan(
         num_vision_layers=parts.num_vision_layers,
         rows=list(rows.values()),
     )
+
+
+def numel(p) -> int:
+    """Elements of a parameter, also under DeepSpeed ZeRO-3, where each rank holds a partitioned stand-in whose
+    own numel() is 0 and the real count is `ds_numel`."""
+    return getattr(p, "ds_numel", None) or p.numel()
 
 
 def _tied_hint(component: str, parts: ModelParts, owner_by_id: dict[int, str], table: Mapping[str, str]) -> str:

@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 
 from midtune.adapters import UnsupportedModelError, family_of, unwrap
-from midtune.checkpoint import CheckpointError, atomic_dir, base_hash, load_pretrained, load_with_delta, save_delta
+from midtune.checkpoint import (DTYPES, CheckpointError, atomic_dir, attn_implementations, base_hash, load_pretrained,
+                                load_with_delta, save_delta)
 from midtune.data import Collator, DataError, SupervisedDataset
-from midtune.spec import FreezePlan, SpecError, TrainableSpec, resolve_layers, resolve_plan
+from midtune.spec import FreezePlan, SpecError, TrainableSpec, numel, resolve_layers, resolve_plan
 from train.backward_cut import setup_checkpointing
 from train.checkpoints import (CheckpointSaveError, all_ranks_ok, checkpoint_dirs, load_checkpoint,
                                remove_interrupted_saves, resolve_resume, save_checkpoint)
@@ -119,18 +120,21 @@ def train(config: TrainConfig) -> RunResult:
 
     # The accelerator comes first: under ZeRO-3 (zero3_init_flag) from_pretrained then loads partitioned.
     spec = TrainableSpec.from_dict(plain(to_dict(config)["trainable"]))  # spelling checked before any loading
-    vision_trains = spec.vision_tower not in (False, None, "none")
+    # Parts that only images reach get no gradient from a text-only micro-batch on one rank, and LLaVA feeds the
+    # LLM from vision layer -2, so the last vision layer never gets one: DDP must look for unused parameters.
+    image_only_trains = spec.vision_tower not in (False, None, "none") or bool(spec.projector)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, config.dtype),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.grad_accum, sync_with_dataloader=False),  # steps span epochs: exact resume arithmetic
         log_with=config.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # LLaVA feeds the LLM from vision layer -2, so the last vision layer gets no gradient when the tower trains
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=vision_trains), *cpu_deepspeed_kwargs()],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=image_only_trains),
+                         *cpu_deepspeed_kwargs()],
     )
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    check_precision(accelerator, config)
     if deepspeed and config.on_nan_loss == "skip":
         raise ConfigError("key 'on_nan_loss': 'skip' is not available under DeepSpeed (its engine applies the update "
                           "inside backward, before a step could be dropped); use 'error'")
@@ -139,11 +143,14 @@ def train(config: TrainConfig) -> RunResult:
     say = accelerator.print
 
     # -- model and freezing plan ----------------------------------------------------------------------------
-    model, processor = load_pretrained(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    model, processor = load_pretrained(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                                       attn_implementation=config.attn_implementation)
     if config.method == "lora":
         model = add_lora(model, spec, config)
     plan = resolve_plan(model, spec, adapter_marker="lora_" if config.method == "lora" else None)
     plan.apply(model)
+    if not deepspeed:  # DeepSpeed's optimizer keeps its own fp32 master copy of what trains
+        keep_trainable_in(model, plan, config.trainable_dtype)
     checkpointed = setup_checkpointing(model, plan, config.gradient_checkpointing)
     model.train()
     say(f"model {config.model} ({plan.model_class}), method {config.method}, world size {accelerator.num_processes}")
@@ -169,10 +176,15 @@ def train(config: TrainConfig) -> RunResult:
 
     # -- optimizer and schedule ---------------------------------------------------------------------------
     optimizer = build_optimizer(model, plan, config)
+    optimizer_groups = [{"name": g["name"], "weight_decay": g["weight_decay"], "lr": g["lr"],
+                         "tensors": len(g["params"]), "parameters": sum(numel(p) for p in g["params"])}
+                        for g in optimizer.param_groups]
     wrapped = name_fsdp_wrap_classes(getattr(accelerator.state, "fsdp_plugin", None), model)
     if wrapped:
         say(f"FSDP wraps each {', '.join(wrapped)}")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    precision = precision_summary(accelerator, model, plan, config)
+    say(f"precision: {precision['line']}")
     micro_per_epoch = len(loader)
     if config.max_steps > 0:
         total_steps = config.max_steps
@@ -205,6 +217,8 @@ def train(config: TrainConfig) -> RunResult:
     # -- loop -----------------------------------------------------------------------------------------------
     trainable = [p for p in model.parameters() if p.requires_grad]
     skipped_steps: list[dict] = list(resumed_state.get("skipped_steps", []))  # dropped for a non-finite loss
+    loss_scaled = accelerator.mixed_precision == "fp16"  # accelerate's GradScaler or DeepSpeed's loss scaler
+    overflow_steps = int(resumed_state.get("overflow_steps", 0))  # fp16 updates the scaler skipped
     micro = (step + len(skipped_steps)) * config.grad_accum  # micro-batches this rank has consumed
     epoch, skip = divmod(micro, micro_per_epoch)
     step_times: list[float] = []
@@ -218,7 +232,8 @@ def train(config: TrainConfig) -> RunResult:
         nonlocal saved_step
         path = save_checkpoint(accelerator, model, optimizer, scheduler, trainable_names, output_dir, at_step,
                                {"step": at_step, "epoch": epoch, "loss": losses[-1] if losses else None,
-                                "skipped_steps": skipped_steps}, config.save_total_limit)
+                                "skipped_steps": skipped_steps, "overflow_steps": overflow_steps},
+                               config.save_total_limit)
         saved_step = at_step
         return path
 
@@ -253,13 +268,20 @@ def train(config: TrainConfig) -> RunResult:
                         grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
                         grad = float(grad_norm) if grad_norm is not None else float("nan")
                         finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad))
-                        if finite:
+                        overflow = False
+                        if loss_scaled:
+                            # fp16: an inf/NaN gradient is the loss scaler's to handle. Its step skips the update
+                            # and lowers the scale (normal while it calibrates); without that call it never would.
+                            scale = loss_scale(accelerator)
+                            optimizer.step()
+                            overflow = math.isfinite(step_loss) and scaler_skipped(accelerator, scale)
+                        elif finite:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)  # a non-finite step's gradients are dropped here
                 if not accelerator.sync_gradients:
                     continue
 
-                if not finite:  # no update was made; raises under on_nan_loss=error or past max_nan_skips
+                if not finite and not overflow:  # no update; raises under on_nan_loss=error or past max_nan_skips
                     skipped_steps.append(
                         nonfinite_skip(accelerator, config, dataset, window, step, output_dir, skipped_steps))
                     window = []
@@ -267,7 +289,10 @@ def train(config: TrainConfig) -> RunResult:
                     continue
                 step += 1
                 lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                if overflow:  # the scaler skipped this update: the schedule waits for the next real one
+                    overflow_steps += 1
+                else:
+                    scheduler.step()
                 step_tokens = int(accelerator.reduce(window_tokens, "sum").item())
                 step_samples = [i for ids, _ in window for i in ids]
                 window = []
@@ -281,6 +306,8 @@ def train(config: TrainConfig) -> RunResult:
                 losses.append(step_loss)
                 record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad,
                           "step_time": step_times[-1], "tokens": step_tokens, "epoch": epoch}
+                if loss_scaled:
+                    record.update(loss_scale=loss_scale(accelerator), skipped_by_scaler=overflow)
                 if main_process and (step % config.logging_steps == 0 or step == total_steps):
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
@@ -328,15 +355,19 @@ def train(config: TrainConfig) -> RunResult:
         "plan": plan.to_dict(),
         "freezing_table": plan.table(),
         "parameters": {"trainable": plan.num_trainable, "total": plan.num_total},
+        "optimizer_groups": optimizer_groups,
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.name,
         "mixed_precision": accelerator.mixed_precision,
+        "precision": precision,
+        "attn_implementation": attn_implementations(accelerator.unwrap_model(model)),
         "device": str(accelerator.device),
         "gradient_checkpointing_layers": checkpointed,
         "data": dataset.summary.to_dict(),
         "steps": step,
         "steps_this_session": len(step_times),
         "skipped_steps": skipped_steps,
+        "fp16_overflow_steps": overflow_steps if loss_scaled else None,
         "resumed_from": str(resume_path) if resume_path else None,
         "final_loss": losses[-1] if losses else None,
         "wall_time_s": wall,
@@ -522,12 +553,12 @@ def build_optimizer(model, plan: FreezePlan, config: TrainConfig) -> torch.optim
     opt = config.optim
     lrs = {"llm": opt.lr, "projector": opt.projector_lr, "vision": opt.vision_lr, "embeddings": opt.embeddings_lr}
     owner = {name: component_of(row.name) for row in plan.rows for name in row.names}
+    exempt = no_decay_names(unwrap(model))
     groups: dict[tuple[str, bool], list] = {}
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or "norm" in name or name.endswith(".bias")
-        groups.setdefault((owner[name], no_decay), []).append(p)
+        groups.setdefault((owner[name], name in exempt), []).append(p)
     param_groups = [
         {"params": params, "lr": lrs[component] if lrs[component] is not None else opt.lr,
          "weight_decay": 0.0 if no_decay else opt.weight_decay, "name": f"{component}{'/no_decay' if no_decay else ''}"}
@@ -537,6 +568,89 @@ def build_optimizer(model, plan: FreezePlan, config: TrainConfig) -> torch.optim
     if fused is None:  # fused AdamW is several times faster than the per-parameter loop, CPU included
         fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused)
+
+
+def no_decay_names(model) -> set[str]:
+    """Parameters weight decay must not touch: biases, normalisation weights and other vectors (CLIP's class
+    embedding). Decided by the owning module's role and the parameter's real shape: under ZeRO-3 every parameter
+    is a 1-element stand-in (shape [0] or [1]), so `p.ndim < 2` would exempt all of them and weight decay would
+    silently never apply."""
+    names = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)) or \
+            type(module).__name__.endswith(("Norm", "RMSNorm", "LayerNorm"))
+        for pname, p in module.named_parameters(recurse=False):
+            shape = getattr(p, "ds_shape", None) or p.shape
+            if is_norm or pname == "bias" or len(shape) < 2:
+                names.add(f"{module_name}.{pname}" if module_name else pname)
+    return names
+
+
+def keep_trainable_in(model, plan: FreezePlan, dtype_name: str) -> None:
+    """Cast only what trains to `dtype_name` (float32: the master weights AdamW updates, so steps of lr 1e-5
+    are not rounded away by bf16's 8-bit mantissa); frozen tensors stay in the loaded dtype, at half the bytes."""
+    target = DTYPES[dtype_name]
+    params = dict(unwrap(model).named_parameters())
+    for name in plan.trainable_names:
+        p = params[name]
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
+
+
+def check_precision(accelerator, config: TrainConfig) -> None:
+    """Refuse precisions that would not do what they say on this machine."""
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    if accelerator.mixed_precision == "fp16" and not deepspeed and accelerator.scaler is None:
+        raise ConfigError("key 'mixed_precision': fp16 needs a GPU here: on the CPU accelerate runs neither fp16 "
+                          "autocast nor loss scaling; use bf16 or no")
+    mixed = config.dtype != config.trainable_dtype
+    if accelerator.distributed_type.name == "FSDP" and mixed:
+        raise ConfigError(f"keys 'dtype'/'trainable_dtype': under FSDP load the weights in the dtype they train in "
+                          f"(FSDP shards flat groups of one dtype); set dtype={config.trainable_dtype} (FSDP's mixed "
+                          f"precision then computes in {accelerator.mixed_precision}), or trainable_dtype={config.dtype}")
+    if config.trainable_dtype != "float32":
+        log.warning(f"trainable_dtype={config.trainable_dtype}: AdamW updates {config.trainable_dtype} weights "
+                    f"directly (no float32 master weights); updates below the dtype's resolution are lost")
+
+
+def precision_summary(accelerator, model, plan: FreezePlan, config: TrainConfig) -> dict:
+    """The dtypes in effect after prepare(): weights of frozen and trainable tensors (elements and bytes per
+    dtype), the autocast dtype and where the master weights live."""
+    trainable = set(plan.trainable_names)
+    weights: dict[str, dict[str, dict[str, int]]] = {"trainable": {}, "frozen": {}}
+    for name, p in unwrap(accelerator.unwrap_model(model)).named_parameters():
+        kind = "trainable" if name in trainable else "frozen"
+        entry = weights[kind].setdefault(str(p.dtype).removeprefix("torch."), {"parameters": 0, "bytes": 0})
+        entry["parameters"] += numel(p)
+        entry["bytes"] += numel(p) * p.element_size()
+    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(accelerator.mixed_precision)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        master = "float32 (DeepSpeed's optimizer)"
+    else:
+        master = "/".join(weights["trainable"]) or None
+    line = (f"frozen {'/'.join(weights['frozen']) or '—'}, trainable {'/'.join(weights['trainable']) or '—'}, "
+            f"master weights {master}, autocast {autocast or 'off'}")
+    return {"dtype": config.dtype, "trainable_dtype": config.trainable_dtype, "autocast": autocast,
+            "master_weights": master, "weights": weights, "line": line}
+
+
+def loss_scale(accelerator) -> float | None:
+    scaler = accelerator.scaler
+    if scaler is not None:
+        return float(scaler.get_scale())
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    optimizer = getattr(getattr(engine, "engine", None), "optimizer", None)
+    scale = getattr(optimizer, "cur_scale", None) or getattr(getattr(optimizer, "loss_scaler", None), "cur_scale", None)
+    return float(scale) if scale is not None else None
+
+
+def scaler_skipped(accelerator, scale_before: float | None) -> bool:
+    """Whether the loss scaler skipped the last update. A GradScaler lowers its scale exactly when it skips
+    (accelerate's own flag misses skips inside fused AdamW, which applies the scaler's inf check itself);
+    DeepSpeed reports its overflow."""
+    if accelerator.scaler is not None:
+        return float(accelerator.scaler.get_scale()) < scale_before
+    return accelerator.optimizer_step_was_skipped
 
 
 def cpu_deepspeed_kwargs() -> list:
@@ -571,9 +685,12 @@ def name_fsdp_wrap_classes(plugin, model) -> list[str] | None:
     return names
 
 
-def resolve_mixed_precision(value: str) -> str:
+def resolve_mixed_precision(value: str, dtype: str = "float32") -> str:
+    """auto: the weights' own low precision when loaded in one; for float32 weights bf16 where the GPU has it."""
     if value != "auto":
         return value
+    if dtype in ("bfloat16", "float16"):
+        return {"bfloat16": "bf16", "float16": "fp16"}[dtype]
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
@@ -596,6 +713,10 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
     else:
         prefix = "module." if any(k.startswith("module.") for k in state) else ""
         delta = {n: state[prefix + n] for n in plan.trainable_names}
+    # final/ holds the model in the dtype it was loaded in (the float32 master weights stay in the checkpoint):
+    # base + delta then rebuilds exactly the merged model, and a bf16 base gives a bf16 model.
+    dtype = DTYPES[config.dtype]
+    delta = {n: t.to(dtype) if t.is_floating_point() else t for n, t in delta.items()}
     try:
         with atomic_dir(final) as tmp:
             save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
@@ -612,9 +733,9 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
                 merged.save_pretrained(tmp, safe_serialization=True)
                 processor.save_pretrained(tmp)
             elif config.save_merged:
-                merged = unwrapped.merge_and_unload() if lora else unwrapped
-                merged.save_pretrained(tmp, safe_serialization=True,
-                                       state_dict=None if lora else {k[len(prefix):]: v for k, v in state.items()})
+                merged = unwrapped.merge_and_unload().to(dtype) if lora else unwrapped
+                merged.save_pretrained(tmp, safe_serialization=True, state_dict=None if lora else {
+                    k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
                 processor.save_pretrained(tmp)
     except OSError as e:  # atomic_dir has removed its temporary directory; an earlier final/ is untouched
         raise CheckpointSaveError(f"could not write {final}: {e.strerror or e}; nothing half-written was left, and "
@@ -624,12 +745,21 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
 
 
 def weights_checksum(model, names: list[str], accelerator) -> str:
+    """sha256 of the trainable tensors, in float32. Under ZeRO-3 each rank holds only a partition, so they are
+    gathered first (a collective: every rank calls this); hashing the stand-ins would hash empty tensors."""
+    import contextlib
     import hashlib
 
     params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
+    gathered = contextlib.nullcontext()
+    if zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None)
     digest = hashlib.sha256()
-    for name in names:
-        digest.update(params[name].detach().float().cpu().numpy().tobytes())
+    with gathered:
+        for name in names:
+            digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

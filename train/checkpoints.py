@@ -3,6 +3,7 @@
     trainable.safetensors   the trainable tensors only (a frozen 7B base is not copied at every save)
     optimizer.pt            the optimizer's state dict, read back with weights_only=True
     scheduler.pt            the LR scheduler's state dict (stepped by hand, so saved on every backend)
+    scaler.pt               fp16 only: the GradScaler's loss scale and growth tracker
     rng-<rank>.json         python / numpy / torch RNG states of each rank
     trainer_state.json      step, data position and the metrics needed to continue
 
@@ -155,6 +156,8 @@ def _write_checkpoint_files(accelerator, model, optimizer, scheduler, trainable_
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if accelerator.is_main_process:  # stepped by hand, so no engine saves it for us
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None and accelerator.distributed_type.name != "FSDP":  # fp16's loss scale
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     (tmp / f"rng-{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
 
 
@@ -216,6 +219,8 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, traina
                 raise
             raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({e})") from None
     scheduler.load_state_dict(read_torch_state(path / "scheduler.pt"))
+    if accelerator.scaler is not None and (path / "scaler.pt").exists():
+        accelerator.scaler.load_state_dict(read_torch_state(path / "scaler.pt"))
     rng = path / f"rng-{accelerator.process_index}.json"
     if rng.exists():
         _set_rng_state(json.loads(rng.read_text()))

@@ -105,9 +105,16 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 42
 
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    # Autocast precision. auto: follows `dtype` (bfloat16 → bf16, float16 → fp16); float32 weights → bf16 on a GPU
+    # that has it, none on the CPU. `no` as on accelerate's command line (YAML's `no` is read as that, not false).
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     gradient_checkpointing: bool = False  # wraps only the layers from the first trainable one upward
-    dtype: str = "float32"  # how the model's weights are loaded
+    dtype: str = "float32"  # how the model's weights are loaded; frozen tensors stay in it
+    # What trains is kept in this dtype: the master weights AdamW updates. float32 (default) is mixed precision
+    # done right; bfloat16/float16 update low-precision weights directly, where steps of lr 1e-5 round away
+    # (bf16 spacing is ~0.4 % of a weight), so only when asked for explicitly.
+    trainable_dtype: str = "float32"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn) | ...
     trust_remote_code: bool = False
 
     logging_steps: int = 1
@@ -131,6 +138,7 @@ CHOICES = {
     "on_nan_loss": ("error", "skip"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "trainable_dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -208,6 +216,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         # OmegaConf parses the value as YAML (numbers, lists, null) like the file would
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([f"{key.strip()}={raw}"])))
     for where, layer in layers:
+        _yaml_words(layer)
         _check_keys(OmegaConf.to_container(layer), TrainConfig, where)
         try:
             schema = OmegaConf.merge(schema, layer)
@@ -221,6 +230,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     config: TrainConfig = OmegaConf.to_object(schema)  # type: ignore[assignment]
     validate(config)
     return config
+
+
+def _yaml_words(layer: DictConfig) -> None:
+    """YAML 1.1 reads `no` (and off, false) as a boolean; for mixed_precision it is accelerate's name "no"."""
+    if "mixed_precision" in layer and layer.mixed_precision is False:
+        layer.mixed_precision = "no"
 
 
 def _first_line(e: Exception) -> str:
@@ -257,6 +272,21 @@ def validate(config: TrainConfig) -> None:
     names = [s.value for s in SchedulerType]
     if config.optim.scheduler not in names:
         raise ConfigError(f"key 'optim.scheduler': {config.optim.scheduler!r} is not one of {', '.join(names)}")
+    from midtune.checkpoint import ATTN_IMPLEMENTATIONS, CheckpointError, check_attn_implementation
+
+    if config.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"key 'attn_implementation': {config.attn_implementation!r} is not one of "
+                          f"{', '.join(map(repr, ATTN_IMPLEMENTATIONS))}")
+    try:
+        check_attn_implementation(config.attn_implementation)
+    except CheckpointError as e:
+        raise ConfigError(f"key {e}") from None
+    low = {"bfloat16": "bf16", "float16": "fp16"}
+    if config.dtype in low and config.trainable_dtype == "float32" and config.mixed_precision == "no":
+        raise ConfigError(
+            f"keys 'dtype'/'mixed_precision': dtype={config.dtype} keeps the frozen weights in {config.dtype} and what "
+            f"trains in float32, which needs autocast; set mixed_precision={low[config.dtype]} (or auto), or "
+            f"dtype=float32, or trainable_dtype={config.dtype} to update {config.dtype} weights directly")
     if config.method == "lora" and config.trainable.layers in (None, "none", []):
         raise ConfigError("method 'lora' needs trainable.layers: the block of LLM layers that gets adapters")
 
