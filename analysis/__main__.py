@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from analysis.extract import AnalysisError
+from midtune.checkpoint import ATTN_IMPLEMENTATIONS
 
 log = logging.getLogger("midtune.analysis")
 
@@ -29,6 +30,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                                   "delta's metadata)")
     p.add_argument("--lora-scale", type=float, help="LoRA alpha / r, for checkpoint tensors holding LoRA adapters")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--attn-implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel the model runs (default sdpa; flash_attention_2 needs flash-attn)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--trust-remote-code", action="store_true")
@@ -140,7 +143,8 @@ def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
                                idcorr_shuffles=args.idcorr_shuffles, idcorr=not args.no_idcorr, seed=args.seed)
     settings.check()
     extract_settings = ExtractSettings(prompt=args.prompt or DEFAULT_PROMPT, caption_format=args.caption_format,
-                                       batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype)
+                                       batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
+                                       attn_implementation=args.attn_implementation)
     extract_settings.check()
     # Everything that can be checked without a model is checked first.
     pairs = read_pairs(args.pairs, args.image_folder, label=args.label, max_pairs=args.max_pairs,
@@ -197,7 +201,8 @@ def run_intervene(args) -> None:
         world = Path(ensure_shapes_data(progress=not args.no_progress))
     questions = read_questions(world, tasks, args.limit)
     ref = resolve_model(args.model, args.base, args.lora_scale)
-    model, processor = load_model(ref, args.dtype, _device(args.device), args.trust_remote_code)
+    model, processor = load_model(ref, args.dtype, _device(args.device), args.trust_remote_code,
+                                  args.attn_implementation)
     result = run_intervention(model, processor, questions, window=args.window, stride=args.stride,
                               batch_size=args.batch_size, progress=not args.no_progress)
     result = {"model": ref.describe(), "world": str(world.resolve()), **result}

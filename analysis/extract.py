@@ -228,16 +228,19 @@ def _safetensors_format(path: Path) -> str | None:
         raise AnalysisError(f"{str(path)!r}: not a readable safetensors file ({e})") from None
 
 
-def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False):
+def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = "sdpa"):
     """(model, processor) in eval mode on `device` (default: CUDA if available, else CPU)."""
     from eval.sources import resolve_device
     from midtune.checkpoint import CheckpointError, apply_delta, load_pretrained, load_with_delta
 
     try:
         if ref.delta:
-            model, processor = load_with_delta(ref.base, ref.delta, dtype=dtype, trust_remote_code=trust_remote_code)
+            model, processor = load_with_delta(ref.base, ref.delta, dtype=dtype, trust_remote_code=trust_remote_code,
+                                               attn_implementation=attn_implementation)
         else:
-            model, processor = load_pretrained(ref.base, dtype=dtype, trust_remote_code=trust_remote_code)
+            model, processor = load_pretrained(ref.base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                               attn_implementation=attn_implementation)
         if ref.trainable:
             from safetensors.torch import load_file
 
@@ -286,6 +289,7 @@ class ExtractSettings:
     batch_size: int = 8
     shard_size: int = 256  # pairs per shard file
     dtype: str = "float32"  # weights
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 ...
 
     def check(self) -> None:
         if self.caption_format not in CAPTION_FORMATS:
@@ -301,6 +305,8 @@ def fingerprint(model_fp: dict, pairs: Sequence[Pair], settings: ExtractSettings
         digest.update(json.dumps([p.id, str(p.image), p.caption]).encode())
     payload = {"format": FORMAT, "model": model_fp, "pairs": digest.hexdigest(), "prompt": settings.prompt,
                "caption_format": settings.caption_format, "shard_size": settings.shard_size, "dtype": settings.dtype}
+    if settings.attn_implementation != "sdpa":  # the default keeps fingerprints of earlier extractions valid
+        payload["attn_implementation"] = settings.attn_implementation
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -334,7 +340,7 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
         log.info(f"extraction {out_dir}: resuming, {len(done)} of {len(ranges)} shards already written")
 
     if loaded is None:
-        model, processor = load_model(ref, settings.dtype, device, trust_remote_code)
+        model, processor = load_model(ref, settings.dtype, device, trust_remote_code, settings.attn_implementation)
         describe = ref.describe()
     else:
         model, processor = loaded

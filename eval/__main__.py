@@ -60,6 +60,8 @@ class ModelSpec:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from midtune.checkpoint import ATTN_IMPLEMENTATIONS
+
     ap = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    ap.add_argument("--attn-implementation", "--attn_implementation", dest="attn_implementation", default="sdpa",
+                    choices=ATTN_IMPLEMENTATIONS, help="attention kernel (default sdpa, as in training)")
     ap.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/eval")
     ap.add_argument("--redo", action="store_true",
                     help="evaluate every (model, task) again; by default finished results in --output_dir with the "
@@ -139,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
     failure: EvalError | None = None
     for k, spec in enumerate(specs, 1):
         settings = {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "limit": args.limit,
-                    "dtype": args.dtype}
+                    "dtype": args.dtype,
+                    **({"attn_implementation": args.attn_implementation} if args.attn_implementation != "sdpa" else {})}
         model_dir = output_dir / spec.name
         done = {} if args.redo else finished_tasks(model_dir, tasks, settings)
         todo = [t for t in tasks if t not in done]
@@ -389,7 +394,8 @@ def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: d
     try:
         lm = Midtune(pretrained=spec.source.pretrained, delta=spec.source.delta, device=args.device,
                      dtype=args.dtype, batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
-                     verify_base=False)  # the base hash was checked before any model ran
+                     verify_base=False,  # the base hash was checked before any model ran
+                     attn_implementation=args.attn_implementation)
     except Exception as e:  # noqa: BLE001 - any loading failure names the model
         raise EvalError(f"model {spec.name}: cannot load {spec.source.describe()!r}: {one_line(e)}", code=1) from None
     loaded = time.time() - started

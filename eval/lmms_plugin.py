@@ -10,7 +10,8 @@ Registered through the entry point `[project.entry-points."lmms_eval.models"] mi
 
 Arguments: `pretrained`, `delta`, `device` (auto: cuda if available, else cpu), `dtype` (auto: bfloat16 on GPU,
 float32 on CPU), `batch_size`, `trust_remote_code`, `verify_base` (check the delta's base hash, default on),
-`chat_template` (a template string or .jinja file, default: the processor's), `system_prompt`. Unknown
+`chat_template` (a template string or .jinja file, default: the processor's), `system_prompt`,
+`attn_implementation` (sdpa by default, as in training; eager, flash_attention_2 with flash-attn). Unknown
 arguments are accepted and ignored with a warning.
 
 Prompts are built with the processor's chat template: one user turn whose content is the request's images (as
@@ -110,7 +111,7 @@ class Midtune(lmms):
     def __init__(self, pretrained: str | None = None, delta: str | None = None, device: str | None = None,
                  dtype: str | None = "auto", batch_size: int | str = 1, trust_remote_code: bool = False,
                  verify_base: bool = True, chat_template: str | None = None, system_prompt: str | None = None,
-                 **kwargs) -> None:
+                 attn_implementation: str | None = "sdpa", **kwargs) -> None:
         super().__init__()
         import torch
 
@@ -126,10 +127,12 @@ class Midtune(lmms):
         if self.source.delta:
             model, processor = load_with_delta(self.source.pretrained, self.source.delta, dtype=self.dtype_name,
                                                trust_remote_code=trust_remote_code,
-                                               verify_base=_as_bool(verify_base))
+                                               verify_base=_as_bool(verify_base),
+                                               attn_implementation=attn_implementation or None)
         else:
             model, processor = load_pretrained(self.source.pretrained, dtype=self.dtype_name,
-                                               trust_remote_code=trust_remote_code)
+                                               trust_remote_code=trust_remote_code,
+                                               attn_implementation=attn_implementation or None)
         self._model = model.to(self._device).eval()
         self.processor = processor
         self._tokenizer = getattr(processor, "tokenizer", processor)
@@ -174,8 +177,9 @@ class Midtune(lmms):
         messages = [{"role": "user", "content": content_parts(context, n_images)}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        kwargs = {"chat_template": self.chat_template} if self.chat_template else {}
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        from midtune.data import render_chat  # the renderer training used: text-content templates, images
+
+        return render_chat(self.processor, messages, add_generation_prompt=True, template=self.chat_template)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         if doc_to_visual is None:
@@ -198,7 +202,9 @@ class Midtune(lmms):
         kwargs: dict = {"text": texts, "return_tensors": "pt", "padding": True}
         if flat:
             kwargs["images"] = flat
-        batch = self.processor(**kwargs)
+        from midtune.data import add_special_tokens_for  # no second BOS after a template that wrote one
+
+        batch = self.processor(**kwargs, add_special_tokens=add_special_tokens_for(self._tokenizer, texts[0]))
         out = {}
         for key, value in batch.items():
             if self._forward_keys is not None and key not in self._forward_keys:
@@ -333,8 +339,11 @@ class Midtune(lmms):
     def _continuation_length(self, prompt: str, continuation: str) -> int:
         """How many tokens `continuation` adds after `prompt` (tokenising the joined text, as the model sees it)."""
         tok = self._tokenizer
-        full = tok(prompt + continuation, add_special_tokens=True)["input_ids"]
-        head = tok(prompt, add_special_tokens=True)["input_ids"]
+        from midtune.data import add_special_tokens_for
+
+        special = add_special_tokens_for(tok, prompt)
+        full = tok(prompt + continuation, add_special_tokens=special)["input_ids"]
+        head = tok(prompt, add_special_tokens=special)["input_ids"]
         common = 0
         for a, b in zip(head, full):
             if a != b:

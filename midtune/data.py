@@ -254,15 +254,18 @@ def load_image(img: Any) -> Image.Image:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def render_chat(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_chat(processor, messages: list[dict], add_generation_prompt: bool = False,
+                template: str | None = None) -> str:
     """`messages` (content lists: {"type": "image"} / {"type": "text"}) rendered with the processor's chat template.
 
     Templates written for text LLMs (SmolLM2's, Vicuna's) take each message's content as one string; for them
-    the content list is flattened, each image becoming the family's image placeholder and a newline."""
-    template = getattr(processor, "chat_template", None) or getattr(_tokenizer(processor), "chat_template", None)
+    the content list is flattened, each image becoming the family's image placeholder and a newline.
+    `template` replaces the processor's own."""
+    template = template or getattr(processor, "chat_template", None) or \
+        getattr(_tokenizer(processor), "chat_template", None)
     if not template:
         raise DataError("the processor has no chat template; save one with the model (processor.chat_template)")
-    if _takes_string_content(processor):
+    if _takes_string_content(processor, template):
         from midtune.adapters import image_text_for
 
         image = image_text_for(processor)
@@ -272,29 +275,28 @@ def render_chat(processor, messages: list[dict], add_generation_prompt: bool = F
         return _tokenizer(processor).apply_chat_template(messages, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt,
                                                           chat_template=template)
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
 
 
 def _tokenizer(processor):
     return processor.tokenizer if hasattr(processor, "tokenizer") else processor
 
 
-def _takes_string_content(processor) -> bool:
+_STRING_CONTENT: dict[str, bool] = {}  # chat template → whether it takes content as one string
+
+
+def _takes_string_content(processor, template: str) -> bool:
     """Whether the chat template reads a message's content as a string (it prints a content list's repr, or
-    fails on it). Probed once per processor."""
-    known = getattr(processor, "_midtune_string_content", None)
-    if known is None:
+    fails on it). Probed once per template."""
+    if template not in _STRING_CONTENT:
         probe = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
         try:
-            text = processor.apply_chat_template(probe, tokenize=False)
-            known = "'type'" in text or '"type"' in text
+            text = processor.apply_chat_template(probe, tokenize=False, chat_template=template)
+            _STRING_CONTENT[template] = "'type'" in text or '"type"' in text
         except Exception:  # noqa: BLE001 - a template that concatenates content with strings raises on a list
-            known = True
-        try:
-            processor._midtune_string_content = known
-        except AttributeError:
-            pass
-    return known
+            _STRING_CONTENT[template] = True
+    return _STRING_CONTENT[template]
 
 
 def special_token_strings(tokenizer) -> list[str]:

@@ -269,3 +269,16 @@ def test_every_family_trains_a_block_and_its_projector(world, tiny_dir, tmp_path
     delta = load_file(out / "final" / "delta.safetensors")
     assert sum(t.numel() for t in delta.values()) == summary["parameters"]["trainable"]
     assert any(row["name"] == "projector" and row["trainable"] for row in summary["plan"]["rows"])
+
+
+def test_attn_implementation_reaches_eval_and_analysis(tiny_dir):
+    """Every place a model is loaded takes the same attention choice: the eval plugin and analysis too."""
+    from analysis.extract import load_model, resolve_model
+    from eval.lmms_plugin import Midtune
+    from midtune.checkpoint import attn_implementations
+
+    lm = Midtune(pretrained=str(tiny_dir("qwen2_vl")), device="cpu", attn_implementation="eager")
+    assert attn_implementations(lm._model)["text"] == "eager"
+    model, _ = load_model(resolve_model(str(tiny_dir("llava"))), device="cpu", attn_implementation="eager")
+    assert attn_implementations(model)["text"] == "eager"
+    assert attn_implementations(Midtune(pretrained=str(tiny_dir("llava")), device="cpu")._model)["text"] == "sdpa"

@@ -21,6 +21,8 @@ from train.__main__ import train
 from train.backward_cut import setup_checkpointing, setup_naive_checkpointing
 from train.config import load_config
 
+from conftest import FAMILIES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,12 +85,18 @@ def count_calls(module, counter: dict, key: str):
     return module.register_forward_hook(lambda *_: counter.__setitem__(key, counter.get(key, 0) + 1))
 
 
+def first_norm(module):
+    """The first normalisation inside a layer: a hook there fires on recompute too (one on the layer would not)."""
+    return next(m for m in module.modules() if type(m).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")))
+
+
 @pytest.mark.parametrize("naive", [False, True])
-def test_backward_stops_at_the_first_trainable_layer(world, tiny_dir, naive):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backward_stops_at_the_first_trainable_layer(world, tiny_dir, naive, family):
     """With checkpointing on, the frozen prefix runs forward once per step and records no graph; layers from
     the block up are recomputed in backward. The naive setup (what other tools do) recomputes the prefix too:
-    running it shows the counters do see recomputation."""
-    model, processor = load_pretrained(str(tiny_dir("llava")))
+    running it shows the counters do see recomputation. Every family."""
+    model, processor = load_pretrained(str(tiny_dir(family)))
     plan = resolve_plan(model, {"layers": "2-3"})
     plan.apply(model)
     if naive:
@@ -100,10 +108,10 @@ def test_backward_stops_at_the_first_trainable_layer(world, tiny_dir, naive):
     calls: dict[str, int] = {}
     hooks = [
         # a hook on input_layernorm fires on recompute too; a hook on the layer itself would not
-        count_calls(parts.language_layers[0].input_layernorm, calls, "llm0"),
-        count_calls(parts.language_layers[1].input_layernorm, calls, "llm1"),
-        count_calls(parts.language_layers[2].input_layernorm, calls, "llm2"),
-        count_calls(parts.vision_layers[0].layer_norm1, calls, "vision0"),
+        count_calls(first_norm(parts.language_layers[0]), calls, "llm0"),
+        count_calls(first_norm(parts.language_layers[1]), calls, "llm1"),
+        count_calls(first_norm(parts.language_layers[2]), calls, "llm2"),
+        count_calls(first_norm(parts.vision_layers[0]), calls, "vision0"),
     ]
     outputs = {}
     hooks.append(parts.language_layers[1].register_forward_hook(
@@ -342,6 +350,47 @@ def test_two_cpu_processes_train_data_parallel(world, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_with_a_trainable_projector_and_a_text_only_rank(world, tiny_dir, tmp_path):
+    """Two ranks, batch 1, one image row and one text row: at every step one rank's micro-batch has no image,
+    so the projector gets no gradient there. DDP must be told to look for unused parameters, or its reduction
+    fails at the second step."""
+    rows = json.loads((world / "train.json").read_text())
+    text_row = {"id": "text-0", "conversations": [{"from": "human", "value": "Name a colour."},
+                                                  {"from": "gpt", "value": "red"}]}
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([rows[0], text_row]))
+    out = tmp_path / "ddp"
+    args = overrides(world, tiny_dir("llava"), out, data=data, batch_size=1, max_steps=3, record_samples="true",
+                     **{"trainable.layers": "1", "trainable.projector": "true"})
+    proc = launch(ROOT / "configs/accelerate/cpu_2proc.yaml", args, {"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_data_parallel(out, steps=3)
+    steps = read_jsonl(out / "samples-rank0.jsonl")[:-1] + read_jsonl(out / "samples-rank1.jsonl")[:-1]
+    assert sum(s["samples"] == ["text-0"] for s in steps) == 3  # a text-only rank at every step
+
+
+def zero3_checks(run_dir: Path, world: Path, model_dir: Path) -> None:
+    """Under ZeRO-3 each rank holds partitioned stand-ins (numel 0, shape [0]): what run.json says and the
+    weights checksum must come from the real parameters, and weight decay must still reach the matrices."""
+    import hashlib
+
+    summary = json.loads((run_dir / "run.json").read_text())
+    model, _ = load_pretrained(str(model_dir))
+    plan = resolve_plan(model, {"layers": "1-2"})
+    assert summary["parameters"] == {"trainable": plan.num_trainable, "total": plan.num_total}
+    groups = {g["name"]: g for g in summary["optimizer_groups"]}
+    assert set(groups) == {"llm", "llm/no_decay"} and groups["llm"]["weight_decay"] == 0.1
+    expected = dict(model.named_parameters())
+    assert groups["llm"]["parameters"] == sum(expected[n].numel() for n in plan.trainable_names
+                                              if expected[n].ndim == 2)
+    delta = load_file(run_dir / "final" / "delta.safetensors")
+    digest = hashlib.sha256()
+    for name in sorted(delta):
+        digest.update(delta[name].float().numpy().tobytes())
+    assert read_jsonl(run_dir / "samples-rank0.jsonl")[-1]["final_weights"] == digest.hexdigest()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stage):
     """The shipped ZeRO-2/3 configs with 2 processes: real data parallelism, a frozen prefix under
@@ -354,7 +403,7 @@ def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stag
     accelerate_config = tmp_path / f"zero{stage}.yaml"
     accelerate_config.write_text(yaml.safe_dump(config))
     common = {"trainable.layers": "1-2", "record_samples": "true", "save_steps": 2, "save_total_limit": 0,
-              "gradient_checkpointing": "true"}
+              "gradient_checkpointing": "true", "optim.weight_decay": 0.1}
     full = launch(accelerate_config, overrides(world, tiny_dir("llava"), tmp_path / "a", **common), {})
     assert full.returncode == 0, full.stderr[-3000:]
     check_data_parallel(tmp_path / "a", steps=4)
@@ -373,6 +422,7 @@ def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stag
     assert delta and all(torch.equal(merged[k], delta[k]) for k in delta)
     before = tensors(tiny_dir("llava"))
     assert all(torch.equal(before[k], merged[k]) for k in before if k not in delta)
+    zero3_checks(tmp_path / "b", world, tiny_dir("llava"))
 
 
 @pytest.mark.slow
