@@ -283,6 +283,8 @@ def train_backend(ctx: Context, backend: str, port: int) -> dict:
                  f"max_steps={ctx.sizes.train_steps}", f"save_steps={save_at}", "save_total_limit=0",
                  "batch_size=4", "seed=0", "optim.lr=1e-3", "report_to=[]", "trainable.layers=1-2",
                  "gradient_checkpointing=true"]
+    if ctx.sizes.device != "cpu" and backend in ("plain", "zero3"):
+        overrides.append("dtype=bfloat16")  # the 7B recipe: bf16 weights, fp32 master weights of what trains
     # `accelerate launch` itself, minus the CLI's other subcommands: its `estimate-memory` imports timm and
     # torchvision's models, 7 of the CLI's 11 s start-up on this project's CPU machine
     launch = [PY, "-m", "accelerate.commands.launch", "--config_file", str(config), "train"]
@@ -304,7 +306,10 @@ def train_backend(ctx: Context, backend: str, port: int) -> dict:
         "median_step_s": info.get("median_step_time_s", info.get("median_step_s")),
         "peak_training_memory_mb": info.get("peak_training_memory_mb"),
         "trainable": info.get("parameters", {}).get("trainable"), "final": str(first / "final"),
+        "precision": info.get("precision", {}).get("line"),
     }
+    if not figures["trainable"]:  # ZeRO-3's partitioned stand-ins once counted as 0
+        raise StepFailed(f"run.json counts {figures['trainable']} trainable parameters")
     if figures["distributed_type"] != EXPECTED_TYPE[backend]:
         raise StepFailed(f"accelerate ran {figures['distributed_type']}, not {EXPECTED_TYPE[backend]}")
     expected = losses[save_at:]
@@ -590,7 +595,8 @@ def markdown(report: dict) -> str:
             if r["status"] == "passed":
                 resumed += " (exact)" if r.get("resume_exact") else f" (rel. diff {r['resume_max_rel_diff']:.1e})"
             lines.append(f"| {b} | {r['status']} | {r.get('distributed_type', '–')} | "
-                         f"{r.get('mixed_precision', '–')} | {fmt(r.get('median_step_s'))} | {losses or '–'} | "
+                         f"{r.get('precision') or r.get('mixed_precision', '–')} | {fmt(r.get('median_step_s'))} | "
+                         f"{losses or '–'} | "
                          f"{resumed or '–'} | {r.get('reason', '')} |")
     ev = steps.get("eval", {}).get("figures")
     if ev:
