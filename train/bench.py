@@ -36,6 +36,7 @@ section to BENCHMARKS.md (``--output`` elsewhere, ``--no-record`` to skip)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -310,7 +311,7 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
 
     from midtune.adapters import family_of
     from midtune.spec import TrainableSpec, resolve_plan
-    from train.__main__ import add_lora, build_optimizer
+    from train.__main__ import add_lora, build_optimizer, keep_trainable_in
     from train.backward_cut import setup_checkpointing, setup_naive_checkpointing
     from train.config import LoraConfig, OptimConfig
 
@@ -323,6 +324,10 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
         model = add_lora(model, spec, config)
     plan = resolve_plan(model, spec, adapter_marker="lora_" if setup.mode == "lora" else None)
     plan.apply(model)
+    autocast = contextlib.nullcontext()
+    if dtype != torch.float32:  # as train does: fp32 master weights of what trains, low-precision compute
+        keep_trainable_in(model, plan, "float32")
+        autocast = torch.autocast(device_type=torch.device(preset.device).type, dtype=dtype)
     if setup.mode == "naive":
         if setup.checkpointing:
             setup_naive_checkpointing(model)  # reentrant on every layer + enable_input_require_grads()
@@ -340,7 +345,8 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
     memory.mark()
 
     def step():
-        loss = model(**batch, use_cache=False).loss
+        with autocast:
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -380,8 +386,8 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
         cpu_times.append(time.process_time() - cpu_start)
     losses.append(float(loss.detach()))
     peak = memory.peak()
-    elem = torch.finfo(dtype).bits // 8
     n_trainable = sum(p.numel() for p in trainable)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "setup": setup.name,
@@ -390,7 +396,7 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
         "peak_training_bytes": peak - memory.base,
         "peak_total_bytes": peak - memory.start,
         "weights_bytes": weights,
-        "state_bytes": 3 * n_trainable * elem,  # gradients + AdamW exp_avg + exp_avg_sq
+        "state_bytes": 3 * trainable_bytes,  # gradients + AdamW exp_avg + exp_avg_sq, in the master weights' dtype
         "trainable": n_trainable,
         "total": sum(p.numel() for p in model.parameters()),
         "llm0_forwards": calls["llm0"],
@@ -535,7 +541,14 @@ def goals(rows: list[dict], preset: Preset) -> list[str]:
                        f"({'outweigh' if outweigh else 'do NOT outweigh'})")
         line("peak training memory midtune / full", m["mem_vs_full"], 0.6, detail)
     first = {r["losses"][0] for r in rows}
-    check = f"- check: first-step loss {'identical' if len(first) == 1 else 'DIFFERS'} across configurations"
+    if len(first) == 1:
+        verdict = "identical"
+    elif preset.dtype != "fp32":  # what trains is fp32 (master weights), frozen tensors low precision: rounding
+        spread = (max(first) - min(first)) / max(abs(min(first)), 1e-12)
+        verdict = f"differs by {spread:.1e} relative (mixed precision: trainable tensors fp32, frozen {preset.dtype})"
+    else:
+        verdict = "DIFFERS"
+    check = f"- check: first-step loss {verdict} across configurations"
     if m and n:
         same = m["losses"][-1] == n["losses"][-1]
         check += (f"; midtune and naive reach {'the same' if same else 'DIFFERENT'} loss after "
