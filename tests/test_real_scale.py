@@ -282,3 +282,26 @@ def test_attn_implementation_reaches_eval_and_analysis(tiny_dir):
     model, _ = load_model(resolve_model(str(tiny_dir("llava"))), device="cpu", attn_implementation="eager")
     assert attn_implementations(model)["text"] == "eager"
     assert attn_implementations(Midtune(pretrained=str(tiny_dir("llava")), device="cpu")._model)["text"] == "sdpa"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_resumes_exactly(world, tiny_dir, tmp_path, monkeypatch, precision):
+    """Checkpoints hold the fp32 master weights (and under fp16 the loss scale), so a resumed run repeats the
+    uninterrupted one's losses exactly, overflow skips included."""
+    import shutil
+
+    extra = {"dtype": "bfloat16"}
+    if precision == "fp16":
+        gpu_like_fp16(monkeypatch, init_scale=2.0**18)
+        extra = {"mixed_precision": "fp16"}
+    common = dict(max_steps=6, save_steps=3, save_total_limit=0, **extra,
+                  **{"trainable.layers": "1-2", "optim.lr": 1e-3})
+    fresh_train(load_config(None, args(world, tiny_dir("llava"), tmp_path / "a", **common)))
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    fresh_train(load_config(None, args(world, tiny_dir("llava"), tmp_path / "b", resume_from="latest", **common)))
+    first = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert again == [{**r, "step_time": again[i]["step_time"]} for i, r in enumerate(first[3:])]
+    if precision == "fp16":
+        assert any(r["skipped_by_scaler"] for r in first) and "loss_scale" in again[0]
