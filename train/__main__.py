@@ -36,7 +36,7 @@ import torch
 from midtune.adapters import UnsupportedModelError, family_of, unwrap
 from midtune.checkpoint import (DTYPES, CheckpointError, atomic_dir, attn_implementations, base_hash, load_pretrained,
                                 load_with_delta, save_delta)
-from midtune.data import Collator, DataError, SupervisedDataset
+from midtune.data import IGNORE_INDEX, Collator, DataError, SupervisedDataset
 from midtune.spec import FreezePlan, SpecError, TrainableSpec, numel, resolve_layers, resolve_plan
 from train.backward_cut import setup_checkpointing
 from train.checkpoints import (CheckpointSaveError, all_ranks_ok, checkpoint_dirs, load_checkpoint,
@@ -254,7 +254,7 @@ def train(config: TrainConfig) -> RunResult:
             for batch in batches:
                 sample_ids = batch.pop("sample_ids")
                 with accelerator.accumulate(model):
-                    loss = model(**batch, use_cache=False).loss  # no KV cache while training
+                    loss = causal_lm_loss(model, batch, config.logits_at_labels)
                     window.append((sample_ids, loss.detach()))
                     # DeepSpeed's engine updates inside backward: a bad loss must be caught before it
                     if deepspeed and not all_ranks_ok(accelerator, bool(torch.isfinite(loss))):
@@ -568,6 +568,26 @@ def build_optimizer(model, plan: FreezePlan, config: TrainConfig) -> torch.optim
     if fused is None:  # fused AdamW is several times faster than the per-parameter loop, CPU included
         fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, fused=fused)
+
+
+def causal_lm_loss(model, batch: dict, at_labels: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens, as the model's own loss computes it.
+
+    With `at_labels`, the LM head runs only at the positions that predict a label in some row of the batch
+    (transformers' `logits_to_keep` with an index tensor), not at every position: image tokens, prompts and
+    padding carry no label, and a [tokens × vocabulary] logits tensor is the largest activation of a VLM step
+    (Qwen2.5-VL: 152k × 4 bytes per token)."""
+    if not at_labels:
+        return model(**batch, use_cache=False).loss  # no KV cache while training
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    kept = targets[:, keep]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / (kept != IGNORE_INDEX).sum()
 
 
 def no_decay_names(model) -> set[str]:

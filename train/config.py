@@ -109,6 +109,9 @@ class TrainConfig:
     # that has it, none on the CPU. `no` as on accelerate's command line (YAML's `no` is read as that, not false).
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     gradient_checkpointing: bool = False  # wraps only the layers from the first trainable one upward
+    # The LM head runs only where a label is predicted (not on image tokens, prompts, padding); false: everywhere,
+    # as the model's own loss does (the same value).
+    logits_at_labels: bool = True
     dtype: str = "float32"  # how the model's weights are loaded; frozen tensors stay in it
     # What trains is kept in this dtype: the master weights AdamW updates. float32 (default) is mixed precision
     # done right; bfloat16/float16 update low-precision weights directly, where steps of lr 1e-5 round away
