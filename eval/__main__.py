@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     ap.add_argument("--attn-implementation", "--attn_implementation", dest="attn_implementation", default="sdpa",
                     choices=ATTN_IMPLEMENTATIONS, help="attention kernel (default sdpa, as in training)")
+    ap.add_argument("--min-pixels", "--min_pixels", dest="min_pixels", type=int, default=None,
+                    help="Qwen2-VL/2.5-VL: pixel budget per image (default: the model's processor's)")
+    ap.add_argument("--max-pixels", "--max_pixels", dest="max_pixels", type=int, default=None)
     ap.add_argument("--output_dir", "--output-dir", dest="output_dir", default="runs/eval")
     ap.add_argument("--redo", action="store_true",
                     help="evaluate every (model, task) again; by default finished results in --output_dir with the "
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> dict:
     for k, spec in enumerate(specs, 1):
         settings = {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "limit": args.limit,
                     "dtype": args.dtype,
-                    **({"attn_implementation": args.attn_implementation} if args.attn_implementation != "sdpa" else {})}
+                    **({"attn_implementation": args.attn_implementation} if args.attn_implementation != "sdpa" else {}),
+                    **{k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None}}
         model_dir = output_dir / spec.name
         done = {} if args.redo else finished_tasks(model_dir, tasks, settings)
         todo = [t for t in tasks if t not in done]
@@ -395,7 +399,8 @@ def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: d
         lm = Midtune(pretrained=spec.source.pretrained, delta=spec.source.delta, device=args.device,
                      dtype=args.dtype, batch_size=args.batch_size, trust_remote_code=args.trust_remote_code,
                      verify_base=False,  # the base hash was checked before any model ran
-                     attn_implementation=args.attn_implementation)
+                     attn_implementation=args.attn_implementation, min_pixels=args.min_pixels,
+                     max_pixels=args.max_pixels)
     except Exception as e:  # noqa: BLE001 - any loading failure names the model
         raise EvalError(f"model {spec.name}: cannot load {spec.source.describe()!r}: {one_line(e)}", code=1) from None
     loaded = time.time() - started

@@ -11,7 +11,8 @@ Registered through the entry point `[project.entry-points."lmms_eval.models"] mi
 Arguments: `pretrained`, `delta`, `device` (auto: cuda if available, else cpu), `dtype` (auto: bfloat16 on GPU,
 float32 on CPU), `batch_size`, `trust_remote_code`, `verify_base` (check the delta's base hash, default on),
 `chat_template` (a template string or .jinja file, default: the processor's), `system_prompt`,
-`attn_implementation` (sdpa by default, as in training; eager, flash_attention_2 with flash-attn). Unknown
+`attn_implementation` (sdpa by default, as in training; eager, flash_attention_2 with flash-attn), `min_pixels` /
+`max_pixels` (Qwen2-VL/2.5-VL's pixel budget per image; default: the processor's, which training saves). Unknown
 arguments are accepted and ignored with a warning.
 
 Prompts are built with the processor's chat template: one user turn whose content is the request's images (as
@@ -111,7 +112,8 @@ class Midtune(lmms):
     def __init__(self, pretrained: str | None = None, delta: str | None = None, device: str | None = None,
                  dtype: str | None = "auto", batch_size: int | str = 1, trust_remote_code: bool = False,
                  verify_base: bool = True, chat_template: str | None = None, system_prompt: str | None = None,
-                 attn_implementation: str | None = "sdpa", **kwargs) -> None:
+                 attn_implementation: str | None = "sdpa", min_pixels: int | str | None = None,
+                 max_pixels: int | str | None = None, **kwargs) -> None:
         super().__init__()
         import torch
 
@@ -134,6 +136,9 @@ class Midtune(lmms):
                                                trust_remote_code=trust_remote_code,
                                                attn_implementation=attn_implementation or None)
         self._model = model.to(self._device).eval()
+        from midtune.adapters import set_image_pixels  # Qwen's pixel budget; default: the saved processor's
+
+        set_image_pixels(processor, _as_int(min_pixels), _as_int(max_pixels))
         self.processor = processor
         self._tokenizer = getattr(processor, "tokenizer", processor)
         if self._tokenizer.pad_token_id is None:
@@ -450,6 +455,13 @@ def _as_bool(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
+
+
+def _as_int(value) -> int | None:
+    """A model argument that is a whole number (lmms-eval passes model args as strings), or None."""
+    if value is None or value == "":
+        return None
+    return int(float(value)) if isinstance(value, str) else int(value)
 
 
 def _batch_size(value) -> int:

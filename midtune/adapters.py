@@ -52,6 +52,9 @@ class Family:
     image_placeholder: str = "<image>"
     # Tokens the tiny tokenizer needs for this family beyond the shared chat tokens.
     special_tokens: tuple[str, ...] = ("<image>",)
+    # Whether the image processor resizes to a pixel budget (Qwen2-VL/2.5-VL: min_pixels..max_pixels, so the
+    # image-token count follows the image's size) rather than to the vision tower's fixed size.
+    pixel_budget: bool = False
     # Offline builders for tiny test models: config from a TinySize, and the matching processor.
     build_tiny: Callable[..., object] | None = field(default=None, repr=False, compare=False)
     build_processor: Callable[..., object] | None = field(default=None, repr=False, compare=False)
@@ -400,6 +403,7 @@ _LLAVA_LIKE = dict(
     vision_layers=("encoder.layers", "vision_model.encoder.layers"),
 )
 _QWEN_LIKE = dict(
+    pixel_budget=True,
     language_model="model.language_model",
     language_layers="model.language_model.layers",
     embeddings="model.language_model.embed_tokens",
@@ -462,6 +466,39 @@ FAMILIES: dict[str, Family] = {
     ]
 }
 FAMILIES_BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES.values()}
+
+
+def family_of_processor(processor) -> Family | None:
+    name = type(processor).__name__
+    return next((f for f in FAMILIES.values() if f.processor_class == name), None)
+
+
+def image_pixels(processor) -> dict | None:
+    """{"min_pixels", "max_pixels"} of a pixel-budget processor (Qwen2-VL/2.5-VL), else None."""
+    family = family_of_processor(processor)
+    if family is None or not family.pixel_budget:
+        return None
+    size = processor.image_processor.size
+    return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
+
+def set_image_pixels(processor, min_pixels: int | None = None, max_pixels: int | None = None) -> dict | None:
+    """Set the pixel budget each image is resized into (Qwen2-VL/2.5-VL; their default allows ~12.8 MP, thousands
+    of tokens per image). Returns the budget in effect; raises UnsupportedModelError for other families."""
+    if min_pixels is None and max_pixels is None:
+        return image_pixels(processor)
+    current = image_pixels(processor)
+    if current is None:
+        raise UnsupportedModelError(
+            f"min_pixels/max_pixels apply to processors that resize to a pixel budget (Qwen2-VL, Qwen2.5-VL), not "
+            f"{type(processor).__name__}, which resizes every image to its vision tower's size")
+    low = current["min_pixels"] if min_pixels is None else int(min_pixels)
+    high = current["max_pixels"] if max_pixels is None else int(max_pixels)
+    if not 0 < low <= high:
+        raise UnsupportedModelError(f"min_pixels {low} and max_pixels {high}: need 0 < min_pixels <= max_pixels")
+    # the processor's token count (_get_num_multimodal_tokens) and its resizing both read this
+    processor.image_processor.size = {"shortest_edge": low, "longest_edge": high}
+    return {"min_pixels": low, "max_pixels": high}
 
 
 def image_text_for(processor) -> str:

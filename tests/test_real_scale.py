@@ -349,3 +349,28 @@ def test_loss_from_logits_at_labels_equals_the_models_own(world, tiny_dir, famil
     (full, g_full), (kept, g_kept) = grads
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_kept, g_full, rtol=1e-4, atol=1e-7)
+
+
+def test_qwen_pixel_budget_in_training_and_eval(world, tiny_dir, tmp_path):
+    """min_pixels/max_pixels bound Qwen's image tokens in training (recorded in run.json, saved with the trained
+    processor) and in the eval plugin; for a fixed-size family they are an error naming what they apply to."""
+    from eval.lmms_plugin import Midtune
+    from midtune.adapters import UnsupportedModelError
+
+    model = tiny_dir("qwen2_vl")
+    out = tmp_path / "qwen"
+    result = train(load_config(None, args(world, model, out, max_pixels=16 * 16, max_steps=1,
+                                          **{"trainable.layers": "1"})))
+    assert result.summary["image_pixels"]["max_pixels"] == 256
+    saved = AutoProcessor.from_pretrained(out / "final")
+    assert saved.image_processor.size["longest_edge"] == 256
+    image = load_image(next((world / "images").rglob("*.png")))
+    tokens = saved(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image])["input_ids"][0]
+    default = AutoProcessor.from_pretrained(model)(text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                                                    images=[image])["input_ids"][0]
+    assert 0 < len(tokens) < len(default)
+    lm = Midtune(pretrained=str(model), device="cpu", max_pixels="256")
+    assert lm.processor.image_processor.size["longest_edge"] == 256
+    with pytest.raises(UnsupportedModelError, match="Qwen2-VL"):
+        train(load_config(None, args(world, tiny_dir("llava"), tmp_path / "llava", max_pixels=256,
+                                     **{"trainable.layers": "1"})))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from midtune.adapters import UnsupportedModelError, family_of, unwrap
+from midtune.adapters import UnsupportedModelError, family_of, set_image_pixels, unwrap
 from midtune.checkpoint import (DTYPES, CheckpointError, atomic_dir, attn_implementations, base_hash, load_pretrained,
                                 load_with_delta, save_delta)
 from midtune.data import IGNORE_INDEX, Collator, DataError, SupervisedDataset
@@ -145,6 +145,7 @@ def train(config: TrainConfig) -> RunResult:
     # -- model and freezing plan ----------------------------------------------------------------------------
     model, processor = load_pretrained(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
                                        attn_implementation=config.attn_implementation)
+    pixels = set_image_pixels(processor, config.min_pixels, config.max_pixels)
     if config.method == "lora":
         model = add_lora(model, spec, config)
     plan = resolve_plan(model, spec, adapter_marker="lora_" if config.method == "lora" else None)
@@ -361,6 +362,7 @@ def train(config: TrainConfig) -> RunResult:
         "mixed_precision": accelerator.mixed_precision,
         "precision": precision,
         "attn_implementation": attn_implementations(accelerator.unwrap_model(model)),
+        "image_pixels": pixels,  # Qwen2-VL/2.5-VL's pixel budget per image; null for fixed-size families
         "device": str(accelerator.device),
         "gradient_checkpointing_layers": checkpointed,
         "data": dataset.summary.to_dict(),

@@ -118,6 +118,10 @@ class TrainConfig:
     # (bf16 spacing is ~0.4 % of a weight), so only when asked for explicitly.
     trainable_dtype: str = "float32"
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn) | ...
+    # Qwen2-VL/2.5-VL: the pixel budget each image is resized into (the processor's default allows ~12.8 MP, up to
+    # thousands of image tokens); null keeps the processor's. Saved with the trained model's processor.
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     trust_remote_code: bool = False
 
     logging_steps: int = 1
