@@ -504,11 +504,8 @@ def set_image_pixels(processor, min_pixels: int | None = None, max_pixels: int |
 def image_text_for(processor) -> str:
     """How one image is written into a chat text for this processor's family (placeholder + newline), for chat
     templates that take text content only."""
-    name = type(processor).__name__
-    for family in FAMILIES.values():
-        if family.processor_class == name:
-            return family.image_placeholder + "\n"
-    return getattr(processor, "image_token", "<image>") + "\n"
+    family = family_of_processor(processor)
+    return (family.image_placeholder if family else getattr(processor, "image_token", "<image>")) + "\n"
 
 
 def supported() -> str:

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from midtune.checkpoint import DTYPES, save_merged
+from midtune.data import with_image_parts
 
 PROJECTORS = ("mlp2x_gelu", "linear")
 # Vision encoders a vanilla LlavaForConditionalGeneration can hold: vision config model_type → (has a CLS token).
@@ -126,29 +127,6 @@ def _read_template(path: str | Path) -> str:
     return text
 
 
-def with_image_parts(template: str, image_token: str) -> str:
-    """An LLM's own chat template, taught to take content lists: a preamble rewrites each message whose content is
-    a list of parts into one string (an image part becomes the image token and a newline, as LLaVA-1.5 writes
-    it), then the template runs unchanged on those messages. An instruct LLM keeps the format it was tuned with,
-    and vanilla `processor.apply_chat_template` with image parts works on the composed model."""
-    image = _jinja_str(image_token + "\n")
-    preamble = (
-        "{%- set _mt = namespace(messages=[]) -%}"
-        "{%- for _m in messages -%}"
-        "{%- if _m['content'] is string -%}{%- set _mt.messages = _mt.messages + [_m] -%}"
-        "{%- else -%}{%- set _t = namespace(text='') -%}"
-        "{%- for _p in _m['content'] -%}"
-        "{%- if _p['type'] == 'image' -%}{%- set _t.text = _t.text + " + image + " -%}"
-        "{%- elif _p['type'] == 'text' -%}{%- set _t.text = _t.text + _p['text'] -%}{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- set _mt.messages = _mt.messages + [{'role': _m['role'], 'content': _t.text}] -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- set messages = _mt.messages -%}"
-    )
-    return preamble + template
-
-
 def choose_chat_template(tokenizer, image_token: str, chat_template: str | Path | None) -> tuple[str, str]:
     """(template, where it came from): the file; the LLM tokenizer's own (as is if it renders image parts, else
     taught to, see `with_image_parts`); LLaVA-1.5's for an LLM without a template."""
@@ -164,7 +142,7 @@ def choose_chat_template(tokenizer, image_token: str, chat_template: str | Path 
     if isinstance(own, str) and _renders_images(tokenizer, own, image_token):
         return own, "the LLM tokenizer's"
     if isinstance(own, str):
-        wrapped = with_image_parts(own, image_token)
+        wrapped = with_image_parts(own, image_token + "\n")
         if _renders_images(tokenizer, wrapped, image_token):
             return wrapped, "the LLM tokenizer's, with image parts written as the image token"
     return llava_chat_template(image_token, tokenizer.eos_token), "LLaVA-1.5 (vicuna v1)"

@@ -268,15 +268,32 @@ def render_chat(processor, messages: list[dict], add_generation_prompt: bool = F
     if _takes_string_content(processor, template):
         from midtune.adapters import image_text_for
 
-        image = image_text_for(processor)
-        messages = [{**m, "content": "".join(image if part["type"] == "image" else part.get("text", "")
-                                             for part in m["content"])} if isinstance(m["content"], list) else m
-                    for m in messages]
-        return _tokenizer(processor).apply_chat_template(messages, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt,
-                                                          chat_template=template)
+        template = with_image_parts(template, image_text_for(processor))
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          chat_template=template)
+
+
+def with_image_parts(template: str, image_text: str) -> str:
+    """A chat template written for text content (one string per message), taught to take content lists: a
+    preamble rewrites each message whose content is a list of parts into one string (an image part becomes
+    `image_text`, e.g. "<image>\\n"), then the template runs unchanged on those messages. An instruct LLM keeps the
+    format it was tuned with; compose saves such a template so that vanilla `apply_chat_template` works too."""
+    image = json.dumps(image_text)  # a valid Jinja string literal (Jinja unescapes like Python)
+    preamble = (
+        "{%- set _mt = namespace(messages=[]) -%}"
+        "{%- for _m in messages -%}"
+        "{%- if _m['content'] is string -%}{%- set _mt.messages = _mt.messages + [_m] -%}"
+        "{%- else -%}{%- set _t = namespace(text='') -%}"
+        "{%- for _p in _m['content'] -%}"
+        "{%- if _p['type'] == 'image' -%}{%- set _t.text = _t.text + " + image + " -%}"
+        "{%- elif _p['type'] == 'text' -%}{%- set _t.text = _t.text + _p['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set _mt.messages = _mt.messages + [{'role': _m['role'], 'content': _t.text}] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = _mt.messages -%}"
+    )
+    return preamble + template
 
 
 def _tokenizer(processor):
@@ -362,12 +379,11 @@ def _end_turns_with_eos(tokenizer, text: str, spans: list[tuple[int, int]]) -> t
     out, new_spans, shift, last = [], [], 0, 0
     for start, end in spans:
         out.append(text[last:end])
-        start, end, last = start + shift, end + shift, end
-        if eos and not any(text[:end - shift].endswith(tok) for tok in specials):
-            out.append(eos)
-            shift += len(eos)
-            end += len(eos)
-        new_spans.append((start, end))
+        last = end
+        added = eos if eos and not any(text.endswith(tok, 0, end) for tok in specials) else ""
+        out.append(added)
+        new_spans.append((start + shift, end + shift + len(added)))
+        shift += len(added)
     out.append(text[last:])
     return "".join(out), new_spans
 
