@@ -272,6 +272,11 @@ def load_llm(llm: str | Path, dtype=None, trust_remote_code: bool = False):
         output_loading_info=True, **gguf,
     )  # fmt: skip
     _check_loading_info("--llm", ref, info, type(model).__name__)
+    if gguf:  # the tensors are de-quantized now; a config still naming the GGUF quantizer makes the composed
+        # model (and every model trained from it) refuse save_pretrained
+        for cfg in (config, model.config):
+            if hasattr(cfg, "quantization_config"):
+                del cfg.quantization_config
     tokenizer = _load("--llm", ref, "tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code,
                       **gguf)
     return config, model, tokenizer
