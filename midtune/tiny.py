@@ -137,6 +137,123 @@ def build_tiny(
     return out_dir
 
 
+def build_vision_tower(
+    out_dir: str | Path,
+    *,
+    image_size: int,
+    patch_size: int = 16,
+    layers: int = 4,
+    hidden: int = 192,
+    heads: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Build and save a random-init CLIP vision tower + image processor sized for the world's images.
+
+    No pretrained vision encoder is reachable offline, so the demo composes its pretrained LLM with this one and
+    lets alignment train it. The processor keeps the images at their own size (no resize, no crop): with the
+    patch size equal to the world's grid cell, each patch token sees exactly one cell.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                              initializer_range=hidden ** -0.5)
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    CLIPVisionModel(config).save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    return out_dir
+
+
+def pretrain_vision_tower(
+    tower_dir: str | Path,
+    world_dir: str | Path,
+    *,
+    feature_layer: int = -2,
+    steps: int = 400,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """Pre-train a vision tower on the shapes world: every patch token learns what its grid cell holds, and where.
+
+    This stands in for the pretrained CLIP encoder LLaVA starts from (none is reachable offline): the tower learns
+    to see, without language; alignment then teaches a projector to show what it sees to the LLM. Two linear heads
+    on the hidden state the composed LLaVA reads (`feature_layer`, LLaVA's -2) classify each patch token: as empty
+    or one of the world's colour × shape kinds, and by the cell it covers (without that second head nothing asks
+    the features to keep where a patch is: the LLM would have to infer it from the order of 9 image tokens). The
+    heads are thrown away. Needs the patch grid to be the world's grid (one patch per cell). Saves the tower in
+    place and returns {"steps", "loss", "patch_accuracy"} (both heads right, on the world's val split).
+    """
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from midtune.data import read_rows
+    from midtune.shapes import COLOR_NAMES, SHAPES
+
+    tower_dir, world_dir = Path(tower_dir), Path(world_dir)
+    model = CLIPVisionModel.from_pretrained(tower_dir)
+    processor = CLIPImageProcessor.from_pretrained(tower_dir)
+    grid = json.loads((world_dir / "world.json").read_text())["args"]["grid"]
+    side = model.config.image_size // model.config.patch_size
+    if side != grid:
+        raise ValueError(f"{tower_dir}: {side} × {side} patches, but the world at {world_dir} has a {grid} × {grid} "
+                         f"grid: pre-training needs one patch per cell")
+    kinds = {(c, s): 1 + i for i, (c, s) in enumerate((c, s) for c in COLOR_NAMES for s in SHAPES)}  # 0: empty
+
+    def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [row for _, row in read_rows(world_dir / f"scenes_{split}.jsonl")]
+        images = [Image.open(world_dir / "images" / row["image"]).convert("RGB") for row in rows]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = np.zeros((len(rows), grid * grid), dtype=np.int64)
+        for i, row in enumerate(rows):
+            for o in row["objects"]:
+                labels[i, o["row"] * grid + o["col"]] = kinds[(o["color"], o["shape"])]
+        return pixels, torch.from_numpy(labels)
+
+    train_x, train_y = load("train")
+    val_x, val_y = load("val")
+    torch.manual_seed(seed)
+    n_cells = grid * grid
+    head = torch.nn.Linear(model.config.hidden_size, 1 + len(kinds) + n_cells)  # kind logits, then cell logits
+    cells = torch.arange(n_cells)
+    params = [p for p in model.parameters()] + list(head.parameters())
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        states = model(pixel_values=x, output_hidden_states=True).hidden_states[feature_layer]
+        return head(states[:, 1:])  # patch tokens; the CLS token (dropped by LLaVA's "default" strategy) left out
+
+    def losses(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kind, cell = out[..., :-n_cells], out[..., -n_cells:]
+        where = cells.expand(len(y), -1)
+        return (torch.nn.functional.cross_entropy(kind.flatten(0, 1), y.flatten())
+                + torch.nn.functional.cross_entropy(cell.flatten(0, 1), where.flatten()))
+
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        idx = torch.randint(len(train_x), (batch_size,), generator=generator)
+        loss = losses(logits(train_x[idx]), train_y[idx])
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        out = logits(val_x)
+        right = (out[..., :-n_cells].argmax(-1) == val_y) & (out[..., -n_cells:].argmax(-1) == cells)
+        accuracy = right.float().mean().item()
+    model.save_pretrained(tower_dir)
+    return {"steps": steps, "loss": round(loss.item(), 4), "patch_accuracy": round(accuracy, 4)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m midtune.tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", default="llava", choices=sorted(FAMILIES_BY_NAME))

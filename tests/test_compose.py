@@ -210,7 +210,7 @@ def test_every_part_tensor_is_copied(composed, parts):
 
 
 def test_loads_with_vanilla_classes_and_runs(composed, world):
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     out, _ = composed
     processor = AutoProcessor.from_pretrained(out)
@@ -397,7 +397,7 @@ def test_packaged_smollm2_composes_with_its_own_template_and_trains(tmp_path, pa
     parts; labels are the answers and <|im_end|>; a middle block trains."""
     pytest.importorskip("gguf")
     from accelerate.state import AcceleratorState, GradientState
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     from midtune.compose import packaged_gguf
     from midtune.data import IGNORE_INDEX, SupervisedDataset
@@ -408,6 +408,8 @@ def test_packaged_smollm2_composes_with_its_own_template_and_trains(tmp_path, pa
     own = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).chat_template
     out = compose(parts["vision"], "smollm2-135m-instruct", tmp_path / "smol", verbose=False)
     model = load_composed(out)
+    # de-quantized: no GGUF quantizer named in the config (it made save_pretrained of every trained model fail)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())["text_config"]
     assert model.config.text_config.num_hidden_layers == 30 and model.config.text_config.hidden_size == 576
     processor = AutoProcessor.from_pretrained(out)
     assert processor.chat_template.endswith(own)  # SmolLM2's own format, after the image-parts preamble
@@ -427,7 +429,34 @@ def test_packaged_smollm2_composes_with_its_own_template_and_trains(tmp_path, pa
     GradientState._reset_state()
     result = train(load_config(None, [f"model={out}", f"data={world / 'train.json'}",
                                       f"image_folder={world / 'images'}", f"output_dir={tmp_path / 'run'}",
-                                      "trainable.layers=middle:0.5", "max_steps=2", "batch_size=2", "report_to=[]",
-                                      "save_merged=false"]))
+                                      "trainable.layers=middle:0.5", "max_steps=2", "batch_size=2", "report_to=[]"]))
     assert result.summary["plan"]["trainable_layers"] == list(range(7, 22))  # middle:0.5 of 30 layers
     assert result.summary["steps"] == 2
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "final").config.text_config.num_hidden_layers == 30
+
+
+def test_vision_tower_pretraining_learns_each_cells_kind_and_place(tmp_path, world, parts):
+    """The demo's stand-in for a pretrained CLIP: a tower sized for the world, its patch tokens trained to tell
+    what each grid cell holds and which cell it is; it composes into a LLaVA like any CLIP vision model."""
+    from midtune.tiny import build_vision_tower, pretrain_vision_tower
+
+    small = dict(image_size=48, patch_size=16, layers=2, hidden=32, heads=2)
+    untrained = pretrain_vision_tower(build_vision_tower(tmp_path / "u", **small), world, steps=0)
+    tower = build_vision_tower(tmp_path / "v", **small)
+    before = state(tower)
+    result = pretrain_vision_tower(tower, world, steps=150, batch_size=32, lr=3e-3)
+    assert result["steps"] == 150 and result["patch_accuracy"] > untrained["patch_accuracy"] + 0.3, (result, untrained)
+    after = state(tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # saved in place
+    out = compose(tower, parts["llm"], tmp_path / "llava", verbose=False)
+    assert load_composed(out).config.vision_config.patch_size == 16
+
+
+def test_vision_tower_pretraining_needs_one_patch_per_cell(tmp_path, world):
+    from midtune.tiny import build_vision_tower, pretrain_vision_tower
+
+    tower = build_vision_tower(tmp_path / "v", image_size=48, patch_size=8, layers=1, hidden=16, heads=2)
+    with pytest.raises(ValueError, match=r"6 × 6 patches, but the world at .* has a 3 × 3 grid"):
+        pretrain_vision_tower(tower, world, steps=1)
+    with pytest.raises(ValueError, match="image_size 48 is not a multiple of patch_size 10"):
+        build_vision_tower(tmp_path / "w", image_size=48, patch_size=10)
