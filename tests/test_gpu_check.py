@@ -23,8 +23,10 @@ def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == ["setup", "bench", "train", "eval", "analysis", "demo"]
-    failed = {n: s.get("reason") for n, s in steps.items() if s["status"] != "passed"}
+    failed = {n: s.get("reason") for n, s in steps.items() if s["status"] != "passed" and n != "demo"}
     assert not failed, failed
+    # the demo composes the pretrained 135M SmolLM2: too big for the CPU rehearsal (test_demo.py runs it --quick)
+    assert steps["demo"]["status"] == "skipped" and "tests/test_demo.py" in steps["demo"]["reason"]
     assert report["wall_s"] < 240  # SMOKE's budget: under 4 minutes on 2 cores
 
     bench = steps["bench"]["figures"]
@@ -48,7 +50,6 @@ def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
     assert ev["midtune_scores"] == ev["llava_hf_scores"]
     assert steps["analysis"]["figures"]["profile_values_compared"] > 10
     assert steps["analysis"]["figures"]["knn"]["rows_with_same_neighbours"] == 1.0
-    assert steps["demo"]["figures"]["wall_s"] > 0
 
     section = (tmp_path / "out" / "gpu-check.md").read_text()
     assert record.read_text() == "# earlier sections\n\n" + section
