@@ -92,7 +92,8 @@ def test_id_answer_finds_the_expansion_contraction_shape_and_its_minimum():
     profiles = {"pretrained": _profile(ids, "textual_id"), "base": _profile(ids, "textual_id"),
                 "full": _profile([v + (3 if i == 6 else 0) for i, v in enumerate(ids)], "textual_id")}
     lines = report.id_answers(profiles)
-    assert "6.0 at the embeddings, peak 18.0 at hidden state 3 (early)" in lines[0]
+    assert "6.0 at the embeddings, lowest 6.0 at hidden state 0 before the peak, peak 18.0 at hidden state 3 (early)" \
+        in lines[0]
     assert "minimum of 7.0 at hidden state 8 (intermediate)" in lines[0]
     assert "Valeriani et al. 2023: reproduced" in lines[0]
     assert lines[1] == "ID profile of base: identical to the pretrained one (the LLM did not change)."
@@ -105,6 +106,11 @@ def test_id_answer_says_when_the_shape_is_not_there():
     assert "NOT reproduced (no expansion, no contraction after the peak" in line
     rising = {"pretrained": _profile([5, 8, 11, 14, 17, 20, 23], "textual_id")}  # the peak is the last layer
     assert "NOT reproduced (no contraction after the peak" in report.id_answers(rising)[0]
+    # SmolLM2's shape: the embeddings' ID above the next layers'; expansion counts from the dip after them
+    dip = {"pretrained": _profile([8.8, 7.7, 7.3, 8.0, 9.0, 10.0, 10.8, 9.0, 7.0, 6.8, 6.9], "textual_id")}
+    line = report.id_answers(dip)[0]
+    assert "lowest 7.3 at hidden state 2 before the peak, peak 10.8 at hidden state 6" in line
+    assert "Valeriani et al. 2023: reproduced" in line
 
 
 def test_overlap_answers_locate_the_rise_after_alignment_and_after_tuning():
