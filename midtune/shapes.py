@@ -56,9 +56,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 QTYPES: tuple[str, ...] = ("color", "shape", "count", "position", "exists")
-# The question types of questions_in_words.json (stage A of the demo): they teach the tiny LLM the reply format and
-# the answer words; count and position are left for visual instruction tuning to teach, so that the demo can show
-# what it adds over the base model (taught in words too, the base already counted at 97 %).
+# The question types of questions_in_words.json, the text-only data that taught a random-init tiny LLM the reply
+# format and the answer words (stage A of the earlier demo, before it used the pretrained SmolLM2); count and
+# position were left for visual instruction tuning to teach (taught in words too, the base already counted at 97 %).
 WORD_QTYPES: tuple[str, ...] = ("color", "shape", "exists")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 BACKGROUND = (255, 255, 255)
