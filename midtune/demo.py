@@ -31,8 +31,11 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+from midtune import compose as compose_module
+from midtune.compose import PACKAGED_LLMS
 from midtune.shapes import CANONICAL, generate_world, generator_hash
 from midtune.tiny import build_vision_tower, pretrain_vision_tower
 
@@ -129,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     vision = stage("vision", root / "vision",
                    {**VISION, "pretrain": pretrain, "world": fingerprint(world / ".midtune-stage.json")},
                    args.force, lambda out: build_and_pretrain_vision(out, world, pretrain))
+    # Redone when the packaged LLM's wheel or the composing code changes, not only the vision tower.
     composed = stage("composed", root / "composed",
-                     {"llm": LLM, "vision": fingerprint(vision / ".midtune-stage.json")}, args.force,
+                     {"llm": LLM, "wheel": version(PACKAGED_LLMS[LLM][0].replace("_", "-")),
+                      "compose": fingerprint(Path(compose_module.__file__)),
+                      "vision": fingerprint(vision / ".midtune-stage.json")}, args.force,
         lambda out: command([sys.executable, "-m", "midtune.compose", "--vision", str(vision), "--llm", LLM,
                              "--out", str(out), "--overwrite"]))
 
@@ -144,20 +150,20 @@ def main(argv: list[str] | None = None) -> None:
 
     model_args = [f"--model={name}={path}" for name, path in finals.items()]
     models_done = fingerprint(*(p / ".midtune-stage.json" for p in (align, full, middle)))
-    evaluated = stage("eval", root / "eval", {"tasks": EVAL_TASKS, "extra": eval_extra, "after": models_done,
-                                              "dtype": INFERENCE_DTYPE}, args.force,
-        lambda out: command([sys.executable, "-m", "eval", *model_args, "--tasks", EVAL_TASKS,
-                             "--dtype", INFERENCE_DTYPE, "--batch-size", "50", "--output_dir", str(out),
-                             *eval_extra]))
-    # The composed model is the pretrained LLM's own geometry (its vision tower is still random); "base" the same
+    # The whole command is part of each stage's parameters: changing any option redoes the stage.
+    eval_args = ["-m", "eval", *model_args, "--tasks", EVAL_TASKS, "--dtype", INFERENCE_DTYPE, "--batch-size", "50",
+                 "--output_dir", str(root / "eval"), *eval_extra]
+    evaluated = stage("eval", root / "eval", {"command": eval_args, "after": models_done}, args.force,
+                      lambda out: command([sys.executable, *eval_args]))
+    # The composed model is the pretrained LLM's own geometry (its projector is still random); "base" the same
     # LLM after alignment, so its textual profile must equal the pretrained one (the LLM was frozen).
-    profiled = [f"--model=pretrained={composed}", *model_args]
+    analysis_args = ["-m", "analysis", "profile", f"--model=pretrained={composed}", *model_args,
+                     "--pairs", str(world / "pairs.jsonl"), "--dtype", INFERENCE_DTYPE, "--batch-size", "50",
+                     "--no-idcorr", "--out", str(root / "analysis"), *analysis_extra]
     analysed = stage("analysis", root / "analysis",
-                     {"after": fingerprint(composed / ".midtune-stage.json") + models_done,
-                      "extra": analysis_extra, "dtype": INFERENCE_DTYPE}, args.force,
-        lambda out: command([sys.executable, "-m", "analysis", "profile", *profiled,
-                             "--pairs", str(world / "pairs.jsonl"), "--dtype", INFERENCE_DTYPE,
-                             "--batch-size", "50", "--no-idcorr", "--out", str(out), *analysis_extra]))
+                     {"command": analysis_args,
+                      "after": fingerprint(composed / ".midtune-stage.json") + models_done}, args.force,
+                     lambda out: command([sys.executable, *analysis_args]))
 
     from midtune.report import write_report
     report = write_report(root, world, {"align": align, "full": full, "middle": middle}, evaluated, analysed,

@@ -149,8 +149,8 @@ def build_vision_tower(
 ) -> Path:
     """Build and save a random-init CLIP vision tower + image processor sized for the world's images.
 
-    No pretrained vision encoder is reachable offline, so the demo composes its pretrained LLM with this one and
-    lets alignment train it. The processor keeps the images at their own size (no resize, no crop): with the
+    No pretrained vision encoder is reachable offline, so the demo composes its pretrained LLM with this one after
+    `pretrain_vision_tower` has taught it the world's images. The processor keeps the images at their own size (no resize, no crop): with the
     patch size equal to the world's grid cell, each patch token sees exactly one cell.
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
@@ -196,7 +196,8 @@ def pretrain_vision_tower(
     from midtune.shapes import COLOR_NAMES, SHAPES
 
     tower_dir, world_dir = Path(tower_dir), Path(world_dir)
-    model = CLIPVisionModel.from_pretrained(tower_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = CLIPVisionModel.from_pretrained(tower_dir).to(device)
     processor = CLIPImageProcessor.from_pretrained(tower_dir)
     grid = json.loads((world_dir / "world.json").read_text())["args"]["grid"]
     side = model.config.image_size // model.config.patch_size
@@ -213,14 +214,14 @@ def pretrain_vision_tower(
         for i, row in enumerate(rows):
             for o in row["objects"]:
                 labels[i, o["row"] * grid + o["col"]] = kinds[(o["color"], o["shape"])]
-        return pixels, torch.from_numpy(labels)
+        return pixels.to(device), torch.from_numpy(labels).to(device)
 
     train_x, train_y = load("train")
     val_x, val_y = load("val")
     torch.manual_seed(seed)
     n_cells = grid * grid
-    head = torch.nn.Linear(model.config.hidden_size, 1 + len(kinds) + n_cells)  # kind logits, then cell logits
-    cells = torch.arange(n_cells)
+    head = torch.nn.Linear(model.config.hidden_size, 1 + len(kinds) + n_cells).to(device)  # kinds, then cells
+    cells = torch.arange(n_cells, device=device)
     params = [p for p in model.parameters()] + list(head.parameters())
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
@@ -239,7 +240,7 @@ def pretrain_vision_tower(
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        idx = torch.randint(len(train_x), (batch_size,), generator=generator)
+        idx = torch.randint(len(train_x), (batch_size,), generator=generator).to(device)
         loss = losses(logits(train_x[idx]), train_y[idx])
         optim.zero_grad()
         loss.backward()
@@ -250,8 +251,8 @@ def pretrain_vision_tower(
         out = logits(val_x)
         right = (out[..., :-n_cells].argmax(-1) == val_y) & (out[..., -n_cells:].argmax(-1) == cells)
         accuracy = right.float().mean().item()
-    model.save_pretrained(tower_dir)
-    return {"steps": steps, "loss": round(loss.item(), 4), "patch_accuracy": round(accuracy, 4)}
+    model.cpu().save_pretrained(tower_dir)
+    return {"steps": steps, "loss": round(loss.item(), 4) if steps else None, "patch_accuracy": round(accuracy, 4)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -210,7 +210,7 @@ def test_every_part_tensor_is_copied(composed, parts):
 
 
 def test_loads_with_vanilla_classes_and_runs(composed, world):
-    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, AutoTokenizer
 
     out, _ = composed
     processor = AutoProcessor.from_pretrained(out)
