@@ -490,7 +490,8 @@ def step_analysis(ctx: Context) -> dict:
 def step_demo_start(ctx: Context) -> dict:
     """The demo starts here, after the bench (whose timings it would disturb), and runs beside the analysis, train
     and eval steps: on the H200 the earlier, tiny demo needed about 5 minutes, which would not fit after them (the
-    first GPU check killed it in its last stage; the demo on SmolLM2 has not run on a GPU yet). `step_demo` waits for it with whatever is left of the budget."""
+    first GPU check killed it in its last stage; the demo on SmolLM2 has not run on a GPU yet). `step_demo` waits
+    for it with whatever is left of the budget."""
     if ctx.sizes.demo is None:
         raise Skipped("the demo on the pretrained SmolLM2 does not fit the CPU rehearsal's budget (tests/test_demo.py "
                       "runs its --quick version on its own)")

@@ -308,16 +308,16 @@ def _tiny_qwen2_5_vl(size: TinySize):
 
 
 # Processors for the tiny models: image processors sized for the world's images, our tokenizer and chat template.
-def _clip_image_kwargs(size: TinySize) -> dict:
-    s = size.image_size
-    return dict(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+def clip_image_kwargs(image_size: int) -> dict:
+    """A CLIP image processor that keeps square images at their own size (no resize, no crop)."""
+    return dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 def _proc_llava(tokenizer, size: TinySize, chat_template: str):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     return LlavaProcessor(
-        image_processor=CLIPImageProcessor(**_clip_image_kwargs(size)),
+        image_processor=CLIPImageProcessor(**clip_image_kwargs(size.image_size)),
         tokenizer=tokenizer,
         patch_size=size.patch_size,
         vision_feature_select_strategy="default",
@@ -332,7 +332,7 @@ def _proc_llava_next(tokenizer, size: TinySize, chat_template: str):
     s = size.image_size
     return LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
-            **_clip_image_kwargs(size), image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s]]
+            **clip_image_kwargs(s), image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s]]
         ),
         tokenizer=tokenizer,
         patch_size=size.patch_size,

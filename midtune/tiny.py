@@ -11,6 +11,7 @@ downloaded weights.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from midtune.adapters import FAMILIES_BY_NAME, Family, TinySize, model_class
+from midtune.adapters import FAMILIES_BY_NAME, Family, TinySize, clip_image_kwargs, model_class
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,8 @@ def build_vision_tower(
     """Build and save a random-init CLIP vision tower + image processor sized for the world's images.
 
     No pretrained vision encoder is reachable offline, so the demo composes its pretrained LLM with this one after
-    `pretrain_vision_tower` has taught it the world's images. The processor keeps the images at their own size (no resize, no crop): with the
-    patch size equal to the world's grid cell, each patch token sees exactly one cell.
+    `pretrain_vision_tower` has taught it the world's images. The processor keeps the images at their own size (no
+    resize, no crop): with the patch size equal to the world's grid cell, each patch token sees exactly one cell.
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -163,8 +164,7 @@ def build_vision_tower(
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
     CLIPVisionModel(config).save_pretrained(out_dir)
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
+    CLIPImageProcessor(**clip_image_kwargs(image_size)).save_pretrained(out_dir)
     return out_dir
 
 
@@ -204,7 +204,7 @@ def pretrain_vision_tower(
     if side != grid:
         raise ValueError(f"{tower_dir}: {side} × {side} patches, but the world at {world_dir} has a {grid} × {grid} "
                          f"grid: pre-training needs one patch per cell")
-    kinds = {(c, s): 1 + i for i, (c, s) in enumerate((c, s) for c in COLOR_NAMES for s in SHAPES)}  # 0: empty
+    kinds = {kind: 1 + i for i, kind in enumerate(itertools.product(COLOR_NAMES, SHAPES))}  # 0: empty
 
     def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [row for _, row in read_rows(world_dir / f"scenes_{split}.jsonl")]
@@ -222,8 +222,7 @@ def pretrain_vision_tower(
     n_cells = grid * grid
     head = torch.nn.Linear(model.config.hidden_size, 1 + len(kinds) + n_cells).to(device)  # kinds, then cells
     cells = torch.arange(n_cells, device=device)
-    params = [p for p in model.parameters()] + list(head.parameters())
-    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optim = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
 
@@ -238,7 +237,7 @@ def pretrain_vision_tower(
                 + torch.nn.functional.cross_entropy(cell.flatten(0, 1), where.flatten()))
 
     model.train()
-    loss = torch.tensor(float("nan"))
+    loss = None
     for _ in range(steps):
         idx = torch.randint(len(train_x), (batch_size,), generator=generator).to(device)
         loss = losses(logits(train_x[idx]), train_y[idx])
@@ -252,7 +251,8 @@ def pretrain_vision_tower(
         right = (out[..., :-n_cells].argmax(-1) == val_y) & (out[..., -n_cells:].argmax(-1) == cells)
         accuracy = right.float().mean().item()
     model.cpu().save_pretrained(tower_dir)
-    return {"steps": steps, "loss": round(loss.item(), 4) if steps else None, "patch_accuracy": round(accuracy, 4)}
+    return {"steps": steps, "loss": None if loss is None else round(loss.item(), 4),
+            "patch_accuracy": round(accuracy, 4)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ def _acc(color, shape, count, position, exists):
 
 def _run(step_s, wall_s, peak_mb, trainable):
     return {"step_s": step_s, "wall_s": wall_s, "peak_mb": peak_mb, "trainable": trainable, "total": 2_000_000,
-            "steps": 150, "layers": [0, 1], "num_layers": 4}
+            "steps": 150, "layers": [0, 1], "num_layers": 4, "components": []}
 
 
 RUNS = {"full": _run(0.30, 50.0, 1000.0, 1_600_000), "middle": _run(0.21, 36.0, 900.0, 800_000)}
