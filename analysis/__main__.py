@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 from analysis.extract import AnalysisError
+from analysis.heads import EDITS
+from analysis.intervene import TARGETS
 from midtune.checkpoint import ATTN_IMPLEMENTATIONS
 
 log = logging.getLogger("midtune.analysis")
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)  # the training hook runs at lower priority
     _add_profile_options(p)
 
-    p = sub.add_parser("intervene", help="image → text attention knockout per window of LLM layers")
+    p = sub.add_parser("intervene", help="attention knockout (the image or one token) per window of LLM layers")
     p.add_argument("--model", required=True, metavar="PATH")
     p.add_argument("--tasks", default="color,shape,count,position,exists",
                    help="comma-separated question types of the world's test/ (default: all five)")
@@ -77,7 +79,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                    "generated if missing)")
     p.add_argument("--window", type=int, help="layers per window (default: round(num_layers / 4))")
     p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--target", default="image", choices=TARGETS,
+                   help="what later positions may not attend to: the image tokens (default), the last image token, "
+                        "the token right after the image, or the prompt's last token (the answer's tokens lose it)")
     p.add_argument("--limit", type=int, help="first N questions per task")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_model_options(p)
+
+    p = sub.add_parser("logit-lens", help="decode each layer's image-token states: where the depicted words appear")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                   help="model directory, hub id, delta or checkpoint (repeat for several models)")
+    p.add_argument("--pairs", required=True, help="pairs JSONL: {id, image, caption, labels}")
+    p.add_argument("--image-folder", help="folder the pairs' images are relative to (default: <pairs dir>/images)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths (absolute, or with ..) that lead outside the image folder")
+    p.add_argument("--labels", default="dominant_color,dominant_shape",
+                   help="comma-separated labels of the pairs whose values are the words looked for "
+                        "(default dominant_color,dominant_shape)")
+    p.add_argument("--top-k", type=int, default=10, help="k of 'in the top k' and of the decoded examples")
+    p.add_argument("--examples", type=int, default=3, help="pairs whose top-k decoded tokens per layer are kept")
+    p.add_argument("--max-pairs", type=int, help="use only the first N pairs")
+    p.add_argument("--prompt", default=None, help='text after the image (default "Describe the image.")')
+    p.add_argument("--out", required=True, help="output directory")
+    _add_model_options(p)
+
+    p = sub.add_parser("heads", help="rank attention heads by how much they write a concept; edit the top ones")
+    p.add_argument("--model", required=True, metavar="PATH", help="model directory, hub id, delta or checkpoint")
+    p.add_argument("--concept", required=True,
+                   help="a label of the pairs (color, shape, ...: every label named so or ending in _<concept>)")
+    p.add_argument("--words", help="comma-separated words of the concept (default: the pairs' values of it)")
+    p.add_argument("--world", help="shapes world directory: its pairs.jsonl and test questions (default: the "
+                                   "canonical world of the eval tasks, generated if missing)")
+    p.add_argument("--pairs", help="pairs JSONL whose image + caption sequences are the samples (default: the "
+                                   "world's pairs.jsonl)")
+    p.add_argument("--image-folder", help="folder the pairs' images are relative to (default: <pairs dir>/images)")
+    p.add_argument("--max-pairs", type=int, default=64, help="pairs used as samples (default 64)")
+    p.add_argument("--atoms", type=int, default=10, help="matching-pursuit steps (tokens) per head (default 10)")
+    p.add_argument("--prompt", default=None, help='text after the image (default "Describe the image.")')
+    p.add_argument("--edit", choices=sorted(EDITS), help="scale the top heads' outputs and score the world's tasks "
+                                                         "with and without the edit")
+    p.add_argument("--top", type=float, default=0.01, help="fraction of all heads edited (default 0.01, at least 1)")
+    p.add_argument("--scale", type=float, help="output scale of edited heads (default 0 for suppress, 2 for enhance)")
+    p.add_argument("--tasks", default="color,shape", help="question types scored for the edit (default color,shape)")
+    p.add_argument("--limit", type=int, default=100, help="first N questions per task (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="draw of the random heads of the control")
     p.add_argument("--out", required=True, help="output directory")
     _add_model_options(p)
 
@@ -104,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             run_profile(args)
         elif args.command == "intervene":
             run_intervene(args)
+        elif args.command == "logit-lens":
+            run_logit_lens(args)
+        elif args.command == "heads":
+            run_heads(args)
         else:
             run_suggest(args)
     except (AnalysisError, CheckpointError, UnsupportedModelError, SpecError) as e:
@@ -132,8 +181,7 @@ def _check_positive(**values) -> None:
 
 def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
     """Extract and profile each `NAME=PATH` into `out`; returns (profiles, info) as written by write_profiles."""
-    from analysis.extract import DEFAULT_PROMPT, ExtractSettings, extract, parse_model_arg, read_pairs, \
-        resolve_model
+    from analysis.extract import DEFAULT_PROMPT, ExtractSettings, extract, read_pairs
     from analysis.profile import ProfileSettings, compute_profile, write_profiles
 
     if not args.pairs:
@@ -150,12 +198,7 @@ def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
     pairs = read_pairs(args.pairs, args.image_folder, label=args.label, max_pairs=args.max_pairs,
                        allow_outside_images=args.allow_outside_images)
     settings.check(len(pairs))
-    named = [parse_model_arg(m) for m in models]
-    names = [n for n, _ in named]
-    if len(set(names)) != len(names):
-        raise AnalysisError(f"two --model arguments share the name {next(n for n in names if names.count(n) > 1)!r}; "
-                            f"name them NAME=PATH")
-    refs = {name: resolve_model(path, args.base, args.lora_scale) for name, path in named}
+    refs = _named_models(models, args)
     device = _device(args.device)
     labels = [p.labels[args.label] for p in pairs]
 
@@ -191,20 +234,13 @@ def run_intervene(args) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise AnalysisError("--tasks is empty")
-    if args.world:
-        world = Path(args.world)
-        if not world.is_dir():
-            raise AnalysisError(f"world {str(world)!r} does not exist")
-    else:
-        from eval.tasks import ensure_shapes_data
-
-        world = Path(ensure_shapes_data(progress=not args.no_progress))
+    world = _world(args)
     questions = read_questions(world, tasks, args.limit)
     ref = resolve_model(args.model, args.base, args.lora_scale)
     model, processor = load_model(ref, args.dtype, _device(args.device), args.trust_remote_code,
                                   args.attn_implementation)
     result = run_intervention(model, processor, questions, window=args.window, stride=args.stride,
-                              batch_size=args.batch_size, progress=not args.no_progress)
+                              batch_size=args.batch_size, progress=not args.no_progress, target=args.target)
     result = {"model": ref.describe(), "world": str(world.resolve()), **result}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,9 +248,105 @@ def run_intervene(args) -> None:
     plot_intervention(result, out / "intervention.png")
     base, full = result["baseline"]["accuracy"]["mean"], result["all_layers"]["accuracy"]["mean"]
     worst = min(result["windows"], key=lambda w: w["accuracy"]["mean"])
-    log.info(f"baseline accuracy {base:.3f}; all layers blocked {full:.3f}; lowest window {worst['start']}-"
+    log.info(f"{args.target} knockout: baseline accuracy {base:.3f}; all layers blocked {full:.3f}; lowest window {worst['start']}-"
              f"{worst['end'] - 1} ({worst['accuracy']['mean']:.3f}) → {out / 'intervention.json'}, "
              f"{out / 'intervention.png'}")
+
+
+def run_logit_lens(args) -> None:
+    import gc
+
+    from analysis.extract import DEFAULT_PROMPT, load_model, read_pairs
+    from analysis.lens import LensSettings, run_lens, summary_lines, write_lens
+
+    _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, top_k=args.top_k)
+    labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
+    settings = LensSettings(labels=labels, top_k=args.top_k, examples=args.examples,
+                            prompt=args.prompt or DEFAULT_PROMPT, batch_size=args.batch_size)
+    settings.check()
+    pairs = read_pairs(args.pairs, args.image_folder, max_pairs=args.max_pairs,
+                       allow_outside_images=args.allow_outside_images)
+    for label in labels:  # every pair must carry every label: found before any model loads
+        lacking = next((p for p in pairs if label not in p.labels), None)
+        if lacking is not None:
+            raise AnalysisError(f"{args.pairs}: pair {lacking.id!r} has no label {label!r} (it has: "
+                                f"{', '.join(lacking.labels) or 'none'})")
+    refs = _named_models(args.model, args)
+    device = _device(args.device)
+    result = {"pairs": str(Path(args.pairs).resolve()), "models": {}}
+    for name, ref in refs.items():
+        model, processor = load_model(ref, args.dtype, device, args.trust_remote_code, args.attn_implementation)
+        result["models"][name] = {"source": ref.describe(), **run_lens(model, processor, pairs, settings,
+                                                                        progress=not args.no_progress)}
+        del model
+        gc.collect()
+    paths = write_lens(Path(args.out), result, settings)
+    for line in summary_lines(result, settings.top_k):
+        log.info(line)
+    log.info(f"logit lens of {', '.join(refs)}: {paths['png']} ({paths['json'].name}, {paths['csv'].name})")
+
+
+def _world(args) -> Path:
+    if args.world:
+        world = Path(args.world)
+        if not world.is_dir():
+            raise AnalysisError(f"world {str(world)!r} does not exist")
+        return world
+    from eval.tasks import ensure_shapes_data
+
+    return Path(ensure_shapes_data(progress=not args.no_progress))
+
+
+def run_heads(args) -> None:
+    from analysis.extract import load_model, read_pairs, resolve_model
+    from analysis.heads import HeadSettings, concept_words, rank_heads, score_edit, summary_lines, top_heads, \
+        write_heads
+    from analysis.intervene import read_questions
+
+    _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, atoms=args.atoms, limit=args.limit)
+    if not 0 < args.top <= 1:
+        raise AnalysisError(f"--top must be a fraction in (0, 1], got {args.top}")
+    world = _world(args) if args.edit or not args.pairs else None
+    pairs_file = Path(args.pairs) if args.pairs else world / "pairs.jsonl"
+    pairs = read_pairs(pairs_file, args.image_folder, max_pairs=args.max_pairs)
+    words = tuple(w.strip() for w in args.words.split(",") if w.strip()) if args.words else \
+        concept_words(pairs, args.concept)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    questions = read_questions(world, tasks, args.limit) if args.edit else None
+    settings = HeadSettings(concept=args.concept, words=words, atoms=args.atoms, batch_size=args.batch_size,
+                            prompt=args.prompt)
+    settings.check()
+    ref = resolve_model(args.model, args.base, args.lora_scale)
+    model, processor = load_model(ref, args.dtype, _device(args.device), args.trust_remote_code,
+                                  args.attn_implementation)
+    result = {"model": ref.describe(), "pairs": str(pairs_file.resolve()),
+              **rank_heads(model, processor, pairs, settings, progress=not args.no_progress)}
+    if args.edit:
+        scale = EDITS[args.edit] if args.scale is None else args.scale
+        heads = top_heads(result, args.top)
+        result["edit"] = {"edit": args.edit, "scale": scale, "top": args.top, "concept": args.concept,
+                          "world": str(world.resolve()), "tasks": tasks,
+                          "n_questions": {t: sum(q.task == t for q in questions) for t in tasks},
+                          "scoring": "log-likelihood of each choice as the answer (argmin NLL); p(answer) = the "
+                                     "right choice's share of exp(-NLL) over the choices",
+                          "conditions": score_edit(model, processor, questions, heads, scale, seed=args.seed,
+                                                   batch_size=args.batch_size, progress=not args.no_progress)}
+    paths = write_heads(Path(args.out), result)
+    for line in summary_lines(result):
+        log.info(line)
+    log.info(f"heads → {', '.join(str(p) for p in paths.values())}")
+
+
+def _named_models(models: list[str], args) -> dict:
+    """`NAME=PATH` arguments → {name: ModelRef}, names unique."""
+    from analysis.extract import parse_model_arg, resolve_model
+
+    named = [parse_model_arg(m) for m in models]
+    names = [n for n, _ in named]
+    if len(set(names)) != len(names):
+        raise AnalysisError(f"two --model arguments share the name {next(n for n in names if names.count(n) > 1)!r}; "
+                            f"name them NAME=PATH")
+    return {name: resolve_model(path, args.base, args.lora_scale) for name, path in named}
 
 
 def run_suggest(args) -> None:

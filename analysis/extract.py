@@ -346,7 +346,7 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
         model, processor = loaded
         describe = model_fp["loaded"]
     try:
-        extractor = _Extractor(model, processor, settings)
+        extractor = Extractor(model, processor, settings)
         index = {
             "format": FORMAT, "fingerprint": fp, "model": describe, "family": extractor.family.name,
             "num_layers": extractor.num_layers, "hidden_size": None, "n_pairs": len(pairs),
@@ -464,7 +464,7 @@ def _warn_overflow(tensors: dict, start: int, stop: int) -> None:
                           f"layer(s) {layers[:8]}; metrics on those layers will be NaN", RuntimeWarning, stacklevel=3)
 
 
-class _Extractor:
+class Extractor:
     """The two forward passes of a batch of pairs and the per-layer vectors they give."""
 
     def __init__(self, model, processor, settings: ExtractSettings):
@@ -494,7 +494,7 @@ class _Extractor:
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
-    def _forward(self, inputs: dict) -> tuple:
+    def hidden_states(self, inputs: dict) -> tuple:
         inputs = {k: v for k, v in inputs.items() if self.accepted is None or k in self.accepted}
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor):
@@ -511,26 +511,31 @@ class _Extractor:
                                 f"num_layers + 1 = {self.num_layers + 1}")
         return states
 
-    def run(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
+    def encode_images(self, batch: Sequence[Pair], suffixes: Sequence[str] | None = None) -> tuple[dict, torch.Tensor]:
+        """Pass 1's inputs, right-padded: each pair's image with the prompt (plus `suffixes[i]` after it, e.g. the
+        caption as the answer), and the (batch, seq) mask of image-token positions."""
         from midtune.data import load_image
 
-        # Pass 1: image + prompt, right-padded.
+        texts = [self.image_prompt + (suffixes[i] if suffixes else "") for i in range(len(batch))]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
             images = [load_image(str(p.image)) for p in batch]
-            enc = self.processor(text=[self.image_prompt] * len(batch), images=images, padding=True,
-                                 return_tensors="pt")
+            enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         finally:
             self.tokenizer.padding_side = side
-        ids, attn = enc["input_ids"], enc["attention_mask"].bool()
-        image_mask = (ids == self.image_token_id) & attn
+        image_mask = (enc["input_ids"] == self.image_token_id) & enc["attention_mask"].bool()
         empty = (~image_mask.any(1)).nonzero().flatten().tolist()
         if empty:
             raise AnalysisError(f"pair {batch[empty[0]].id!r}: no image tokens (id {self.image_token_id}) in the "
                                 f"image prompt; does the chat template write the image placeholder?")
-        last = last_positions(attn)
-        states = self._forward(dict(enc))
+        return dict(enc), image_mask
+
+    def run(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        # Pass 1: image + prompt, right-padded.
+        enc, image_mask = self.encode_images(batch)
+        last = last_positions(enc["attention_mask"])
+        states = self.hidden_states(enc)
         image_mean = masked_means(states, image_mask)
         rows = torch.arange(len(batch))
         image_last = torch.stack([h[rows, last.to(h.device)].float().cpu() for h in states], dim=1)
@@ -559,7 +564,7 @@ class _Extractor:
         empty = (~caption_mask.any(1)).nonzero().flatten().tolist()
         if empty:
             raise AnalysisError(f"pair {batch[empty[0]].id!r}: its caption has no tokens of its own")
-        states = self._forward({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        states = self.hidden_states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         caption_mean = masked_means(states, caption_mask)
         return {"image_mean": image_mean, "image_last": image_last, "caption_mean": caption_mean}
 

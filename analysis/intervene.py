@@ -1,19 +1,28 @@
-"""Causal intervention: block image → text attention in a window of LLM layers and measure what is lost.
+"""Causal intervention: block attention to the image (or to one token) in a window of LLM layers, measure the loss.
 
-In the layers of a window [a, b) every text position after the (first) image — the question, the template's
-tokens, the assistant prefix and the answer — is kept from attending to the image-token positions; the image tokens
-still attend to each other and to what precedes them. The window slides over the LLM (stride 1 by default), and
-accuracy on the shapes world's test questions is measured per window, with no intervention (the baseline) and with
-every layer blocked.
+Targets (`--target`; the Narrow Gate's token choices, Serra et al. 2024):
+
+* ``image`` (default): every text position after the (first) image — the question, the template's tokens, the
+  assistant prefix and the answer — is kept from attending to the image-token positions; the image tokens still
+  attend to each other and to what precedes them;
+* ``last-image``: every later position is kept from attending to the last image token;
+* ``after-image``: … to the token right after the image (Qwen's ``<|vision_end|>``, LLaVA's first text token);
+* ``last``: … to the last token of the prompt (the one that predicts the answer's first token): only the answer's
+  own tokens lose it. Without a prompt length (a bare forward) it is the sequence's last token, which nothing
+  after it can attend to, so blocking it changes nothing.
+
+The window slides over the LLM (stride 1 by default), and accuracy on the shapes world's test questions is
+measured per window, with no intervention (the baseline) and with every layer blocked.
 
 How the block is applied (stock transformers, no patched classes): a forward pre-hook on the top-level model reads
-`input_ids` and builds the (batch, query, key) block; a forward pre-hook on each decoder layer's `self_attn`
-replaces its `attention_mask` keyword with one where those query → key entries are masked. In transformers 5 the
-decoder layers pass the mask as a keyword: eager attention gets an additive float mask (masked entries set to the
-dtype's minimum), sdpa a boolean one (False = masked), or None when it relies on `is_causal` (no padding) — then a
-causal boolean mask is built first (and sdpa, given a mask, stops using `is_causal`). Other attention backends
-(flash, flex) are switched to sdpa. A forward with a KV cache (as in generation, where later calls see only the new
-tokens) is refused in blocked layers, so a blocked model is never silently unblocked for generated tokens.
+`input_ids` and builds the (batch, query, key) block; a forward pre-hook on each decoder layer's self-attention (found
+through the adapter table) replaces its `attention_mask` keyword with one where those query → key entries are
+masked. In transformers 5 the decoder layers pass the mask as a keyword: eager attention gets an additive float mask
+(masked entries set to the dtype's minimum), sdpa a boolean one (False = masked), or None when it relies on
+`is_causal` (no padding) — then a causal boolean mask is built first (and sdpa, given a mask, stops using
+`is_causal`). Other attention backends (flash, flex) are switched to sdpa. A forward with a KV cache (as in
+generation, where later calls see only the new tokens) is refused in blocked layers, so a blocked model is never
+silently unblocked for generated tokens.
 
 Scoring: no free generation. Each question's `choices` are scored by log-likelihood as the assistant's answer after
 the chat-template prompt (the image, then the question) — the same prompt and rule as the `midtune_shapes_mc`
@@ -33,25 +42,38 @@ from typing import Iterable, Sequence
 
 import torch
 
-from analysis.extract import AnalysisError
+from analysis.extract import AnalysisError, last_positions
 
 QTYPES = ("color", "shape", "count", "position", "exists")
+TARGETS = ("image", "last-image", "after-image", "last")
+TARGET_TEXT = {
+    "image": "attention from text positions after the image to image-token positions",
+    "last-image": "attention from later positions to the last image token",
+    "after-image": "attention from later positions to the token right after the image",
+    "last": "attention from the answer's tokens to the prompt's last token",
+}
 
 
-class ImageTextKnockout:
-    """Forward hooks that block attention from text positions after the image to image positions in `layers`.
+class AttentionKnockout:
+    """Forward hooks that block attention to `target` (see the module docstring) in the decoder layers `layers`.
 
     Usage::
 
-        with ImageTextKnockout(model) as knockout:
+        with AttentionKnockout(model, target="image") as knockout:
             knockout.layers = range(0, 4)      # decoder-layer indices; empty = no intervention
             logits = model(**inputs, use_cache=False).logits
+
+    For target ``last``, `last_positions` (one index per row, set before the forward) names the prompt's last
+    token; when None, each row's last non-padding token is taken.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, target: str = "image"):
         from midtune.adapters import family_of
 
-        self.model = model
+        if target not in TARGETS:
+            raise AnalysisError(f"knockout target {target!r} is not one of {', '.join(TARGETS)}")
+        self.model, self.target = model, target
+        self.last_positions: torch.Tensor | None = None
         family = family_of(model)
         parts = family.parts(model)
         self.num_layers = parts.num_layers
@@ -62,8 +84,8 @@ class ImageTextKnockout:
         self._layers: frozenset[int] = frozenset()
         self._block: torch.Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._capture, with_kwargs=True)]
-        for i, layer in enumerate(parts.language_layers):
-            self._handles.append(layer.self_attn.register_forward_pre_hook(partial(self._mask, i), with_kwargs=True))
+        for i in range(parts.num_layers):
+            self._handles.append(parts.attention(i).register_forward_pre_hook(partial(self._mask, i), with_kwargs=True))
         self.applied = 0  # attention calls whose mask was replaced (tests check that the hooks fire)
 
     @property
@@ -83,7 +105,7 @@ class ImageTextKnockout:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "ImageTextKnockout":
+    def __enter__(self) -> "AttentionKnockout":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -95,7 +117,12 @@ class ImageTextKnockout:
         if ids is None:
             self._block = None
             return None
-        self._block = text_to_image_block(ids, self.image_token_id)
+        last = self.last_positions
+        if self.target == "last" and last is None:
+            mask = kwargs.get("attention_mask")
+            last = last_positions(mask) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else \
+                torch.full((ids.shape[0],), ids.shape[1] - 1)
+        self._block = knockout_block(ids, self.image_token_id, self.target, last)
         return None
 
     def _mask(self, index: int, module, args, kwargs):
@@ -129,12 +156,35 @@ def uses_cache(args, kwargs) -> bool:
     return any(isinstance(v, Cache) for v in (*args, *kwargs.values()))
 
 
-def text_to_image_block(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """(batch, query, key) bool: True where a non-image position after the first image token meets an image key."""
+def knockout_block(input_ids: torch.Tensor, image_token_id: int, target: str = "image",
+                   last: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, query, key) bool: True where attention from a query to a key is blocked for `target`.
+
+    ``image``: non-image positions after the first image token × image keys. The token targets: one key per row
+    (the last image token, the token after it, or `last[row]`) × every strictly later query; a row without an
+    image (or whose key lies outside the sequence) is left alone."""
     is_image = input_ids == image_token_id
-    after = is_image.long().cumsum(dim=1) > 0
-    query = after & ~is_image
-    return query[:, :, None] & is_image[:, None, :]
+    if target == "image":
+        after = is_image.long().cumsum(dim=1) > 0
+        query = after & ~is_image
+        return query[:, :, None] & is_image[:, None, :]
+    batch, n = input_ids.shape
+    positions = torch.arange(n, device=input_ids.device)
+    last_image = torch.where(is_image, positions, -1).max(dim=1).values
+    if target == "last-image":
+        key = last_image
+    elif target == "after-image":
+        key = torch.where(last_image >= 0, last_image + 1, -1)
+    elif target == "last":
+        if last is None:
+            raise AnalysisError("knockout target 'last' needs each row's last prompt position")
+        key = torch.as_tensor(last, device=input_ids.device).long()
+    else:
+        raise AnalysisError(f"knockout target {target!r} is not one of {', '.join(TARGETS)}")
+    key = torch.where((key >= 0) & (key < n), key, -1)[:, None]
+    keys = positions[None, :] == key  # (batch, key); all False where key is -1
+    queries = (positions[None, :] > key) & (key >= 0)
+    return queries[:, :, None] & keys[:, None, :]
 
 
 def blocked_mask(mask: torch.Tensor | None, block: torch.Tensor, dtype: torch.dtype, impl: str) -> torch.Tensor:
@@ -204,6 +254,7 @@ class ChoiceScorer:
         from midtune.data import load_image
 
         self.model, self.questions = model, list(questions)
+        self.knockout: AttentionKnockout | None = None  # told each batch's prompt ends (target "last")
         tokenizer = getattr(processor, "tokenizer", processor)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -232,9 +283,16 @@ class ChoiceScorer:
         """NLL (summed over tokens) of every choice of every question."""
         scores = [[math.nan] * len(q.choices) for q in self.questions]
         for enc, meta in self.batches:
-            with torch.no_grad():
-                logits = self.model(**enc, use_cache=False).logits
             lengths = enc["attention_mask"].sum(dim=1).tolist()
+            if self.knockout is not None:
+                self.knockout.last_positions = torch.tensor([length - n - 1 for (_, _, n), length in
+                                                             zip(meta, lengths)])
+            try:
+                with torch.no_grad():
+                    logits = self.model(**enc, use_cache=False).logits
+            finally:
+                if self.knockout is not None:
+                    self.knockout.last_positions = None
             for row, ((qi, ci, n), length) in enumerate(zip(meta, lengths)):
                 if n == 0:
                     scores[qi][ci] = 0.0
@@ -270,12 +328,13 @@ def windows(num_layers: int, size: int, stride: int = 1) -> list[tuple[int, int]
 
 
 def run_intervention(model, processor, questions: Sequence[Question], window: int | None = None, stride: int = 1,
-                     batch_size: int = 16, progress: bool = True) -> dict:
+                     batch_size: int = 16, progress: bool = True, target: str = "image") -> dict:
     """Accuracy with no intervention, per sliding window, and with every layer blocked."""
     from tqdm.auto import tqdm
 
     scorer = ChoiceScorer(model, processor, questions, batch_size)
-    with ImageTextKnockout(model) as knockout:
+    with AttentionKnockout(model, target) as knockout:
+        scorer.knockout = knockout
         n = knockout.num_layers
         size = window if window is not None else max(1, round(n / 4))
         spans = windows(n, size, stride)
@@ -298,7 +357,8 @@ def run_intervention(model, processor, questions: Sequence[Question], window: in
         "tasks": list(dict.fromkeys(q.task for q in questions)),
         "n_questions": {t: sum(q.task == t for q in questions) for t in dict.fromkeys(q.task for q in questions)},
         "scoring": "log-likelihood of each choice as the answer (argmin NLL), exact match with `answer`",
-        "block": "attention from text positions after the image to image-token positions",
+        "target": target,
+        "block": TARGET_TEXT[target],
         "baseline": entry("baseline"),
         "windows": [entry(f"{a}-{b}", start=a, end=b) for a, b in spans],
         "all_layers": entry("all", start=0, end=n),

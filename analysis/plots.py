@@ -64,10 +64,62 @@ def plot_intervention(result: dict, path: Path):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"first layer of the blocked window (size {result['window']})")
     ax.set_ylabel("accuracy")
-    ax.set_title("image → text attention knockout (dashed: no intervention)", fontsize=10)
+    ax.set_title(f"knockout: {result.get('block', 'image → text attention')} (dashed: no intervention)", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot_lens(doc: dict, path: Path):
+    """Median rank of the concept word (log scale) vs hidden state: a panel per concept, a line per model; solid =
+    the mean image-token state decoded, dashed = the best single image token. A dotted line marks the top k."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    labels = list(doc["settings"]["labels"])
+    top_k = doc["settings"]["top_k"]
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.2 * len(labels), 3.6), squeeze=False)
+    for ax, label in zip(axes.flat, labels):
+        for i, (name, model) in enumerate(doc["models"].items()):
+            for readout, style in (("mean_image", "-"), ("best_image_token", "--")):
+                ranks = model["concepts"][label][readout]["median_rank"]
+                ax.plot(range(len(ranks)), [r + 1 for r in ranks], style, color=f"C{i}", marker="o", markersize=2.5,
+                        label=f"{name} ({readout.replace('_', ' ')})")
+        ax.axhline(top_k, color="grey", linestyle=":", linewidth=0.9)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{label}: median rank of the word (1 = top)", fontsize=10)
+        ax.set_xlabel("layer (hidden-state index; 0 = embeddings)", fontsize=8)
+        ax.grid(alpha=0.3)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), frameon=False, fontsize=8)
+    rows = -(-len(names) // 4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * rows))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def plot_heads(result: dict, path: Path):
+    """Heat map of each head's relevance to the concept (rows: layers, columns: heads); the top five circled."""
+    import numpy as np
+
+    plt = _pyplot()
+    scores = np.asarray(result["relevance"])
+    layers, heads = scores.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * heads + 2.5), max(3.0, 0.22 * layers + 1.5)))
+    image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(scores.max()), 1e-6),
+                      origin="lower")
+    for r in result["ranked"][:5]:
+        ax.scatter([r["head"]], [r["layer"]], s=120, facecolors="none", edgecolors="red", linewidths=1.2)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"relevance to {result['concept']} (share of the head's output energy)", fontsize=9)
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -55,6 +55,10 @@ class Family:
     # Whether the image processor resizes to a pixel budget (Qwen2-VL/2.5-VL: min_pixels..max_pixels, so the
     # image-token count follows the image's size) rather than to the vision tower's fixed size.
     pixel_budget: bool = False
+    # Inside each language layer: the self-attention module, and (inside that) the output projection whose input is
+    # the heads' outputs side by side (num_heads × head_dim), where the analysis reads and edits single heads.
+    attention: str = "self_attn"
+    attention_output: str = "o_proj"
     # Offline builders for tiny test models: config from a TinySize, and the matching processor.
     build_tiny: Callable[..., object] | None = field(default=None, repr=False, compare=False)
     build_processor: Callable[..., object] | None = field(default=None, repr=False, compare=False)
@@ -127,6 +131,21 @@ class ModelParts:
     @property
     def num_vision_layers(self) -> int:
         return len(self.vision_layers)
+
+    def attention(self, layer: int) -> nn.Module:
+        """Language layer `layer`'s self-attention module."""
+        return self.family.get(self.language_layers[layer], self.family.attention)
+
+    def attention_output(self, layer: int) -> nn.Linear:
+        """Language layer `layer`'s attention output projection; its input is the heads' outputs concatenated."""
+        return self.family.get(self.attention(layer), self.family.attention_output)
+
+    @property
+    def num_heads(self) -> int:
+        """Attention (query) heads per language layer, from the text config."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(text.num_attention_heads)
 
     def component_paths(self) -> dict[str, tuple[str, ...]]:
         """Component name → the dotted paths (modules or parameters) it owns."""

@@ -16,7 +16,7 @@ from analysis.__main__ import main
 from analysis.extract import AnalysisError, ExtractSettings, InMemoryExtraction, extract, load_model, read_pairs, \
     resolve_model
 from analysis.geometry import GeometryWarning
-from analysis.intervene import ChoiceScorer, ImageTextKnockout, Question, read_questions, uses_cache
+from analysis.intervene import ChoiceScorer, AttentionKnockout, Question, read_questions, uses_cache
 from analysis.profile import METRICS, ProfileSettings, compute_profile, read_profiles
 from analysis.suggest import suggest_block
 
@@ -131,8 +131,8 @@ def test_interrupted_extraction_resumes(world, tiny_dir, tmp_path, monkeypatch):
     stamp = first.stat().st_mtime_ns
 
     seen = []
-    run = extract_module._Extractor.run
-    monkeypatch.setattr(extract_module._Extractor, "run", lambda self, batch: (seen.extend(batch), run(self, batch))[1])
+    run = extract_module.Extractor.run
+    monkeypatch.setattr(extract_module.Extractor, "run", lambda self, batch: (seen.extend(batch), run(self, batch))[1])
     resumed = extract(ref, pairs, out, settings, progress=False)
     assert [p.id for p in seen] == [p.id for p in pairs[3:]]  # only what was missing
     assert first.stat().st_mtime_ns == stamp and not list(out.glob(".shard-*"))
@@ -271,7 +271,7 @@ def test_knockout_cuts_the_image_off(world, tiny_dir):
         other = next(p.image for p in read_pairs(world / "pairs.jsonl") if p.image != q.image.resolve())
         scorers = [ChoiceScorer(model, processor, [q]), ChoiceScorer(model, processor, [Question(**{**vars(q),
                                                                                             "image": other})])]
-        with ImageTextKnockout(model) as knockout:
+        with AttentionKnockout(model) as knockout:
             base = [s.nll()[0] for s in scorers]
             knockout.layers = range(NUM_LAYERS)
             blocked = [s.nll()[0] for s in scorers]
