@@ -13,7 +13,8 @@ inputs (`--force` redoes all):
   stage_c_middle  the same data, steps and seed, training only the middle half  configs/demo/stage_c_middle.yaml
   eval        base (= after alignment), full and middle on the shapes tasks through lmms-eval (python -m eval)
   analysis    per-layer geometry of the pretrained (composed), aligned, full and middle models (python -m analysis)
-  report      runs/demo/report.md + PNGs: the four questions of the experiment answered from these numbers
+  lens        the logit lens on the image tokens of base, full and middle (python -m analysis logit-lens)
+  report      runs/demo/report.md + PNGs: the experiment's questions answered from these numbers
 
 There is no text pre-training stage: the LLM is pretrained, and the world's words (colours, shapes, numbers,
 positions) are plain English it already knows. Training, eval and analysis run as the same commands a user types
@@ -54,8 +55,10 @@ EVAL_LIMIT = 100
 # bf16 weights for eval and analysis: 4× the fp32 matmul throughput on CPUs with AMX, and what a GPU runs anyway.
 INFERENCE_DTYPE = "bfloat16"
 # --quick (the test suite's check of the wiring): a small world, a few steps per stage, a few questions per task.
+# Test images decoded by the logit lens (about 20 s per model on 2 cores).
+LENS_PAIRS = 100
 QUICK = dict(world=dict(n_train=200, n_val=10, n_test=60), vision=dict(steps=5), train=["max_steps=2", "batch_size=2"],
-             eval=["--limit", "4"], analysis=["--k", "5", "--max-pairs", "24"])
+             eval=["--limit", "4"], analysis=["--k", "5", "--max-pairs", "24"], lens=["--max-pairs", "8"])
 
 
 def stage(name: str, out: Path, params: dict, force: bool, run) -> Path:
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     train_extra = QUICK["train"] if args.quick else []
     eval_extra = QUICK["eval"] if args.quick else ["--limit", str(EVAL_LIMIT)]
     analysis_extra = QUICK["analysis"] if args.quick else []
+    lens_extra = QUICK["lens"] if args.quick else ["--max-pairs", str(LENS_PAIRS)]
 
     # The world is redone when its generator changes (new files, new questions), and everything after it with it.
     world = stage("world", root / "world", {**world_args, "generator": generator_hash()},
@@ -165,8 +169,13 @@ def main(argv: list[str] | None = None) -> None:
                       "after": fingerprint(composed / ".midtune-stage.json") + models_done}, args.force,
                      lambda out: command([sys.executable, *analysis_args]))
 
+    lens_args = ["-m", "analysis", "logit-lens", *model_args, "--pairs", str(world / "pairs.jsonl"),
+                 "--dtype", INFERENCE_DTYPE, "--batch-size", "50", "--out", str(root / "lens"), *lens_extra]
+    lens = stage("lens", root / "lens", {"command": lens_args, "after": models_done}, args.force,
+                 lambda out: command([sys.executable, *lens_args]))
+
     from midtune.report import write_report
-    report = write_report(root, world, {"align": align, "full": full, "middle": middle}, evaluated, analysed,
+    report = write_report(root, world, {"align": align, "full": full, "middle": middle}, evaluated, analysed, lens,
                           total_time_s=time.perf_counter() - started)
     print(f"\nreport: {report}")
     print((root / "summary.txt").read_text())

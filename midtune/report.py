@@ -1,11 +1,13 @@
 """The demo's report: the experiment's four questions answered from its own numbers, with plots.
 
 Reads what the demo's stages wrote (each training run's run.json, each model's lmms-eval results.json, the
-analysis profiles.json) and writes `report.md`, `accuracy.png`, `geometry.png` and `summary.txt` next to them:
+analysis profiles.json and lens.json) and writes `report.md`, `accuracy.png`, `geometry.png`, `lens.png` and
+`summary.txt` next to them:
   (a) the pretrained LLM's intrinsic-dimension (ID) profile on the world's captions, and how training changes it;
   (b) where the visual↔textual neighbourhood overlap rises after alignment and after instruction tuning;
   (c) accuracy per question type of base (aligned), full and middle, with chance;
-  (d) wall time, step time and memory of each training run.
+  (d) wall time, step time and memory of each training run;
+  (e) the logit lens on the image tokens: at which layer base, full and middle read the depicted words.
 Every sentence is computed from the numbers; where the miniature does not reproduce a claim, it says so. The
 thresholds below were set before the first run; one rule changed after it, and says why in `id_answers`: expansion
 is measured from the lowest ID before the peak, no longer from the embeddings' ID.
@@ -257,14 +259,49 @@ def overlap_answers(profiles: dict[str, dict[int, dict]]) -> list[str]:
     return out
 
 
+def lens_answers(doc: dict) -> list[str]:
+    """(e): where each model's image tokens decode to the depicted words (median rank over the pairs inside the top
+    k), and whether they do in the intermediate third of the depth, where the paper places the abstraction."""
+    k = doc["settings"]["top_k"]
+    out, intermediate = [], []
+    for label in doc["settings"]["labels"]:
+        parts = []
+        for name, model in doc["models"].items():
+            n_states = model["num_layers"] + 1
+            middle = [i for i in range(n_states) if _where(i, n_states) == "intermediate"]
+            texts = []
+            for readout, text in (("mean_image", "mean image state"), ("best_image_token", "best image token")):
+                values = model["concepts"][label][readout]
+                first = values["first_top_k_layer"]
+                texts.append(f"{text} from hidden state {first}" if first is not None else f"{text} never")
+                ranks = values["median_rank"]
+                at = min(middle, key=lambda i: ranks[i])
+                intermediate.append((ranks[at], name, label, readout, at, middle))
+            parts.append(f"{name}: {', '.join(texts)}")
+        out.append(f"{label}: the word is in the top {k} (median over the pairs) — " + "; ".join(parts) + ".")
+    best = min(intermediate)
+    rank, name, label, readout, at, middle = best
+    span = f"hidden states {middle[0]}–{middle[-1]}"
+    if rank < k:
+        out.append(f"Visual features readable as the words they depict in the intermediate layers ({span}): yes — "
+                   f"{name}, {label}, {readout.replace('_', ' ')}: median rank {rank:.0f} at hidden state {at}.")
+    else:
+        out.append(f"Visual features readable as the words they depict in the intermediate layers ({span}): NOT "
+                   f"reproduced — the best median rank there is {rank:.0f} ({name}, {label}, "
+                   f"{readout.replace('_', ' ')}, hidden state {at}); the words surface only in the late layers, if "
+                   f"at all.")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------------------
 
 
 def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Path, analysis_dir: Path,
-                 total_time_s: float) -> Path:
-    """`stages`: the training runs {"align", "full", "middle"}; eval has base (= align), full and middle."""
+                 lens_dir: Path, total_time_s: float) -> Path:
+    """`stages`: the training runs {"align", "full", "middle"}; eval and the lens have base (= align), full and
+    middle."""
     from analysis.plots import plot_profiles
     from analysis.profile import read_profiles
 
@@ -274,11 +311,13 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
     profiles = geometry["profiles"]
     plot_profiles(profiles, root / "geometry.png", metrics=GEOMETRY_METRICS)
     shutil.copyfile(eval_dir / "comparison.png", root / "accuracy.png")
+    shutil.copyfile(lens_dir / "lens.png", root / "lens.png")
+    lens = json.loads((lens_dir / "lens.json").read_text())
 
     world_info = json.loads((world / "world.json").read_text())
     chance_of = chance(world_info)
     answers = {"a": id_answers(profiles), "b": overlap_answers(profiles),
-               "c": accuracy_verdicts(acc, chance_of), "d": cost_verdicts(runs)}
+               "c": accuracy_verdicts(acc, chance_of), "d": cost_verdicts(runs), "e": lens_answers(lens)}
     config = json.loads((stages["align"] / "final" / "config.json").read_text())
     text = config["text_config"]
     results = json.loads((eval_dir / "base" / "results.json").read_text())
@@ -336,12 +375,24 @@ def write_report(root: Path, world: Path, stages: dict[str, Path], eval_dir: Pat
         "",
         *(f"- {line}" for line in answers["d"]),
         "",
+        "## (e) Logit lens on the image tokens",
+        "",
+        f"Each hidden state of the image prompt decoded through the model's own final norm and unembedding "
+        f"(`python -m analysis logit-lens`), over {next(iter(lens['models'].values()))['n_pairs']} test images: the "
+        f"rank of the image's {' and '.join(lens['settings']['labels'])} word, for the mean image-token state "
+        f"(solid) and the best single image token (dashed); median over the images, 1 = the top token.",
+        "",
+        *(f"- {line}" for line in answers["e"]),
+        "",
+        "![logit lens](lens.png)",
+        "",
         "## Files",
         "",
         "`world/` the shapes world · `vision/` the pre-trained vision tower · `composed/` the pretrained LLaVA before "
         "alignment · `stage_b/`, `stage_c_full/`, `stage_c_middle/` training runs (each with `run.json`, "
         "`metrics.jsonl`, `config.yaml`, `final/`) · `eval/` lmms-eval results and samples per model, "
-        "`comparison.md/.csv/.png` · `analysis/` profiles (JSON, CSV, PNG with every metric).",
+        "`comparison.md/.csv/.png` · `analysis/` profiles (JSON, CSV, PNG with every metric) · `lens/` the logit "
+        "lens (JSON with decoded examples, CSV, PNG).",
         "",
         f"The whole demo took {total_time_s:.0f} s in this invocation (reused stages cost nothing).",
         "",

@@ -133,6 +133,33 @@ def test_overlap_answers_locate_the_rise_after_alignment_and_after_tuning():
     assert "(middle vs base): does NOT rise" in lines[2] and "intermediate -0.100" in lines[2]
 
 
+def _lens_doc(ranks: dict[str, list[float]], top_k: int = 10) -> dict:
+    """A lens.json with one concept; `ranks`: model → median ranks per hidden state (both readouts alike)."""
+    def readout(r):
+        first = next((i for i, v in enumerate(r) if v < top_k), None)
+        return {"median_rank": r, "first_top_k_layer": first}
+
+    return {"settings": {"top_k": top_k, "labels": ["dominant_color"]},
+            "models": {name: {"num_layers": len(r) - 1, "concepts": {"dominant_color": {
+                "mean_image": readout(r), "best_image_token": readout([v / 2 for v in r])}}}
+                       for name, r in ranks.items()}}
+
+
+def test_lens_answers_say_where_the_words_surface():
+    late = [900, 800, 700, 600, 500, 400, 300, 100, 16, 4]  # hidden states 0..9; intermediate = 4..6
+    lines = report.lens_answers(_lens_doc({"base": late, "middle": late}))
+    assert lines[0] == ("dominant_color: the word is in the top 10 (median over the pairs) — base: mean image state "
+                        "from hidden state 9, best image token from hidden state 8; middle: mean image state from "
+                        "hidden state 9, best image token from hidden state 8.")
+    assert "intermediate layers (hidden states 4–6): NOT reproduced — the best median rank there is 150 (base, " \
+           "dominant_color, best image token, hidden state 6)" in lines[1]
+    early = [900, 800, 700, 600, 30, 8, 6, 5, 4, 3]
+    lines = report.lens_answers(_lens_doc({"base": late, "middle": early}))
+    assert "intermediate layers (hidden states 4–6): yes — middle, dominant_color, best image token: median rank " \
+           "3 at hidden state 6" in lines[1]
+    assert "middle: mean image state from hidden state 5" in lines[0]
+
+
 def test_a_stage_is_reused_only_with_the_same_parameters(tmp_path, capsys):
     calls = []
 
@@ -175,14 +202,16 @@ def test_quick_demo_writes_the_report(tmp_path, monkeypatch):
     md = (out / "report.md").read_text()
     for model in ("base", "full", "middle"):
         assert f"| {model} |" in md
-    for section in ("## (a)", "## (b)", "## (c)", "## (d)"):
+    for section in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e)"):
         assert section in md
+    assert "Visual features readable as the words they depict in the intermediate layers" in md
     assert "ID profile of the pretrained LLM on the world's captions" in md
     assert "ID profile of base: identical to the pretrained one" in md  # alignment leaves the LLM as it was
     assert "overlap after alignment (base vs pretrained)" in md and "Paper's claim" in md
     assert "| middle | LLM layers 7–21 of 30 |" in md and "| align | projector |" in md
     assert (out / "geometry.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000
+    assert (out / "lens.png").stat().st_size > 10_000
     stamps = {name: (out / name / ".midtune-stage.json").stat().st_mtime_ns for name in
-              ("world", "vision", "composed", "stage_b", "stage_c_full", "stage_c_middle", "eval", "analysis")}
+              ("world", "vision", "composed", "stage_b", "stage_c_full", "stage_c_middle", "eval", "analysis", "lens")}
     demo.main(["--out", str(out), "--quick"])  # everything reused: no stage rewrites its marker
     assert {name: (out / name / ".midtune-stage.json").stat().st_mtime_ns for name in stamps} == stamps
