@@ -2,7 +2,12 @@
 
     python -m analysis profile --model base=runs/demo/stage_b/final --model middle=runs/demo/stage_c_middle/final \\
         --pairs runs/world/pairs.jsonl --out runs/analysis/profile [--k 30] [--label dominant_color]
-    python -m analysis intervene --model runs/demo/stage_c_middle/final --tasks color,count --out runs/analysis/knockout
+    python -m analysis intervene --model runs/demo/stage_c_middle/final --tasks color,count --out runs/analysis/knockout \
+        [--target image|last-image|after-image|last]
+    python -m analysis logit-lens --model base=runs/demo/stage_b/final --model full=runs/demo/stage_c_full/final \
+        --pairs runs/world/pairs.jsonl --out runs/analysis/lens
+    python -m analysis heads --model runs/demo/stage_c_middle/final --concept color --out runs/analysis/heads \
+        [--edit suppress --top 0.01]
     python -m analysis suggest-layers --model runs/demo/stage_b/final --pairs runs/world/pairs.jsonl --out layers.yaml
 
 Errors in the input (missing files or images, too few pairs for k, unknown tasks, bad models) are one line on

@@ -18,6 +18,9 @@ Selection. Simultaneous orthogonal matching pursuit, `atoms` steps per head: eac
 correlation energy ``‖R d‖²`` with the residual R (at first X), then R = X minus its projection on the atoms taken.
 The energy a step removes is its atom's share. A head's relevance to a concept is the share of its output energy
 ``‖X‖²`` removed by atoms that are the concept's tokens (see `analysis.lens.concept_tokens`); heads are ranked by it.
+Most heads pick no concept atom (relevance 0); they are ranked after those that do by their *affinity*: the largest
+share of their energy along any single concept atom (``‖X d‖² / ‖X‖²``), so "the top 5 %" is never filled up in
+layer order.
 
 Editing. A forward pre-hook on the output projection multiplies the chosen heads' slices of its input by `scale`
 (0 suppresses, 2 enhances by default). The edit is scored on the shapes world's questions with the log-likelihood
@@ -202,26 +205,32 @@ def rank_heads(model, processor, pairs: Sequence[Pair], settings: HeadSettings, 
 
     atoms = dictionary(model)
     dict_t = atoms.T.contiguous()
+    concept_atoms = atoms[sorted(concept_set)]
     scores = np.zeros((heads.num_layers, heads.num_heads))
-    explained = np.zeros_like(scores)
+    explained, affinity = np.zeros_like(scores), np.zeros_like(scores)
     table = []
     for layer in tqdm(range(heads.num_layers), desc="head pursuit", unit="layer", disable=not progress):
         for head in range(heads.num_heads):
-            x = heads.head_matrix(layer, head)
+            x = heads.head_matrix(layer, head).float()
             total = float(x.square().sum())
-            taken, energies = pursuit(x, atoms, settings.atoms, dict_t) if total > 0 else ([], [])
-            share = [e / total for e in energies] if total > 0 else []
+            if total <= 0:  # a head that never wrote anything
+                table.append({"layer": layer, "head": head, "relevance": 0.0, "affinity": 0.0, "explained": 0.0,
+                              "atoms": []})
+                continue
+            taken, energies = pursuit(x, atoms, settings.atoms, dict_t)
+            share = [e / total for e in energies]
             scores[layer, head] = sum(s for j, s in zip(taken, share) if j in concept_set)
             explained[layer, head] = sum(share)
+            affinity[layer, head] = float((x @ concept_atoms.T).square().sum(dim=0).max()) / total
             table.append({"layer": layer, "head": head, "relevance": float(scores[layer, head]),
-                          "explained": float(explained[layer, head]),
+                          "affinity": float(affinity[layer, head]), "explained": float(explained[layer, head]),
                           "atoms": [[tokenizer.decode([j]), round(s, 4)] for j, s in zip(taken, share)]})
-    table.sort(key=lambda r: -r["relevance"])
+    table.sort(key=lambda r: (-r["relevance"], -r["affinity"]))
     return {"concept": settings.concept, "words": list(settings.words),
             "tokens": {w: [tokenizer.decode([t]) for t in ids] for w, ids in concept_ids.items()},
             "num_layers": heads.num_layers, "num_heads": heads.num_heads, "head_dim": heads.head_dim,
             "samples": heads.samples, "atoms": settings.atoms, "relevance": scores.tolist(),
-            "explained": explained.tolist(), "ranked": table}
+            "affinity": affinity.tolist(), "explained": explained.tolist(), "ranked": table}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,9 +350,10 @@ def write_heads(out: Path, result: dict) -> dict[str, Path]:
         tmp.write_text(json.dumps({"format": FORMAT, **result}, indent=1))
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rank", "layer", "head", "relevance", "explained", "top_atoms"])
+        writer.writerow(["rank", "layer", "head", "relevance", "affinity", "explained", "top_atoms"])
         for i, r in enumerate(result["ranked"], 1):
-            writer.writerow([i, r["layer"], r["head"], f"{r['relevance']:.6g}", f"{r['explained']:.6g}",
+            writer.writerow([i, r["layer"], r["head"], f"{r['relevance']:.6g}", f"{r['affinity']:.6g}",
+                             f"{r['explained']:.6g}",
                              " ".join(repr(a) for a, _ in r["atoms"][:5])])
     plot_heads(result, paths["png"])
     if "edit" in result:

@@ -143,6 +143,7 @@ def test_a_planted_head_ranks_first_and_suppressing_it_lowers_its_word(family, w
     top = ranking["ranked"][0]
     assert (top["layer"], top["head"]) == PLANTED and top["relevance"] > 0.9
     assert all(r["relevance"] < 0.5 for r in ranking["ranked"][1:])
+    assert top["affinity"] > 0.9  # its output lies along one concept atom
     assert ranking["num_heads"] == NUM_HEADS and ranking["samples"] > 0
 
     others = sorted({t for w in (*words, *concept_words(pairs, "shape")) if w != "red"
@@ -177,6 +178,8 @@ def test_heads_command_with_an_edit(world, tiny_dir, tmp_path, capsys):
     assert len(doc["ranked"]) == NUM_LAYERS * NUM_HEADS
     relevance = [r["relevance"] for r in doc["ranked"]]
     assert relevance == sorted(relevance, reverse=True) and all(0 <= v <= 1 + 1e-6 for v in relevance)
+    keys = [(r["relevance"], r["affinity"]) for r in doc["ranked"]]  # ties (most heads: 0) go by affinity
+    assert keys == sorted(keys, reverse=True) and len({a for _, a in keys}) > 1
     edit = doc["edit"]
     conditions = edit["conditions"]
     assert len(conditions["edited"]["heads"]) == 2 == len(conditions["random"]["heads"])  # round(0.1 × 16)
