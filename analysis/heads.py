@@ -12,7 +12,8 @@ table). One head's samples span at most head_dim directions, so only their Gram 
 and everything below depends on the samples only through it.
 
 Dictionary. One atom per token: its unembedding row times the final norm's weight (the norm's linear part: what a
-direction adds to that token's logit), scaled to unit length.
+direction adds to that token's logit), less the mean of those rows (what raises every logit alike, which the softmax
+ignores), scaled to unit length.
 
 Selection. Simultaneous orthogonal matching pursuit, `atoms` steps per head: each step takes the atom with the most
 correlation energy ``‖R d‖²`` with the residual R (at first X), then R = X minus its projection on the atoms taken.
@@ -129,7 +130,11 @@ class HeadOutputs:
 
 
 def dictionary(model) -> torch.Tensor:
-    """(vocab, hidden) float32 unit rows: the unembedding times the final norm's weight."""
+    """(vocab, hidden) float32 unit rows: the unembedding times the final norm's weight, centred.
+
+    Centring removes the mean row: a direction along it raises every logit alike, which the softmax ignores, and
+    token embeddings share a large such component — without centring, heads that copy token embeddings (layer 0 of
+    a model with tied embeddings) correlate with every atom, concept words included."""
     from midtune.adapters import family_of
 
     parts = family_of(model).parts(model)
@@ -137,6 +142,7 @@ def dictionary(model) -> torch.Tensor:
     gamma = getattr(parts.norm, "weight", None)
     if gamma is not None:
         weight = weight * gamma.detach().float().cpu()
+    weight = weight - weight.mean(dim=0, keepdim=True)
     return weight / weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 

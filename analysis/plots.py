@@ -111,7 +111,7 @@ def plot_heads(result: dict, path: Path):
     plt = _pyplot()
     scores = np.asarray(result["relevance"])
     layers, heads = scores.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * heads + 2.5), max(3.0, 0.22 * layers + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * heads + 2.5), max(3.0, 0.14 * layers + 1.5)))
     image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=max(float(scores.max()), 1e-6),
                       origin="lower")
     for r in result["ranked"][:5]:
