@@ -118,6 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pairs", help="pairs JSONL whose image + caption sequences are the samples (default: the "
                                    "world's pairs.jsonl)")
     p.add_argument("--image-folder", help="folder the pairs' images are relative to (default: <pairs dir>/images)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths (absolute, or with ..) that lead outside the image folder")
     p.add_argument("--max-pairs", type=int, default=64, help="pairs used as samples (default 64)")
     p.add_argument("--atoms", type=int, default=10, help="matching-pursuit steps (tokens) per head (default 10)")
     p.add_argument("--prompt", default=None, help='text after the image (default "Describe the image.")')
@@ -261,8 +263,10 @@ def run_intervene(args) -> None:
 def run_logit_lens(args) -> None:
     import gc
 
-    from analysis.extract import DEFAULT_PROMPT, load_model, read_pairs
-    from analysis.lens import LensSettings, run_lens, summary_lines, write_lens
+    import torch
+
+    from analysis.extract import DEFAULT_PROMPT, load_model, load_tokenizer, read_pairs
+    from analysis.lens import LensSettings, run_lens, summary_lines, word_tokens, write_lens
 
     _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, top_k=args.top_k)
     labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
@@ -278,13 +282,20 @@ def run_logit_lens(args) -> None:
                                 f"{', '.join(lacking.labels) or 'none'})")
     refs = _named_models(args.model, args)
     device = _device(args.device)
+    words = sorted({p.labels[label] for p in pairs for label in labels})
+    for name, ref in refs.items():  # a word no tokenizer spells fails here, not after the first model's pass
+        tokenizer = load_tokenizer(ref, args.trust_remote_code)
+        if tokenizer is not None:
+            word_tokens(tokenizer, words, f"--model {name}")
     result = {"pairs": str(Path(args.pairs).resolve()), "models": {}}
     for name, ref in refs.items():
         model, processor = load_model(ref, args.dtype, device, args.trust_remote_code, args.attn_implementation)
         result["models"][name] = {"source": ref.describe(), **run_lens(model, processor, pairs, settings,
                                                                         progress=not args.no_progress)}
-        del model
+        del model, processor
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     paths = write_lens(Path(args.out), result, settings)
     for line in summary_lines(result, settings.top_k):
         log.info(line)
@@ -303,25 +314,34 @@ def _world(args) -> Path:
 
 
 def run_heads(args) -> None:
-    from analysis.extract import load_model, read_pairs, resolve_model
+    from analysis.extract import load_model, load_tokenizer, read_pairs, resolve_model
     from analysis.heads import HeadSettings, concept_words, rank_heads, score_edit, summary_lines, top_heads, \
         write_heads
     from analysis.intervene import read_questions
+    from analysis.lens import word_tokens
 
     _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, atoms=args.atoms, limit=args.limit)
     if not 0 < args.top <= 1:
         raise AnalysisError(f"--top must be a fraction in (0, 1], got {args.top}")
+    if args.scale is not None and not args.edit:
+        raise AnalysisError("--scale applies to an edit: give --edit suppress or --edit enhance")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.edit and not tasks:
+        raise AnalysisError("--tasks is empty")
     world = _world(args) if args.edit or not args.pairs else None
     pairs_file = Path(args.pairs) if args.pairs else world / "pairs.jsonl"
-    pairs = read_pairs(pairs_file, args.image_folder, max_pairs=args.max_pairs)
+    pairs = read_pairs(pairs_file, args.image_folder, max_pairs=args.max_pairs,
+                       allow_outside_images=args.allow_outside_images)
     words = tuple(w.strip() for w in args.words.split(",") if w.strip()) if args.words else \
         concept_words(pairs, args.concept)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     questions = read_questions(world, tasks, args.limit) if args.edit else None
     settings = HeadSettings(concept=args.concept, words=words, atoms=args.atoms, batch_size=args.batch_size,
                             prompt=args.prompt)
     settings.check()
     ref = resolve_model(args.model, args.base, args.lora_scale)
+    tokenizer = load_tokenizer(ref, args.trust_remote_code)
+    if tokenizer is not None:  # a word the tokenizer cannot spell fails before the model loads
+        word_tokens(tokenizer, words, f"concept {args.concept!r}")
     model, processor = load_model(ref, args.dtype, _device(args.device), args.trust_remote_code,
                                   args.attn_implementation)
     result = {"model": ref.describe(), "pairs": str(pairs_file.resolve()),

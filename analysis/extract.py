@@ -254,6 +254,17 @@ def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None,
     return model.to(resolve_device(device)).eval(), processor
 
 
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
+    """The tokenizer alone (a second or less), for checks that should fail before a model loads; None when the
+    source has none that AutoTokenizer reads (the checks then run after loading)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref.base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
 def merge_lora_tensors(model, tensors: dict[str, torch.Tensor], scale: float | None, where: str) -> dict:
     """Checkpoint tensors → plain parameter tensors: PEFT LoRA pairs `X.lora_A.<adapter>.weight` /
     `X.lora_B.<adapter>.weight` become `X.weight + scale · B @ A` (standard LoRA, as midtune trains it); other
@@ -494,18 +505,21 @@ class Extractor:
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
-    def hidden_states(self, inputs: dict) -> tuple:
+    def forward(self, inputs: dict, output_hidden_states: bool = False):
+        """The model's output on `inputs` (moved to its device and dtype; keys it does not take dropped)."""
         inputs = {k: v for k, v in inputs.items() if self.accepted is None or k in self.accepted}
         for k, v in inputs.items():
             if isinstance(v, torch.Tensor):
                 v = v.to(self.device)
                 inputs[k] = v.to(self.dtype) if v.is_floating_point() else v
-        # logits_to_keep=1: only the hidden states are read; full-vocabulary logits at every position cost as much
-        # as a quarter of a small LLM's forward (SmolLM2-135M: 49k × 576 against 30 layers of 576)
+        # logits_to_keep=1: the callers read hidden states or hooks; full-vocabulary logits at every position cost
+        # as much as a quarter of a small LLM's forward (SmolLM2-135M: 49k × 576 against 30 layers of 576)
         with torch.no_grad():
-            out = self.model(**inputs, output_hidden_states=True, use_cache=False, return_dict=True,
-                             **self.only_last_logits)
-        states = out.hidden_states
+            return self.model(**inputs, output_hidden_states=output_hidden_states, use_cache=False,
+                              return_dict=True, **self.only_last_logits)
+
+    def hidden_states(self, inputs: dict) -> tuple:
+        states = self.forward(inputs, output_hidden_states=True).hidden_states
         if states is None or len(states) != self.num_layers + 1:
             raise AnalysisError(f"{type(self.model).__name__} returned {len(states or ())} hidden states, expected "
                                 f"num_layers + 1 = {self.num_layers + 1}")

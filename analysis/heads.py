@@ -122,15 +122,18 @@ class HeadOutputs:
         self.remove()
 
     def head_matrix(self, layer: int, head: int) -> torch.Tensor:
-        """X (head_dim × hidden): the head's samples in the residual stream, compressed to their Gram matrix."""
+        """X (head_dim × hidden) float64 on the CPU: the head's samples in the residual stream, compressed to their
+        Gram matrix."""
         values, vectors = torch.linalg.eigh(self.gram[layer, head])
         root = values.clamp(min=0).sqrt()
-        w = self.projections[layer].weight.detach().double().cpu()[:, head * self.head_dim:(head + 1) * self.head_dim]
+        # only this head's columns leave the device (a 7B layer's whole projection is 100 MB in float64)
+        w = self.projections[layer].weight.detach()[:, head * self.head_dim:(head + 1) * self.head_dim].cpu().double()
         return (root[:, None] * vectors.T) @ w.T
 
 
 def dictionary(model) -> torch.Tensor:
-    """(vocab, hidden) float32 unit rows: the unembedding times the final norm's weight, centred.
+    """(vocab, hidden) float32 unit rows, on the model's device: the unembedding times the final norm's weight,
+    centred.
 
     Centring removes the mean row: a direction along it raises every logit alike, which the softmax ignores, and
     token embeddings share a large such component — without centring, heads that copy token embeddings (layer 0 of
@@ -138,24 +141,24 @@ def dictionary(model) -> torch.Tensor:
     from midtune.adapters import family_of
 
     parts = family_of(model).parts(model)
-    weight = parts.lm_head.weight.detach().float().cpu()
+    weight = parts.lm_head.weight.detach().float()
     gamma = getattr(parts.norm, "weight", None)
     if gamma is not None:
-        weight = weight * gamma.detach().float().cpu()
+        weight = weight * gamma.detach().float().to(weight.device)
     weight = weight - weight.mean(dim=0, keepdim=True)
     return weight / weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 def pursuit(x: torch.Tensor, atoms: torch.Tensor, steps: int, dict_t: torch.Tensor | None = None) \
         -> tuple[list[int], list[float]]:
-    """Simultaneous orthogonal matching pursuit of the rows of `x` (r × hidden) over unit `atoms` (V × hidden):
-    the atoms taken, in order, and the energy each removed (their sum ≤ ‖x‖²)."""
-    x = x.float()
+    """Simultaneous orthogonal matching pursuit of the rows of `x` (r × hidden) over unit `atoms` (V × hidden), on
+    the atoms' device: the atoms taken, in order, and the energy each removed (their sum ≤ ‖x‖²)."""
+    x = x.to(atoms.device, torch.float32)
     dict_t = atoms.T if dict_t is None else dict_t
     corr0 = x @ dict_t  # (r, V): correlations of the samples with every atom
     basis: list[torch.Tensor] = []  # orthonormal span of the atoms taken
-    xq = torch.zeros(x.shape[0], 0)
-    qd = torch.zeros(0, atoms.shape[0])
+    xq = torch.zeros(x.shape[0], 0, device=x.device)
+    qd = torch.zeros(0, atoms.shape[0], device=x.device)
     taken, energies = [], []
     for _ in range(steps):
         corr = corr0 - xq @ qd  # the residual's correlations
@@ -182,7 +185,7 @@ def rank_heads(model, processor, pairs: Sequence[Pair], settings: HeadSettings, 
     """Relevance of every (layer, head) to the concept, the ranking, and each head's atoms."""
     from tqdm.auto import tqdm
 
-    from analysis.lens import concept_tokens
+    from analysis.lens import word_tokens
 
     settings.check()
     extract_settings = ExtractSettings(batch_size=settings.batch_size)
@@ -190,12 +193,7 @@ def rank_heads(model, processor, pairs: Sequence[Pair], settings: HeadSettings, 
         extract_settings.prompt = settings.prompt
     extractor = Extractor(model, processor, extract_settings)
     tokenizer = extractor.tokenizer
-    concept_ids = {}
-    for word in settings.words:
-        ids = concept_tokens(tokenizer, word)
-        if not ids:
-            raise AnalysisError(f"concept {settings.concept!r}: the tokenizer has no token that starts {word!r}")
-        concept_ids[word] = ids
+    concept_ids = word_tokens(tokenizer, settings.words, f"concept {settings.concept!r}")
     concept_set = {t for ids in concept_ids.values() for t in ids}
 
     with HeadOutputs(model) as heads:
@@ -205,19 +203,19 @@ def rank_heads(model, processor, pairs: Sequence[Pair], settings: HeadSettings, 
             enc, image_mask = extractor.encode_images(batch, suffixes=[p.caption for p in batch])
             after_image = image_mask.long().cumsum(dim=1) > 0
             heads.positions = after_image & ~image_mask & enc["attention_mask"].bool()
-            extractor.hidden_states(enc)
+            extractor.forward(enc)  # only the hooks' sums are wanted
             bar.update(len(batch))
         bar.close()
 
     atoms = dictionary(model)
     dict_t = atoms.T.contiguous()
-    concept_atoms = atoms[sorted(concept_set)]
+    concept_atoms = atoms[torch.tensor(sorted(concept_set), device=atoms.device)]
     scores = np.zeros((heads.num_layers, heads.num_heads))
     explained, affinity = np.zeros_like(scores), np.zeros_like(scores)
     table = []
     for layer in tqdm(range(heads.num_layers), desc="head pursuit", unit="layer", disable=not progress):
         for head in range(heads.num_heads):
-            x = heads.head_matrix(layer, head).float()
+            x = heads.head_matrix(layer, head).to(atoms.device, torch.float32)
             total = float(x.square().sum())
             if total <= 0:  # a head that never wrote anything
                 table.append({"layer": layer, "head": head, "relevance": 0.0, "affinity": 0.0, "explained": 0.0,

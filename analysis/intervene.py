@@ -8,8 +8,9 @@ Targets (`--target`; the Narrow Gate's token choices, Serra et al. 2024):
 * ``last-image``: every later position is kept from attending to the last image token;
 * ``after-image``: … to the token right after the image (Qwen's ``<|vision_end|>``, LLaVA's first text token);
 * ``last``: … to the last token of the prompt (the one that predicts the answer's first token): only the answer's
-  own tokens lose it. Without a prompt length (a bare forward) it is the sequence's last token, which nothing
-  after it can attend to, so blocking it changes nothing.
+  own tokens lose it, so only answer tokens after the first can change — a task whose choices are all one token
+  cannot (the command says so). Without a prompt length (a bare forward) it is the sequence's last token, which
+  nothing after it can attend to, so blocking it changes nothing.
 
 The window slides over the LLM (stride 1 by default), and accuracy on the shapes world's test questions is
 measured per window, with no intervention (the baseline) and with every layer blocked.
@@ -34,6 +35,7 @@ keeps the block in force for every scored token.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -44,13 +46,15 @@ import torch
 
 from analysis.extract import AnalysisError, last_positions
 
+log = logging.getLogger("midtune.analysis")
+
 QTYPES = ("color", "shape", "count", "position", "exists")
 TARGETS = ("image", "last-image", "after-image", "last")
 TARGET_TEXT = {
     "image": "attention from text positions after the image to image-token positions",
     "last-image": "attention from later positions to the last image token",
     "after-image": "attention from later positions to the token right after the image",
-    "last": "attention from the answer's tokens to the prompt's last token",
+    "last": "attention from the answer's tokens to the prompt's last token (moves only answer tokens after the first)",
 }
 
 
@@ -333,6 +337,10 @@ def run_intervention(model, processor, questions: Sequence[Question], window: in
     from tqdm.auto import tqdm
 
     scorer = ChoiceScorer(model, processor, questions, batch_size)
+    single = all(n <= 1 for _, meta in scorer.batches for _, _, n in meta)
+    if target == "last" and single:
+        log.warning("every choice is a single token: blocking attention to the prompt's last token cannot change "
+                    "any score (the first answer token is predicted at that token itself)")
     with AttentionKnockout(model, target) as knockout:
         scorer.knockout = knockout
         n = knockout.num_layers
@@ -359,6 +367,7 @@ def run_intervention(model, processor, questions: Sequence[Question], window: in
         "scoring": "log-likelihood of each choice as the answer (argmin NLL), exact match with `answer`",
         "target": target,
         "block": TARGET_TEXT[target],
+        "single_token_choices": single,
         "baseline": entry("baseline"),
         "windows": [entry(f"{a}-{b}", start=a, end=b) for a, b in spans],
         "all_layers": entry("all", start=0, end=n),

@@ -4,7 +4,9 @@ For every pair of a pairs file, the image and the prompt run once (extraction's 
 user turn [image, prompt] and the assistant prefix) with all hidden states. Each hidden state is decoded the way the
 model decodes its last one: ``lm_head(norm(h))``, with the model's own final norm and unembedding (found through the
 adapter table). transformers returns the last hidden state already normed, so it goes through ``lm_head`` alone and
-then equals the model's own logits (a test holds this).
+then equals the model's own logits (a test holds this). The unembedding runs in float32 (a float32 copy of a bf16
+``lm_head``: 2.2 GB for a 152k × 3584 one), because bf16 logits tie often over a large vocabulary and ties would
+flatter the ranks.
 
 Readouts, per pair, hidden state and concept (a label of the pair, e.g. ``dominant_color`` = "red"):
 
@@ -13,11 +15,11 @@ Readouts, per pair, hidden state and concept (a label of the pair, e.g. ``domina
   probability.
 
 A word's tokens are the first token of each spelling the tokenizer gives it ("red", " red", "Red", " Red") that is
-itself the start of the word (so "r" does not stand for "red"). Rank = how many vocabulary entries score above the
-word's best token (0 = top-1); probability = the softmax mass on the word's tokens. Per hidden state the pairs are
-summarised by the median rank, the mean probability and the fraction of pairs with the word in the top k; the first
-hidden state where the median rank is inside the top k (half the pairs or more read the word there) is the layer
-where the concept "enters the top-k".
+itself the start of the word (so "r" does not stand for "red"). Rank = 1 + how many vocabulary entries score above
+the word's best token (1 = the top token); probability = the softmax mass on the word's tokens. Per hidden state the
+pairs are summarised by the median rank, the mean probability and the fraction of pairs with the word in the top k
+(rank ≤ k); the first hidden state where that fraction reaches one half is the layer where the concept "enters the
+top k".
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ log = logging.getLogger("midtune.analysis")
 
 READOUTS = ("mean_image", "best_image_token")
 FORMAT = "midtune-logit-lens/1"
-TOKEN_CHUNK = 2048  # image-token states decoded at once (× vocabulary floats)
+LOGITS_PER_CHUNK = 2 ** 27  # float32 logits decoded at once (512 MB): 2,730 image tokens of a 49k vocabulary, 883 of 152k
 
 
 @dataclass
@@ -69,6 +71,16 @@ def concept_tokens(tokenizer, word: str) -> list[int]:
     return sorted(set(ids))
 
 
+def word_tokens(tokenizer, words, what: str) -> dict[str, list[int]]:
+    """word → `concept_tokens`; AnalysisError naming `what` and the word when one has none."""
+    out = {}
+    for word in words:
+        out[word] = concept_tokens(tokenizer, word)
+        if not out[word]:
+            raise AnalysisError(f"{what}: the tokenizer has no token that starts the word {word!r}")
+    return out
+
+
 class LogitLens:
     """Decodes a hidden state (hidden-state index `index`: 0 = embeddings, num_layers = the final, normed one)."""
 
@@ -77,23 +89,33 @@ class LogitLens:
 
         parts = family_of(model).parts(model)
         self.norm, self.lm_head, self.num_layers = parts.norm, parts.lm_head, parts.num_layers
+        self.dtype = parts.lm_head.weight.dtype  # the norm runs in it, as in the model's own forward
+        self.unembedding = parts.lm_head.weight.detach().float()  # no copy when the model is float32
+        bias = getattr(parts.lm_head, "bias", None)
+        self.bias = None if bias is None else bias.detach().float()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.unembedding.shape[0]
 
     def logits(self, states: torch.Tensor, index: int) -> torch.Tensor:
-        h = states.to(self.lm_head.weight.dtype)
+        """float32 logits; the norm runs in the model's dtype, as in the model's own forward."""
+        h = states.to(self.unembedding.device, self.dtype)
         with torch.no_grad():
             if index < self.num_layers:
                 h = self.norm(h)
-            return self.lm_head(h).float()
+            return torch.nn.functional.linear(h.float(), self.unembedding, self.bias)
 
 
 def rank_and_mass(logits: torch.Tensor, token_sets: torch.Tensor, logz: torch.Tensor | None = None) \
         -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: the rank of the best of its tokens (`token_sets`: (rows, S) ids, -1 = none) and their softmax mass.
+    """Per row: the rank (1 = top) of the best of its tokens (`token_sets`: (rows, S) ids, -1 = none) and their
+    softmax mass.
     `logz`: the rows' logsumexp, when the caller has it already (it is shared by every concept)."""
     valid = token_sets >= 0
     picked = logits.gather(1, token_sets.clamp(min=0))
     best = picked.masked_fill(~valid, float("-inf")).max(dim=1).values
-    rank = (logits > best[:, None]).sum(dim=1, dtype=torch.int32)  # int32: half the time of the default int64
+    rank = 1 + (logits > best[:, None]).sum(dim=1, dtype=torch.int32)  # int32: half the time of the default int64
     logz = torch.logsumexp(logits, dim=-1) if logz is None else logz
     mass = (picked - logz[:, None]).exp().masked_fill(~valid, 0.0).sum(dim=1)
     return rank.long(), mass
@@ -126,12 +148,15 @@ def run_lens(model, processor, pairs: Sequence[Pair], settings: LensSettings, pr
     """Ranks and probabilities of each pair's concept words per hidden state and readout, summarised."""
     from tqdm.auto import tqdm
 
+    from analysis.extract import masked_means
+
     settings.check()
     extractor = Extractor(model, processor, ExtractSettings(prompt=settings.prompt, batch_size=settings.batch_size))
     lens = LogitLens(model)
     tokenizer = extractor.tokenizer
     sets, words = _token_sets(tokenizer, pairs, settings.labels)
     n, states_n = len(pairs), lens.num_layers + 1
+    chunk = max(64, LOGITS_PER_CHUNK // lens.vocab_size)
     ranks = {(lab, r): np.zeros((n, states_n), dtype=np.int64) for lab in settings.labels for r in READOUTS}
     probs = {(lab, r): np.zeros((n, states_n), dtype=np.float64) for lab in settings.labels for r in READOUTS}
     examples = [{"id": p.id, "words": {lab: p.labels[lab] for lab in settings.labels}, "top_k": []}
@@ -142,10 +167,9 @@ def run_lens(model, processor, pairs: Sequence[Pair], settings: LensSettings, pr
         enc, image_mask = extractor.encode_images(batch)
         states = extractor.hidden_states(enc)
         rows, cols = image_mask.nonzero(as_tuple=True)  # every image token, row-major
+        means = masked_means(states, image_mask)  # (batch, states, hidden) float32
         for index, h in enumerate(states):
-            mask = image_mask.to(h.device, torch.float32)
-            mean = torch.einsum("bt,bth->bh", mask, h.float()) / mask.sum(1, keepdim=True)
-            logits = lens.logits(mean, index)
+            logits = lens.logits(means[:, index], index)
             logz = torch.logsumexp(logits, dim=-1)
             for label in settings.labels:
                 token_sets = sets[label][start:start + len(batch)].to(logits.device)
@@ -160,8 +184,8 @@ def run_lens(model, processor, pairs: Sequence[Pair], settings: LensSettings, pr
                                                      zip(top.indices, torch.softmax(logits[i], -1)[top.indices])])
             best_rank = {lab: torch.full((len(batch),), torch.iinfo(torch.int64).max) for lab in settings.labels}
             best_mass = {lab: torch.zeros(len(batch)) for lab in settings.labels}
-            for c in range(0, len(rows), TOKEN_CHUNK):
-                r, t = rows[c:c + TOKEN_CHUNK], cols[c:c + TOKEN_CHUNK]
+            for c in range(0, len(rows), chunk):
+                r, t = rows[c:c + chunk], cols[c:c + chunk]
                 token_logits = lens.logits(h[r.to(h.device), t.to(h.device)], index)
                 token_logz = torch.logsumexp(token_logits, dim=-1)
                 for label in settings.labels:
@@ -181,16 +205,17 @@ def run_lens(model, processor, pairs: Sequence[Pair], settings: LensSettings, pr
         for readout in READOUTS:
             r, p = ranks[label, readout], probs[label, readout]
             median = np.median(r, axis=0)
-            entered = [i for i in range(states_n) if median[i] < settings.top_k]
+            in_top_k = (r <= settings.top_k).mean(axis=0)
+            entered = [i for i in range(states_n) if in_top_k[i] >= 0.5]
             concepts[label][readout] = {
                 "median_rank": median.tolist(),
                 "mean_probability": p.mean(axis=0).tolist(),
-                "top_k_fraction": (r < settings.top_k).mean(axis=0).tolist(),
+                "top_k_fraction": in_top_k.tolist(),
                 "first_top_k_layer": entered[0] if entered else None,
                 "best_layer": int(np.argmin(median)),
             }
-    return {"num_layers": lens.num_layers, "n_pairs": n, "concepts": concepts, "words": words,
-            "examples": examples}
+    return {"num_layers": lens.num_layers, "vocab_size": lens.vocab_size, "n_pairs": n, "concepts": concepts,
+            "words": words, "examples": examples}
 
 
 def summary_lines(result: dict, top_k: int) -> list[str]:

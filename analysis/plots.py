@@ -87,7 +87,7 @@ def plot_lens(doc: dict, path: Path):
         for i, (name, model) in enumerate(doc["models"].items()):
             for readout, style in (("mean_image", "-"), ("best_image_token", "--")):
                 ranks = model["concepts"][label][readout]["median_rank"]
-                ax.plot(range(len(ranks)), [r + 1 for r in ranks], style, color=f"C{i}", marker="o", markersize=2.5,
+                ax.plot(range(len(ranks)), ranks, style, color=f"C{i}", marker="o", markersize=2.5,
                         label=f"{name} ({readout.replace('_', ' ')})")
         ax.axhline(top_k, color="grey", linestyle=":", linewidth=0.9)
         ax.set_yscale("log")

@@ -59,7 +59,7 @@ def test_lens_at_the_last_layer_is_the_models_own_logits(family, world, tiny_dir
 def test_rank_and_probability_of_a_word():
     logits = torch.tensor([[0.0, 5.0, 3.0, 1.0], [2.0, 1.0, 0.0, 4.0]])
     rank, mass = rank_and_mass(logits, torch.tensor([[2, -1], [1, 2]]))
-    assert rank.tolist() == [1, 2]  # row 0: only token 1 scores above 3; row 1: tokens 3 and 0 above 1
+    assert rank.tolist() == [2, 3]  # 1 = top; row 0: only token 1 scores above 3; row 1: tokens 3 and 0 above 1
     probs = torch.softmax(logits, dim=-1)
     torch.testing.assert_close(mass, torch.stack([probs[0, 2], probs[1, 1] + probs[1, 2]]))
 
@@ -84,13 +84,13 @@ def test_logit_lens_command(world, tiny_dir, tmp_path, capsys):
     for model in doc["models"].values():
         assert model["n_pairs"] == 6 and model["num_layers"] == NUM_LAYERS
         for readouts in model["concepts"].values():
-            mean, best = readouts["mean_image"], readouts["best_image_token"]
-            assert len(mean["median_rank"]) == NUM_LAYERS + 1
-            # the best image token is at least as good as the mean, pair by pair, so also in the median
-            assert all(b <= m for b, m in zip(best["median_rank"], mean["median_rank"]))
-            assert all(0 <= f <= 1 for f in mean["top_k_fraction"])
-            first = mean["first_top_k_layer"]
-            assert first is None or mean["median_rank"][first] < 5
+            for values in readouts.values():
+                assert len(values["median_rank"]) == NUM_LAYERS + 1
+                assert all(1 <= r <= model["vocab_size"] for r in values["median_rank"])  # 1 = the top token
+                assert all(0 <= f <= 1 for f in values["top_k_fraction"])
+                first = values["first_top_k_layer"]
+                assert first is None or values["top_k_fraction"][first] >= 0.5
+                assert first is None or all(f < 0.5 for f in values["top_k_fraction"][:first])
         assert len(model["examples"]) == 2 and len(model["examples"][0]["top_k"]) == NUM_LAYERS + 1
         assert len(model["examples"][0]["top_k"][0]) == 5
     rows = list(csv.DictReader((out / "lens.csv").open()))
@@ -191,9 +191,34 @@ def test_heads_command_with_an_edit(world, tiny_dir, tmp_path, capsys):
     assert "| none |" in table and "2 random (× 0)" in table
     assert (out / "heads.png").stat().st_size > 0 and (out / "heads.csv").is_file()
 
-    rc = main(["heads", "--model", str(tiny_dir("llava")), "--concept", "flavour", "--world", str(world),
+
+def test_bad_heads_and_lens_input_fails_before_a_model_loads(world, tiny_dir, tmp_path, capsys, monkeypatch):
+    import analysis.extract
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(analysis.extract, "load_model", no_model)
+    model = str(tiny_dir("llava"))
+    heads = ["heads", "--model", model, "--world", str(world), "--out", str(tmp_path / "bad"), "--no-progress"]
+    for args, needle in [
+        (["--concept", "flavour"], "'_flavour'"),
+        (["--concept", "color", "--words", "red,zqxjv"], "no token that starts the word 'zqxjv'"),
+        (["--concept", "color", "--scale", "0.5"], "--scale applies to an edit"),
+        (["--concept", "color", "--edit", "suppress", "--tasks", ","], "--tasks is empty"),
+        (["--concept", "color", "--edit", "suppress", "--tasks", "flavour"], "task 'flavour'"),
+        (["--concept", "color", "--top", "0"], "--top must be a fraction"),
+    ]:
+        assert main(heads + args) == 2, args
+        assert needle in capsys.readouterr().err, args
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [json.loads(line) for line in (world / "pairs.jsonl").read_text().splitlines()[:3]]
+    rows[1]["labels"]["dominant_color"] = "zqxjv"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["logit-lens", "--model", model, "--pairs", str(pairs), "--image-folder", str(world / "images"),
                "--out", str(tmp_path / "bad"), "--no-progress"])
-    assert rc == 2 and "'_flavour'" in capsys.readouterr().err
+    assert rc == 2 and "no token that starts the word 'zqxjv'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,6 +254,25 @@ def test_knocking_out_a_token_nothing_later_sees_changes_nothing(family, world, 
     assert not torch.allclose(cut[0, -1], base[0, -1])  # the last image token did carry something
 
 
+def test_blocking_the_prompts_last_token_moves_only_later_answer_tokens(world, tiny_dir):
+    from analysis.intervene import ChoiceScorer, Question
+
+    model, processor = load_model(resolve_model(str(tiny_dir("llava"))), device="cpu")
+    q = read_questions(world, ["color"], limit=1)[0]
+    q = Question(**{**vars(q), "choices": ["red", "a red circle at the top"], "answer": "red"})
+    scorer = ChoiceScorer(model, processor, [q])
+    lengths = [n for _, meta in scorer.batches for _, _, n in meta]
+    assert lengths[0] == 1 and lengths[1] > 2
+    base = scorer.nll()[0]
+    with AttentionKnockout(model, target="last") as knockout:
+        scorer.knockout = knockout
+        knockout.layers = range(NUM_LAYERS)
+        blocked = scorer.nll()[0]
+        assert knockout.applied == NUM_LAYERS
+    assert blocked[0] == base[0]  # one token: predicted at the blocked token itself, so it cannot move
+    assert blocked[1] != base[1]  # its later tokens no longer see the prompt's last token
+
+
 def test_intervention_command_with_a_token_target(world, tiny_dir, tmp_path):
     out = tmp_path / "knockout"
     rc = main(["intervene", "--model", str(tiny_dir("qwen2_vl")), "--tasks", "color", "--world", str(world),
@@ -237,4 +281,6 @@ def test_intervention_command_with_a_token_target(world, tiny_dir, tmp_path):
     result = json.loads((out / "intervention.json").read_text())
     assert result["target"] == "last" and "prompt's last token" in result["block"]
     assert [(w["start"], w["end"]) for w in result["windows"]] == [(0, 2), (1, 3), (2, 4)]
-    assert result["baseline"]["changed"] == 0
+    assert result["single_token_choices"] is True  # colours are one token each: the command warns
+    # one-token answers cannot move when only the prompt's last token is blocked
+    assert result["all_layers"]["changed"] == 0 and result["all_layers"]["accuracy"] == result["baseline"]["accuracy"]
