@@ -287,8 +287,9 @@ def lens_answers(doc: dict) -> list[str]:
                    f"in the top {k} for {-neg_share:.0%} of the images ({where}; median rank {rank:.0f}).")
     else:
         out.append(f"Visual features readable as the words they depict in the intermediate layers ({span}): NOT "
-                   f"reproduced — at most {-neg_share:.0%} of the images have the word in the top {k} there, median "
-                   f"rank {rank:.0f} at best ({where}); the words surface only in the late layers, if at all.")
+                   f"reproduced — at its best intermediate hidden state the word is in the top {k} for "
+                   f"{-neg_share:.0%} of the images (median rank {rank:.0f}: {where}); the words surface only in "
+                   f"the late layers, if at all.")
     return out
 
 
