@@ -180,6 +180,11 @@ def _device(value: str) -> str | None:
         raise AnalysisError(str(e)) from None
 
 
+def comma_list(value: str) -> list[str]:
+    """`a, b,,c` → ["a", "b", "c"]."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
@@ -238,7 +243,7 @@ def run_intervene(args) -> None:
     from analysis.plots import plot_intervention
 
     _check_positive(batch_size=args.batch_size, limit=args.limit, window=args.window, stride=args.stride)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = comma_list(args.tasks)
     if not tasks:
         raise AnalysisError("--tasks is empty")
     world = _world(args)
@@ -269,17 +274,12 @@ def run_logit_lens(args) -> None:
     from analysis.lens import LensSettings, run_lens, summary_lines, word_tokens, write_lens
 
     _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, top_k=args.top_k)
-    labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
+    labels = tuple(comma_list(args.labels))
     settings = LensSettings(labels=labels, top_k=args.top_k, examples=args.examples,
                             prompt=args.prompt or DEFAULT_PROMPT, batch_size=args.batch_size)
     settings.check()
-    pairs = read_pairs(args.pairs, args.image_folder, max_pairs=args.max_pairs,
+    pairs = read_pairs(args.pairs, args.image_folder, label=labels, max_pairs=args.max_pairs,
                        allow_outside_images=args.allow_outside_images)
-    for label in labels:  # every pair must carry every label: found before any model loads
-        lacking = next((p for p in pairs if label not in p.labels), None)
-        if lacking is not None:
-            raise AnalysisError(f"{args.pairs}: pair {lacking.id!r} has no label {label!r} (it has: "
-                                f"{', '.join(lacking.labels) or 'none'})")
     refs = _named_models(args.model, args)
     device = _device(args.device)
     words = sorted({p.labels[label] for p in pairs for label in labels})
@@ -314,7 +314,7 @@ def _world(args) -> Path:
 
 
 def run_heads(args) -> None:
-    from analysis.extract import load_model, load_tokenizer, read_pairs, resolve_model
+    from analysis.extract import DEFAULT_PROMPT, load_model, load_tokenizer, read_pairs, resolve_model
     from analysis.heads import HeadSettings, concept_words, rank_heads, score_edit, summary_lines, top_heads, \
         write_heads
     from analysis.intervene import read_questions
@@ -325,18 +325,18 @@ def run_heads(args) -> None:
         raise AnalysisError(f"--top must be a fraction in (0, 1], got {args.top}")
     if args.scale is not None and not args.edit:
         raise AnalysisError("--scale applies to an edit: give --edit suppress or --edit enhance")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = comma_list(args.tasks)
     if args.edit and not tasks:
         raise AnalysisError("--tasks is empty")
     world = _world(args) if args.edit or not args.pairs else None
     pairs_file = Path(args.pairs) if args.pairs else world / "pairs.jsonl"
     pairs = read_pairs(pairs_file, args.image_folder, max_pairs=args.max_pairs,
                        allow_outside_images=args.allow_outside_images)
-    words = tuple(w.strip() for w in args.words.split(",") if w.strip()) if args.words else \
+    words = tuple(comma_list(args.words)) if args.words else \
         concept_words(pairs, args.concept)
     questions = read_questions(world, tasks, args.limit) if args.edit else None
     settings = HeadSettings(concept=args.concept, words=words, atoms=args.atoms, batch_size=args.batch_size,
-                            prompt=args.prompt)
+                            prompt=args.prompt or DEFAULT_PROMPT)
     settings.check()
     ref = resolve_model(args.model, args.base, args.lora_scale)
     tokenizer = load_tokenizer(ref, args.trust_remote_code)

@@ -79,10 +79,10 @@ class Pair:
     labels: dict = field(default_factory=dict)
 
 
-def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, label: str | None = None,
+def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, label: str | Sequence[str] | None = None,
                max_pairs: int | None = None, min_pairs: int = 1, allow_outside_images: bool = False) -> list[Pair]:
     """The rows of a pairs JSONL file, checked: every row parses and has id/image/caption, every image exists
-    inside the image folder (unless `allow_outside_images`), `label` (if given) is in every row's `labels`, and at
+    inside the image folder (unless `allow_outside_images`), `label` (a name or several) is in every row's `labels`, and at
     least `min_pairs` rows remain after `max_pairs`.
 
     `image_folder` defaults to `<pairs dir>/images`. Raises AnalysisError naming the file, row and problem."""
@@ -94,6 +94,7 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
         raise AnalysisError(f"image folder {str(folder)!r} does not exist (pairs file {path})")
     if max_pairs is not None and max_pairs < 1:
         raise AnalysisError(f"max_pairs must be >= 1, got {max_pairs}")
+    required = [label] if isinstance(label, str) else list(label or ())
     pairs: list[Pair] = []
     missing: list[str] = []
     with open(path, encoding="utf-8") as fh:
@@ -115,9 +116,10 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
             labels = row.get("labels") or {}
             if not isinstance(labels, dict):
                 raise AnalysisError(f"{where} (id={row['id']!r}): 'labels' must be an object")
-            if label is not None and label not in labels:
+            absent = next((name for name in required if name not in labels), None)
+            if absent is not None:
                 have = ", ".join(sorted(labels)) or "none"
-                raise AnalysisError(f"{where} (id={row['id']!r}): no label {label!r} (this row has: {have})")
+                raise AnalysisError(f"{where} (id={row['id']!r}): no label {absent!r} (this row has: {have})")
             image = (folder / row["image"]).resolve()
             if not allow_outside_images and not image.is_relative_to(folder.resolve()):
                 raise AnalysisError(f"{where} (id={row['id']!r}): image path {row['image']!r} escapes the image "

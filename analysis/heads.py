@@ -43,7 +43,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from analysis.extract import AnalysisError, ExtractSettings, Extractor, Pair
+from analysis.extract import DEFAULT_PROMPT, AnalysisError, ExtractSettings, Extractor, Pair
+from analysis.intervene import Hooks
 
 log = logging.getLogger("midtune.analysis")
 
@@ -57,7 +58,7 @@ class HeadSettings:
     words: tuple[str, ...]
     atoms: int = 10  # matching-pursuit steps per head
     batch_size: int = 8
-    prompt: str | None = None
+    prompt: str = DEFAULT_PROMPT
 
     def check(self) -> None:
         if not self.words:
@@ -82,7 +83,7 @@ def concept_words(pairs: Sequence[Pair], concept: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class HeadOutputs:
+class HeadOutputs(Hooks):
     """Forward pre-hooks on every layer's attention output projection that add each head's Σ z zᵀ over the
     positions in `positions` (a (batch, seq) bool mask, set before each forward)."""
 
@@ -96,7 +97,9 @@ class HeadOutputs:
         if width % self.num_heads:
             raise AnalysisError(f"attention output width {width} is not a multiple of {self.num_heads} heads")
         self.head_dim = width // self.num_heads
-        self.gram = torch.zeros(self.num_layers, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float64)
+        # one (heads, head_dim, head_dim) sum per layer, on that layer's device: no host sync in the forward
+        self.gram = [torch.zeros(self.num_heads, self.head_dim, self.head_dim, dtype=torch.float64,
+                                 device=proj.weight.device) for proj in self.projections]
         self.samples = 0
         self.positions: torch.Tensor | None = None
         self._handles = [proj.register_forward_pre_hook(partial(self._add, i)) for i, proj in
@@ -106,25 +109,14 @@ class HeadOutputs:
         z = args[0]
         positions = self.positions.to(z.device)
         z = z[positions].float().view(-1, self.num_heads, self.head_dim)
-        self.gram[layer] += torch.einsum("nhd,nhe->hde", z, z).double().cpu()
+        self.gram[layer] += torch.einsum("nhd,nhe->hde", z, z).double()
         if layer == 0:
             self.samples += z.shape[0]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "HeadOutputs":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     def head_matrix(self, layer: int, head: int) -> torch.Tensor:
         """X (head_dim × hidden) float64 on the CPU: the head's samples in the residual stream, compressed to their
         Gram matrix."""
-        values, vectors = torch.linalg.eigh(self.gram[layer, head])
+        values, vectors = torch.linalg.eigh(self.gram[layer][head].cpu())
         root = values.clamp(min=0).sqrt()
         # only this head's columns leave the device (a 7B layer's whole projection is 100 MB in float64)
         w = self.projections[layer].weight.detach()[:, head * self.head_dim:(head + 1) * self.head_dim].cpu().double()
@@ -188,10 +180,7 @@ def rank_heads(model, processor, pairs: Sequence[Pair], settings: HeadSettings, 
     from analysis.lens import word_tokens
 
     settings.check()
-    extract_settings = ExtractSettings(batch_size=settings.batch_size)
-    if settings.prompt:
-        extract_settings.prompt = settings.prompt
-    extractor = Extractor(model, processor, extract_settings)
+    extractor = Extractor(model, processor, ExtractSettings(prompt=settings.prompt, batch_size=settings.batch_size))
     tokenizer = extractor.tokenizer
     concept_ids = word_tokens(tokenizer, settings.words, f"concept {settings.concept!r}")
     concept_set = {t for ids in concept_ids.values() for t in ids}
@@ -242,7 +231,7 @@ def rank_heads(model, processor, pairs: Sequence[Pair], settings: HeadSettings, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-class HeadEdit:
+class HeadEdit(Hooks):
     """Scales the outputs of `heads` ((layer, head) pairs) by `scale` while in use::
 
         with HeadEdit(model, [(12, 3)], scale=0.0):
@@ -271,17 +260,6 @@ class HeadEdit:
         z[..., heads, :] *= self.scale
         return (z.reshape(shape), *args[1:])
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "HeadEdit":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
 
 def top_heads(ranking: dict, fraction: float) -> list[tuple[int, int]]:
     """The `fraction` of all heads ranked highest (at least one)."""
@@ -309,7 +287,7 @@ def score_edit(model, processor, questions, heads: list[tuple[int, int]], scale:
     for name, chosen in tqdm(conditions.items(), desc="edit", unit="condition", disable=not progress):
         with HeadEdit(model, chosen, scale):
             nll = scorer.nll()
-        predictions = [q.choices[int(np.argmin(s))] for q, s in zip(questions, nll)]
+        predictions = scorer.predict(nll)
         p_answer: dict[str, list[float]] = {}
         for q, s in zip(questions, nll):
             logp = -np.asarray(s)

@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Self, Sequence
 
 import torch
 
@@ -58,7 +58,24 @@ TARGET_TEXT = {
 }
 
 
-class AttentionKnockout:
+class Hooks:
+    """Forward hooks (their handles in `_handles`) removed by `remove()` or at the end of a `with` block."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class AttentionKnockout(Hooks):
     """Forward hooks that block attention to `target` (see the module docstring) in the decoder layers `layers`.
 
     Usage::
@@ -103,17 +120,6 @@ class AttentionKnockout:
         if bad:
             raise AnalysisError(f"knockout layers {sorted(bad)} out of range 0..{self.num_layers - 1}")
         self._layers = value
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "AttentionKnockout":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _capture(self, module, args, kwargs):
@@ -306,8 +312,10 @@ class ChoiceScorer:
                 scores[qi][ci] = -float(logprobs.gather(-1, targets[:, None]).sum())
         return scores
 
-    def predict(self) -> list[str]:
-        return [q.choices[min(range(len(s)), key=s.__getitem__)] for q, s in zip(self.questions, self.nll())]
+    def predict(self, nll: list[list[float]] | None = None) -> list[str]:
+        """The lowest-NLL choice of each question (from `nll` when the caller has scored them already)."""
+        nll = self.nll() if nll is None else nll
+        return [q.choices[min(range(len(s)), key=s.__getitem__)] for q, s in zip(self.questions, nll)]
 
 
 def accuracy(questions: Sequence[Question], predictions: Sequence[str]) -> dict[str, float]:

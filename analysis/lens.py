@@ -166,33 +166,35 @@ def run_lens(model, processor, pairs: Sequence[Pair], settings: LensSettings, pr
         batch = pairs[start:start + settings.batch_size]
         enc, image_mask = extractor.encode_images(batch)
         states = extractor.hidden_states(enc)
-        rows, cols = image_mask.nonzero(as_tuple=True)  # every image token, row-major
         means = masked_means(states, image_mask)  # (batch, states, hidden) float32
+        device = lens.unembedding.device
+        # what every layer reads the same way: each pair's word tokens, and the image tokens in chunks
+        batch_sets = {label: sets[label][start:start + len(batch)].to(device) for label in settings.labels}
+        rows, cols = image_mask.nonzero(as_tuple=True)  # every image token, row-major
+        chunks = [(rows[c:c + chunk], rows[c:c + chunk].to(states[0].device), cols[c:c + chunk].to(states[0].device),
+                   {label: sets[label][start + rows[c:c + chunk]].to(device) for label in settings.labels})
+                  for c in range(0, len(rows), chunk)]
+        examples_here = range(min(len(batch), max(0, len(examples) - start)))
         for index, h in enumerate(states):
             logits = lens.logits(means[:, index], index)
             logz = torch.logsumexp(logits, dim=-1)
             for label in settings.labels:
-                token_sets = sets[label][start:start + len(batch)].to(logits.device)
-                rank, mass = rank_and_mass(logits, token_sets, logz)
+                rank, mass = rank_and_mass(logits, batch_sets[label], logz)
                 ranks[label, "mean_image"][start:start + len(batch), index] = rank.cpu().numpy()
                 probs[label, "mean_image"][start:start + len(batch), index] = mass.cpu().numpy()
-            for i in range(len(examples) - start if start < len(examples) else 0):
-                if i >= len(batch):
-                    break
+            for i in examples_here:
                 top = logits[i].topk(settings.top_k)
                 examples[start + i]["top_k"].append([[tokenizer.decode([int(t)]), round(float(p), 4)] for t, p in
                                                      zip(top.indices, torch.softmax(logits[i], -1)[top.indices])])
             best_rank = {lab: torch.full((len(batch),), torch.iinfo(torch.int64).max) for lab in settings.labels}
             best_mass = {lab: torch.zeros(len(batch)) for lab in settings.labels}
-            for c in range(0, len(rows), chunk):
-                r, t = rows[c:c + chunk], cols[c:c + chunk]
-                token_logits = lens.logits(h[r.to(h.device), t.to(h.device)], index)
+            for owner, r, t, chunk_sets in chunks:
+                token_logits = lens.logits(h[r.to(h.device), t.to(h.device)], index)  # no-op on one device
                 token_logz = torch.logsumexp(token_logits, dim=-1)
                 for label in settings.labels:
-                    rank, mass = rank_and_mass(token_logits, sets[label][start + r].to(token_logits.device),
-                                               token_logz)
-                    best_rank[label].scatter_reduce_(0, r, rank.cpu(), "amin")
-                    best_mass[label].scatter_reduce_(0, r, mass.cpu().float(), "amax")
+                    rank, mass = rank_and_mass(token_logits, chunk_sets[label], token_logz)
+                    best_rank[label].scatter_reduce_(0, owner, rank.cpu(), "amin")
+                    best_mass[label].scatter_reduce_(0, owner, mass.cpu().float(), "amax")
             for label in settings.labels:
                 ranks[label, "best_image_token"][start:start + len(batch), index] = best_rank[label].numpy()
                 probs[label, "best_image_token"][start:start + len(batch), index] = best_mass[label].numpy()
