@@ -57,7 +57,7 @@ venv: $(STAMP)
 .venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m midtune.demo $(if $(FORCE),--force,)
+	$(BIN)/python -m compare configs/experiments/demo.yaml $(if $(FORCE),--force,)
 
 test: $(STAMP)
 	MIDTUNE_LOCK=$(abspath $(LOCK)) MIDTUNE_MODELS_LOCK=$(abspath $(MODELS_LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -19,8 +19,8 @@ fits the overall budget is skipped for time. The steps:
              (the plain run's merged model) must give the same answers and scores on two shapes tasks.
 4. analysis  `analysis profile` on CUDA against the same on the CPU (same values), and the exact neighbour
              search (analysis.geometry.knn) on CUDA against the CPU on 10k x 4096: same neighbours, the speed ratio.
-5. demo      `python -m midtune.demo` (what `make demo` runs) on CUDA, its wall time. It starts after the bench
-             (whose timings it would disturb) and runs beside steps 2-4, within the overall budget.
+5. demo      `python -m compare configs/experiments/demo.yaml` (`make demo`) on CUDA, its wall time. It starts
+             after the bench (whose timings it would disturb) and runs beside steps 2-4, within the overall budget.
 
 Results: <out>/gpu-check.json (every figure, each step's status: passed / failed with a one-line reason /
 skipped for time) and <out>/gpu-check.md, a Markdown section naming the device, driver, torch and CUDA versions,
@@ -64,8 +64,8 @@ class Sizes:
     knn_points: int
     knn_dim: int
     profile_pairs: int
-    demo: list | None  # midtune.demo arguments; None: the step is skipped (SMOKE: the demo composes the 135M
-    # SmolLM2, ~2.5 min alone on 2 cores even --quick; tests/test_demo.py runs that --quick demo on its own)
+    demo: list | None  # extra compare arguments; None: the step is skipped (SMOKE: the demo composes the 135M
+    # SmolLM2, ~2.5 min alone on 2 cores even shrunk; tests/test_compare.py runs that quick demo on its own)
     demo_min_s: int  # the demo is skipped for time with less than this left
     jobs: int  # training backends run side by side (one GPU holds all four tiny runs)
 
@@ -493,13 +493,14 @@ def step_demo_start(ctx: Context) -> dict:
     first GPU check killed it in its last stage; the demo on SmolLM2 has not run on a GPU yet). `step_demo` waits
     for it with whatever is left of the budget."""
     if ctx.sizes.demo is None:
-        raise Skipped("the demo on the pretrained SmolLM2 does not fit the CPU rehearsal's budget (tests/test_demo.py "
-                      "runs its --quick version on its own)")
+        raise Skipped("the demo on the pretrained SmolLM2 does not fit the CPU rehearsal's budget "
+                      "(tests/test_compare.py runs a shrunk version on its own)")
     if ctx.clock.left() < ctx.sizes.demo_min_s:
         raise OutOfTime(f"no time left for the demo ({ctx.clock.left():.0f} s, it needs {ctx.sizes.demo_min_s} s)")
     out = ctx.out / "demo"
     shutil.rmtree(out, ignore_errors=True)
-    ctx.demo = start([PY, "-m", "midtune.demo", "--out", str(out), "--force", *ctx.sizes.demo],
+    ctx.demo = start([PY, "-m", "compare", str(ROOT / "configs" / "experiments" / "demo.yaml"), "--set",
+                      f"output_dir={out}", "--force", *ctx.sizes.demo],
                      ctx.out / "logs" / "demo.log")
     return {}
 

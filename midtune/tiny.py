@@ -271,12 +271,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vision-heads", type=int, default=4)
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vision-tower", action="store_true",
+                    help="build only a CLIP vision tower (for python -m midtune.compose --vision) sized by "
+                         "--image-size, --patch-size and --vision-*, pre-trained on the world for --pretrain-steps")
+    ap.add_argument("--pretrain-steps", type=int, default=400, help="with --vision-tower (0: leave it random)")
+    ap.add_argument("--pretrain-batch-size", type=int, default=64)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
 
     image_size = args.image_size
     if image_size is None:
         world = Path(args.data) / "world.json"
         image_size = json.loads(world.read_text())["args"]["image_size"] if world.exists() else 64
+    if args.vision_tower:
+        build_vision_tower(args.out, image_size=image_size, patch_size=args.patch_size, layers=args.vision_layers,
+                           hidden=args.vision_hidden, heads=args.vision_heads, seed=args.seed)
+        if args.pretrain_steps > 0:
+            result = pretrain_vision_tower(args.out, args.data, steps=args.pretrain_steps,
+                                           batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, seed=args.seed)
+            (Path(args.out) / "pretraining.json").write_text(json.dumps(result, indent=1))
+            print(f"vision tower pre-trained: {result['steps']} steps, loss {result['loss']}, val cells right "
+                  f"{100 * result['patch_accuracy']:.1f}%", flush=True)
+        print(f"vision tower ({args.vision_layers} × {args.vision_hidden}, image {image_size}px / patch "
+              f"{args.patch_size}) → {args.out}")
+        return
     out = build_tiny(
         args.family,
         args.out,

@@ -25,8 +25,8 @@ def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
     assert list(steps) == ["setup", "bench", "train", "eval", "analysis", "demo"]
     failed = {n: s.get("reason") for n, s in steps.items() if s["status"] != "passed" and n != "demo"}
     assert not failed, failed
-    # the demo composes the pretrained 135M SmolLM2: too big for the CPU rehearsal (test_demo.py runs it --quick)
-    assert steps["demo"]["status"] == "skipped" and "tests/test_demo.py" in steps["demo"]["reason"]
+    # the demo composes the pretrained 135M SmolLM2: too big for the CPU rehearsal (test_compare.py runs it shrunk)
+    assert steps["demo"]["status"] == "skipped" and "tests/test_compare.py" in steps["demo"]["reason"]
     assert report["wall_s"] < 240  # SMOKE's budget: under 4 minutes on 2 cores
 
     bench = steps["bench"]["figures"]

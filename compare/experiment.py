@@ -1,0 +1,500 @@
+"""Experiment files: read one, check it whole, and turn it into the ordered stages `python -m compare` runs.
+
+An experiment is one YAML file (schema: docs/compare.md). Every string may use placeholders: `{output_dir}`,
+`{NAME}` for a variable of `vars:` and `{STAGE}` for the output directory of a `prepare` stage or a training stage
+(e.g. `{world}/train.json`, `{align}/final`); a prepare command's own directory is `{out}`. Relative paths are
+relative to the directory `compare` runs in, like the train configs' own paths.
+
+Everything is checked before anything runs: unknown keys (with a suggestion), runs under which nothing would
+train, a base model that does not exist, sweeps that do not fit the model, names used twice. The stages are then
+plain commands (the ones a user would type), so `--print-commands` can hand them to a scheduler.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+from midtune.spec import SpecError, TrainableSpec
+
+TOP_KEYS = ("name", "description", "hardware", "output_dir", "vars", "prepare", "base", "stages", "config", "data",
+            "image_folder", "train_overrides", "runs", "sweep", "launch", "eval", "analysis", "reference", "report")
+PREPARE_KEYS = ("command", "watch")
+COMPOSE_KEYS = ("vision", "llm", "projector", "vision_feature_layer", "image_token", "chat_template", "dtype", "seed",
+                "trust_remote_code")
+SWEEP_KEYS = ("config", "width", "stride", "num_layers", "overrides")
+LAUNCH_KEYS = ("with", "config_file", "num_processes", "args")
+EVAL_KEYS = ("tasks", "limit", "include_path", "batch_size", "dtype", "args")
+ANALYSIS_KEYS = ("pairs", "image_folder", "dtype", "batch_size", "args", "lens", "lens_args")
+REPORT_KEYS = ("keeps", "clear_gain", "cheaper", "chance")
+# Names the report and the output layout use for themselves.
+RESERVED = ("base", "pretrained", "eval", "analysis", "lens", "report", "out", "output_dir")
+PYTHON = "python"  # the first word of a command: replaced by this interpreter when compare runs it
+MARKER = ".midtune-stage.json"
+
+
+class ExperimentError(ValueError):
+    """An experiment file that cannot run as written; the message names the file and the key."""
+
+
+@dataclass
+class Stage:
+    """One command and where it writes. `params` (with the markers of the stages in `after`) decide reuse."""
+
+    name: str
+    kind: str  # prepare | compose | train | eval | eval-table | analysis | lens
+    out: Path
+    command: list[str]
+    params: dict
+    after: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # files under `out` that show a run outside compare finished
+    marker_name: str = MARKER
+    clear: bool = True  # redoing the stage empties `out` first (eval-table shares eval/ with the per-model stages)
+
+    @property
+    def marker(self) -> Path:
+        return self.out / self.marker_name
+
+
+@dataclass
+class Experiment:
+    path: Path
+    name: str
+    description: str
+    hardware: str
+    output_dir: Path
+    stages: list[Stage]
+    models: dict[str, str]  # name → model path, in report order: [pretrained,] base, runs..., sweep blocks...
+    trainings: dict[str, dict]  # stage/run name → {"role": stage|run|sweep, "block": [lo, hi] | None}
+    reference: str
+    eval: dict
+    analysis: dict | None
+    report: dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading and checking
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _unknown(keys, allowed, where: str, file: Path) -> None:
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known keys: {', '.join(allowed)})"
+            raise ExperimentError(f"{file}: unknown key {where}{key!r}{hint}")
+
+
+def _mapping(value, where: str, file: Path) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ExperimentError(f"{file}: {where} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+class _Placeholders(dict):
+    def __init__(self, values: dict, file: Path, where: str):
+        super().__init__(values)
+        self.file, self.where = file, where
+
+    def __missing__(self, key):
+        close = difflib.get_close_matches(key, list(self), n=1)
+        hint = f"; did you mean {{{close[0]}}}?" if close else f" (known: {', '.join('{' + k + '}' for k in self)})"
+        raise ExperimentError(f"{self.file}: {self.where}: unknown placeholder {{{key}}}{hint}")
+
+
+def _fill(value, names: dict, file: Path, where: str):
+    """Substitute placeholders in every string of `value` (lists and mappings walked)."""
+    if isinstance(value, str):
+        try:
+            return string.Formatter().vformat(value, (), _Placeholders(names, file, where))
+        except (ValueError, IndexError) as e:
+            raise ExperimentError(f"{file}: {where}: {value!r}: {e}") from None
+    if isinstance(value, list):
+        return [_fill(v, names, file, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, names, file, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def fingerprint_files(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _override_value(value) -> str:
+    """A value as train's `key=value` reads it (OmegaConf parses the right-hand side as YAML)."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    """{trainable: {layers: 6-16}} → {trainable.layers: 6-16}: a nested override changes only the keys it names."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _overrides(mapping: dict) -> list[str]:
+    return [f"{key}={_override_value(value)}" for key, value in _flatten(mapping).items()]
+
+
+def _load_train_config(path: Path, file: Path, where: str) -> dict:
+    if not path.is_file():
+        raise ExperimentError(f"{file}: {where}: train config {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{file}: {where}: {path} is not valid YAML: {e}") from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _check_trains_something(config_path: Path, overrides: dict, file: Path, where: str) -> None:
+    """The run's trainable block (config file + `trainable.*` overrides) must train something: the same check
+    train makes, but before any stage runs."""
+    trainable = dict(_load_train_config(config_path, file, where).get("trainable") or {})
+    for key, value in _flatten(overrides).items():
+        if key.startswith("trainable."):
+            trainable[key.removeprefix("trainable.")] = value
+    try:
+        TrainableSpec.from_dict(trainable, where=f"{where} trainable")
+    except SpecError as e:
+        raise ExperimentError(f"{file}: {e} (config {config_path})") from None
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.startswith((".", "/"))
+
+
+def _check_model(model: str, file: Path, where: str, produced: tuple[str, ...]) -> None:
+    """A model that no earlier stage produces must exist: a directory, a delta (`DELTA@BASE`) or a hub id."""
+    for part in model.split("@") if "@" in model else [model]:
+        if any(part.startswith(p) for p in produced) or Path(part).exists():
+            continue
+        if _looks_like_hub_id(part) and not part.startswith(("runs/", "data/")):
+            continue  # a hub id: loaded (from the local cache offline) by the stage that uses it
+        raise ExperimentError(f"{file}: {where}: model {part!r} does not exist (a directory, a hub id "
+                              f"owner/name, a delta DELTA@BASE, or a placeholder of a stage that makes it)")
+
+
+def _num_layers(model: str) -> int | None:
+    """LLM layers of a local model directory, from its config.json (None when it is not local yet)."""
+    config = Path(model.split("@")[-1]) / "config.json"
+    if not config.is_file():
+        return None
+    c = json.loads(config.read_text())
+    text = c.get("text_config") or {}
+    return text.get("num_hidden_layers") or c.get("num_hidden_layers")
+
+
+def _watched(item: str, file: Path, where: str) -> Path:
+    """A file whose contents are part of a stage's inputs: a path, or a Python module's source (midtune.shapes)."""
+    if Path(item).is_file():
+        return Path(item)
+    if re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", item):
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(item)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            return Path(spec.origin)
+    raise ExperimentError(f"{file}: {where}: {item!r} is neither a file nor an importable module")
+
+
+def _list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
+    """Read, check and plan an experiment file. `settings`: `key.sub=value` overrides of the file (--set)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ExperimentError(f"experiment file {str(file)!r} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise ExperimentError(f"{file}: not valid YAML: {e}") from None
+    raw = _mapping(raw, "the top level", file)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ExperimentError(f"--set {item!r}: expected key=value (e.g. eval.limit=20)")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ExperimentError(f"--set {item!r}: {part!r} is not a mapping in {file}")
+        node[parts[-1]] = yaml.safe_load(value)
+    _unknown(raw, TOP_KEYS, "", file)
+
+    output_dir = Path(str(raw.get("output_dir") or f"runs/{file.stem}"))
+    variables = {k: str(v) for k, v in _mapping(raw.get("vars"), "vars", file).items()}
+    names = {"output_dir": str(output_dir), **variables}
+    stages: list[Stage] = []
+    produced: list[str] = []  # output directories of stages so far: models under them need not exist yet
+
+    def add_name(name: str, where: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+            raise ExperimentError(f"{file}: {where}: name {name!r} must be letters, digits, '_', '-' or '.'")
+        if name in RESERVED or name in names:
+            raise ExperimentError(f"{file}: {where}: name {name!r} is reserved or used twice")
+        names[name] = str(output_dir / name)
+
+    # prepare: commands that make what later stages read (data, a vision tower, ...)
+    for name, spec in _mapping(raw.get("prepare"), "prepare", file).items():
+        spec = _mapping(spec, f"prepare.{name}", file)
+        _unknown(spec, PREPARE_KEYS, f"prepare.{name}.", file)
+        add_name(name, f"prepare.{name}")
+        command = spec.get("command")
+        if not isinstance(command, list) or not command:
+            raise ExperimentError(f"{file}: prepare.{name}.command must be a non-empty list of words")
+        out = output_dir / name
+        command = [str(w) for w in _fill(command, {**names, "out": str(out)}, file, f"prepare.{name}.command")]
+        watch = [_watched(str(w), file, f"prepare.{name}.watch")
+                 for w in _fill(_list(spec.get("watch")), names, file, f"prepare.{name}.watch")]
+        stages.append(Stage(name, "prepare", out, command,
+                            {"command": command, "watch": fingerprint_files(*watch) if watch else None},
+                            after=[s.name for s in stages]))
+        produced.append(str(out))
+
+    # base: the model the stages (or the runs) start from
+    base = raw.get("base")
+    if base is None:
+        raise ExperimentError(f"{file}: missing key 'base' (the starting model: a directory, hub id or delta, or "
+                              f"a compose section)")
+    pretrained_after: list[str] = []
+    if isinstance(base, dict):
+        _unknown(base, ("compose",), "base.", file)
+        compose = _fill(_mapping(base.get("compose"), "base.compose", file), names, file, "base.compose")
+        _unknown(compose, COMPOSE_KEYS, "base.compose.", file)
+        for key in ("vision", "llm"):
+            if key not in compose:
+                raise ExperimentError(f"{file}: base.compose: missing key {key!r}")
+        _check_model(str(compose["vision"]), file, "base.compose.vision", tuple(produced))
+        out = output_dir / "composed"
+        command = [PYTHON, "-m", "midtune.compose", "--out", str(out), "--overwrite"]
+        for key, value in compose.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                command.append(flag)
+            elif value not in (False, None):
+                command += [flag, str(value)]
+        from midtune import compose as compose_module
+        from midtune.compose import PACKAGED_LLMS
+
+        wheel = None
+        if str(compose["llm"]) in PACKAGED_LLMS:
+            try:
+                wheel = version(PACKAGED_LLMS[str(compose["llm"])][0].replace("_", "-"))
+            except PackageNotFoundError:
+                wheel = "missing"
+        stages.append(Stage("composed", "compose", out, command,
+                            {"command": command, "wheel": wheel,
+                             "compose": fingerprint_files(Path(compose_module.__file__))},
+                            after=[s.name for s in stages], done=["config.json"]))
+        names["composed"] = str(out)
+        produced.append(str(out))
+        start, start_after = str(out), ["composed"]
+    else:
+        start = str(_fill(str(base), names, file, "base"))
+        _check_model(start, file, "base", tuple(produced))
+        start_after = [s.name for s in stages if start.startswith(str(s.out))]
+    pretrained, pretrained_after = start, list(start_after)
+
+    # launch: how a training starts
+    launch = _mapping(raw.get("launch"), "launch", file)
+    _unknown(launch, LAUNCH_KEYS, "launch.", file)
+    launcher = launch.get("with", "python")
+    if launcher == "python":
+        if set(launch) - {"with", "args"}:
+            raise ExperimentError(f"{file}: launch: config_file and num_processes need `with: accelerate`")
+        prefix = [PYTHON, *map(str, _list(launch.get("args"))), "-m", "train"]
+    elif launcher == "accelerate":
+        prefix = [PYTHON, "-m", "accelerate.commands.launch"]
+        if launch.get("config_file"):
+            config_file = Path(_fill(str(launch["config_file"]), names, file, "launch.config_file"))
+            if not config_file.is_file():
+                raise ExperimentError(f"{file}: launch.config_file: {str(config_file)!r} does not exist")
+            prefix += ["--config_file", str(config_file)]
+        if launch.get("num_processes") is not None:
+            prefix += ["--num_processes", str(int(launch["num_processes"]))]
+        prefix += [*map(str, _list(launch.get("args"))), "-m", "train"]
+    else:
+        raise ExperimentError(f"{file}: launch.with: {launcher!r} is not 'python' or 'accelerate'")
+
+    common = _fill(_mapping(raw.get("train_overrides"), "train_overrides", file), names, file, "train_overrides")
+    default_config = raw.get("config")
+
+    def training(name: str, role: str, spec: dict, model: str, model_after: list[str], data, image_folder,
+                 where: str) -> Stage:
+        spec = dict(_fill(spec, names, file, where))
+        config = spec.pop("config", None) or default_config
+        if not config:
+            raise ExperimentError(f"{file}: {where}: no train config (set {where}.config or a top-level config)")
+        config_path = Path(_fill(str(config), names, file, f"{where}.config"))
+        own = {**common, **spec}
+        _check_trains_something(config_path, own, file, where)
+        out = output_dir / name
+        fixed = {"model": model, "output_dir": str(out)}
+        if data is not None:
+            fixed["data"] = data
+        if image_folder is not None:
+            fixed["image_folder"] = image_folder
+        overrides = _overrides({**own, **fixed})
+        command = [*prefix, "--config", str(config_path), *overrides]
+        params = {"command": command, "config": fingerprint_files(config_path)}
+        return Stage(name, "train", out, command, params, after=model_after,
+                     done=["final/config.json", "run.json"])
+
+    trainings: dict[str, dict] = {}
+    data = _fill(raw.get("data"), names, file, "data")
+    image_folder = _fill(raw.get("image_folder"), names, file, "image_folder")
+
+    # stages: trainings run in order before the runs, each from the model the previous one made
+    for name, spec in _mapping(raw.get("stages"), "stages", file).items():
+        spec = _mapping(spec, f"stages.{name}", file)
+        add_name(name, f"stages.{name}")
+        # a stage names its own data; the image folder is the experiment's unless it names one
+        folder = None if "image_folder" in spec else image_folder
+        stage = training(name, "stage", spec, start, start_after, None, folder, f"stages.{name}")
+        stages.append(stage)
+        trainings[name] = {"role": "stage", "block": None}
+        start, start_after = str(stage.out / "final"), [name]
+        produced.append(str(stage.out))
+
+    runs = _mapping(raw.get("runs"), "runs", file)
+    sweep = raw.get("sweep")
+    if not runs and not sweep:
+        raise ExperimentError(f"{file}: no runs: name at least one under `runs:` (or a `sweep:`)")
+    if data is None:
+        raise ExperimentError(f"{file}: missing key 'data' (the instruction-tuning data of the runs)")
+    run_data = [str(d) for d in _list(data)]
+    data_override = run_data[0] if len(run_data) == 1 else run_data
+    models: dict[str, str] = {}
+    if raw.get("stages"):
+        models["pretrained"] = pretrained
+    models["base"] = start
+    model_after = {"pretrained": pretrained_after, "base": start_after}
+    for name, spec in runs.items():
+        spec = _mapping(spec, f"runs.{name}", file)
+        add_name(name, f"runs.{name}")
+        stages.append(training(name, "run", spec, start, start_after, data_override, image_folder, f"runs.{name}"))
+        trainings[name] = {"role": "run", "block": None}
+        models[name], model_after[name] = str(output_dir / name / "final"), [name]
+
+    if sweep is not None:
+        sweep = _mapping(sweep, "sweep", file)
+        _unknown(sweep, SWEEP_KEYS, "sweep.", file)
+        for key in ("width", "stride"):
+            if not isinstance(sweep.get(key), int) or sweep[key] < 1:
+                raise ExperimentError(f"{file}: sweep.{key} must be a positive integer, got {sweep.get(key)!r}")
+        n = sweep.get("num_layers") or _num_layers(start if not raw.get("stages") else pretrained)
+        if not n:
+            raise ExperimentError(f"{file}: sweep: the base model's layer count is not known before it is built; "
+                                  f"set sweep.num_layers")
+        width, stride = sweep["width"], sweep["stride"]
+        if width > n:
+            raise ExperimentError(f"{file}: sweep.width {width} is more than the model's {n} LLM layers")
+        spec = {**_mapping(sweep.get("overrides"), "sweep.overrides", file)}
+        if sweep.get("config"):
+            spec["config"] = sweep["config"]
+        for lo in range(0, n - width + 1, stride):
+            hi = lo + width - 1
+            name = f"layers_{lo}-{hi}"
+            add_name(name, "sweep")
+            stages.append(training(name, "sweep", {**spec, "trainable.layers": f"{lo}-{hi}"}, start, start_after,
+                                   data_override, image_folder, f"sweep ({name})"))
+            trainings[name] = {"role": "sweep", "block": [lo, hi], "num_layers": n}
+            models[name], model_after[name] = str(output_dir / name / "final"), [name]
+
+    reference = raw.get("reference") or ("full" if "full" in runs else next(iter(runs), None))
+    if reference is None or reference not in runs:
+        raise ExperimentError(f"{file}: reference: {reference!r} is not one of the runs ({', '.join(runs)})")
+
+    # eval: one stage per model (each its own job for a scheduler), then the table over all of them
+    ev = _fill(_mapping(raw.get("eval"), "eval", file), names, file, "eval")
+    _unknown(ev, EVAL_KEYS, "eval.", file)
+    tasks = [str(t) for t in _list(ev.get("tasks"))]
+    if not tasks:
+        raise ExperimentError(f"{file}: eval.tasks: name at least one lmms-eval task")
+    for p in _list(ev.get("include_path")):
+        if not Path(str(p)).is_dir():
+            raise ExperimentError(f"{file}: eval.include_path: {str(p)!r} is not a directory")
+    eval_dir = output_dir / "eval"
+    eval_options = ["--tasks", ",".join(tasks)]
+    for p in _list(ev.get("include_path")):
+        eval_options += ["--include_path", str(p)]
+    if ev.get("limit") is not None:
+        eval_options += ["--limit", str(ev["limit"])]
+    eval_options += ["--batch-size", str(ev.get("batch_size", 8)), "--dtype", str(ev.get("dtype", "auto")),
+                     *map(str, _list(ev.get("args"))), "--output_dir", str(eval_dir)]
+    evaluated = [m for m in models if m != "pretrained"]
+    for m in evaluated:
+        command = [PYTHON, "-m", "eval", f"--model={m}={models[m]}", *eval_options]
+        stages.append(Stage(f"eval/{m}", "eval", eval_dir / m, command, {"command": command},
+                            after=model_after[m], done=["results.json"]))
+    table = [PYTHON, "-m", "eval", *(f"--model={m}={models[m]}" for m in evaluated), *eval_options]
+    stages.append(Stage("eval", "eval-table", eval_dir, table, {"command": table},
+                        # no pick-up: every per-model eval writes a comparison.csv of its own; this one is cheap
+                        after=[f"eval/{m}" for m in evaluated],
+                        marker_name=".midtune-table.json", clear=False))
+
+    # analysis: the geometry profile of every model, and the logit lens (optional)
+    an = raw.get("analysis")
+    analysis = None
+    if an is not None:
+        an = _fill(_mapping(an, "analysis", file), names, file, "analysis")
+        _unknown(an, ANALYSIS_KEYS, "analysis.", file)
+        if not an.get("pairs"):
+            raise ExperimentError(f"{file}: analysis.pairs: the image/caption pairs JSONL the geometry is measured on")
+        options = ["--pairs", str(an["pairs"])]
+        if an.get("image_folder"):
+            options += ["--image-folder", str(an["image_folder"])]
+        options += ["--dtype", str(an.get("dtype", "float32")), "--batch-size", str(an.get("batch_size", 8))]
+        after = sorted({s for m in models for s in model_after[m]})
+        command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in models.items()), *options,
+                   *map(str, _list(an.get("args"))), "--out", str(output_dir / "analysis")]
+        stages.append(Stage("analysis", "analysis", output_dir / "analysis", command, {"command": command},
+                            after=after, done=["profiles.json"]))
+        if an.get("lens"):
+            lens_models = {m: p for m, p in models.items() if m != "pretrained"}
+            command = [PYTHON, "-m", "analysis", "logit-lens", *(f"--model={m}={p}" for m, p in lens_models.items()),
+                       *options, *map(str, _list(an.get("lens_args"))), "--out", str(output_dir / "lens")]
+            stages.append(Stage("lens", "lens", output_dir / "lens", command, {"command": command},
+                                after=sorted({s for m in lens_models for s in model_after[m]}), done=["lens.json"]))
+        analysis = an
+
+    report = _fill(_mapping(raw.get("report"), "report", file), names, file, "report")
+    _unknown(report, REPORT_KEYS, "report.", file)
+    known = {s.name for s in stages}
+    for s in stages:  # every stage's inputs come from stages before it
+        assert all(a in known for a in s.after), (s.name, s.after)
+    return Experiment(path=file, name=str(raw.get("name") or file.stem), description=str(raw.get("description") or ""),
+                      hardware=str(raw.get("hardware") or ""), output_dir=output_dir, stages=stages, models=models,
+                      trainings=trainings, reference=reference, eval={"tasks": tasks, **ev}, analysis=analysis,
+                      report=report)
+
+
+def executable(command: list[str]) -> list[str]:
+    """The command as it runs: `python` is this interpreter (the project's environment)."""
+    return [sys.executable, *command[1:]] if command and command[0] == PYTHON else list(command)

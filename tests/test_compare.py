@@ -1,0 +1,418 @@
+"""The compare app: experiment files checked before anything runs, stage reuse and resumption, the report's
+verdicts, and a small experiment on tiny models run end to end (the demo's own experiment runs with `make demo`;
+a quick version of it runs here as a slow test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compare import report
+from compare.__main__ import main as compare_main
+from compare.experiment import ExperimentError, read_experiment
+from midtune.shapes import generate_world
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("color", "shape", "count", "position", "exists")
+CHANCE = {"color": 20.0, "shape": 100 / 3, "count": 25.0, "position": 100 / 9, "exists": 50.0}
+
+
+def _scores(**models) -> dict[str, dict]:
+    """{task: {"values": {model: points}}} from model=[color, shape, count, position, exists]."""
+    return {t: {"values": {m: v[i] for m, v in models.items()}} for i, t in enumerate(TASKS)}
+
+
+def _run(step_s, wall_s, peak_mb, trainable):
+    return {"step_s": step_s, "wall_s": wall_s, "peak_mb": peak_mb, "trainable": trainable, "total": 2_000_000,
+            "steps": 150, "layers": [0, 1], "num_layers": 4, "components": [], "tokens_s": 1234.0}
+
+
+RUNS = {"full": _run(0.30, 50.0, 1000.0, 1_600_000), "middle": _run(0.21, 36.0, 900.0, 800_000)}
+
+
+def test_score_verdicts_report_a_run_that_keeps_the_reference_score():
+    s = _scores(base=[20, 30, 25, 25, 50], full=[90, 95, 80, 60, 85], middle=[89, 95, 79, 59, 85])
+    text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
+    assert "full clearly beats the base (≥ 10 points over both the base and chance) on 5 of 5 tasks" in text
+    assert "middle: -0.6 points vs full at 0.72× the wall time and 0.70× the step time (mean over the 5 tasks full " \
+           "learned; largest gap: color -1.0) — keeps full's score (within 2 points)" in text
+    assert "NOT" not in text
+
+
+def test_score_verdicts_say_plainly_when_a_run_does_not_keep_it():
+    s = _scores(base=[20, 30, 25, 25, 50], full=[90, 95, 80, 20, 85], middle=[70, 90, 60, 18, 80])
+    text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
+    assert "on 4 of 5 tasks (color, shape, count, exists)" in text
+    assert "middle: -12.5 points vs full" in text and "largest gap: color -20.0" in text
+    assert "does NOT keep full's score (more than 2 points below)" in text
+
+
+def test_beating_a_base_that_scores_zero_is_not_enough_where_chance_is_known():
+    s = _scores(base=[0, 0, 0, 0, 0], full=[18, 31, 46, 18, 50], middle=[18, 31, 51, 23, 50])
+    assert "on 1 of 5 tasks (count)" in "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
+    # without chance levels only the base is the floor
+    assert "on 5 of 5 tasks" in "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, {}))
+
+
+def test_nothing_is_judged_when_the_reference_learned_nothing():
+    s = _scores(**{m: [20, 33, 25, 11, 50] for m in ("base", "full", "middle")})
+    text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
+    assert "cannot be judged: full is ≥ 10 points above both the base and chance on no task" in text
+    assert "keeps" not in text
+
+
+def test_chance_levels_come_from_the_worlds_choices(world, tmp_path):
+    tasks = [f"midtune_shapes_{q}" for q in TASKS]
+    chance = report.read_chance(str(world / "world.json"), tasks)
+    assert chance == pytest.approx({f"midtune_shapes_{q}": v for q, v in CHANCE.items()})
+    generate_world(tmp_path / "g2", seed=1, n_train=8, n_val=2, n_test=4, image_size=32, grid=2, max_objects=3,
+                   progress=False)
+    small = report.read_chance(str(tmp_path / "g2" / "world.json"), tasks)
+    assert small["midtune_shapes_count"] == pytest.approx(100 / 3) and small["midtune_shapes_position"] == 25.0
+    assert report.read_chance({"my_task": 0.25}, ["my_task"]) == {"my_task": 25.0}
+
+
+def test_cost_verdicts_give_measured_ratios_and_say_when_a_run_is_not_cheaper():
+    text = "\n".join(report.cost_verdicts(RUNS, "full", ["middle"]))
+    assert "0.70× the median step time, 0.72× the wall time, 0.90× the training memory, 0.50× the trainable" in text
+    assert "cheaper to train: 30% less time per step" in text
+    noise = {"full": RUNS["full"], "middle": _run(0.29, 48.0, 1000.0, 800_000)}  # 0.97×: within timing noise
+    assert "NOT cheaper to train beyond timing noise (its step is 0.97× full's; needs ≤ 0.95×)" in \
+        "\n".join(report.cost_verdicts(noise, "full", ["middle"]))
+    table = report.cost_table({"align": {**_run(0.1, 9.0, 50.0, 300), "layers": [], "components": ["projector"]},
+                               **RUNS})
+    assert "| align | projector | 150 | 9 | 0.10 | 1234 | 50 | 0.3K (0%) |" in table
+    assert "| middle | LLM layers 0–1 of 4 |" in table
+
+
+def test_sweep_answers_find_the_best_block_and_those_that_keep_the_reference():
+    scores = {"a": {"values": {"full": 80.0, "base": 10.0}}, "b": {"values": {"full": 60.0, "base": 10.0}}}
+    for name, (a, b) in {"layers_0-1": (40, 30), "layers_2-3": (79, 59), "layers_4-5": (70, 62)}.items():
+        scores["a"]["values"][name], scores["b"]["values"][name] = a, b
+    blocks = {"layers_4-5": [4, 5], "layers_0-1": [0, 1], "layers_2-3": [2, 3]}
+    rows = report.sweep_rows(scores, blocks, ["a", "b"])
+    assert [r["block"] for r in rows] == [[0, 1], [2, 3], [4, 5]]
+    lines = report.sweep_answers(rows, scores, ["a", "b"], "full")
+    assert lines[0] == "Best block on the mean over the 2 tasks: layers 2–3 (69.0, -1.0 vs full)."
+    assert lines[1] == "a: best block layers 2–3 (79.0), worst 40.0." and "b: best block layers 4–5 (62.0)" in lines[2]
+    assert lines[3] == "Blocks within 2 points of full's mean (70.0): 2–3."
+
+
+def _profile(values: list[float], metric: str) -> dict[int, dict[str, float]]:
+    return {layer: {metric: v} for layer, v in enumerate(values)}
+
+
+def test_id_answer_finds_the_expansion_contraction_shape_and_its_minimum():
+    # 13 hidden states (12 layers): up to a peak at 3, down to a minimum at 8, up again at the end
+    ids = [6, 10, 14, 18, 15, 12, 10, 8, 7, 9, 11, 12, 12]
+    profiles = {"pretrained": _profile(ids, "textual_id"), "base": _profile(ids, "textual_id"),
+                "full": _profile([v + (3 if i == 6 else 0) for i, v in enumerate(ids)], "textual_id")}
+    lines = report.id_answers(profiles)
+    assert "6.0 at the embeddings, lowest 6.0 at hidden state 0 before the peak, peak 18.0 at hidden state 3 (early)" \
+        in lines[0]
+    assert "minimum of 7.0 at hidden state 8 (intermediate)" in lines[0]
+    assert "Valeriani et al. 2023: reproduced" in lines[0]
+    assert lines[1] == "ID profile of base: identical to pretrained's (the LLM did not change)."
+    assert "ID profile of full: largest change +3.0 at hidden state 6 (intermediate)" in lines[2]
+
+
+def test_id_answer_says_when_the_shape_is_not_there():
+    flat = {"pretrained": _profile([10, 10.5, 11, 11, 11.2, 11.5, 12], "textual_id")}
+    line = report.id_answers(flat)[0]
+    assert "NOT reproduced (no expansion, no contraction after the peak" in line
+    rising = {"pretrained": _profile([5, 8, 11, 14, 17, 20, 23], "textual_id")}  # the peak is the last layer
+    assert "NOT reproduced (no contraction after the peak" in report.id_answers(rising)[0]
+    # SmolLM2's shape: the embeddings' ID above the next layers'; expansion counts from the dip after them
+    dip = {"pretrained": _profile([8.8, 7.7, 7.3, 8.0, 9.0, 10.0, 10.8, 9.0, 7.0, 6.8, 6.9], "textual_id")}
+    line = report.id_answers(dip)[0]
+    assert "lowest 7.3 at hidden state 2 before the peak, peak 10.8 at hidden state 6" in line
+    assert "Valeriani et al. 2023: reproduced" in line
+
+
+def test_overlap_answers_locate_the_rise_after_the_stages_and_after_each_run():
+    n = 10  # hidden states 0..9; thirds of 1..9 by depth: early 1-3, intermediate 4-6, late 7-9
+    pretrained = _profile([0.1] * n, "vt_overlap")
+    base = _profile([0.1, 0.1, 0.1, 0.1, 0.3, 0.4, 0.3, 0.12, 0.1, 0.1], "vt_overlap")
+    full = _profile([0.1, 0.1, 0.1, 0.1, 0.3, 0.4, 0.3, 0.12, 0.5, 0.6], "vt_overlap")  # rises late only
+    middle = _profile([0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.2, 0.12, 0.1, 0.1], "vt_overlap")  # falls
+    steps = [("after the stages", "base", "pretrained"), ("after full", "full", "base"),
+             ("after middle", "middle", "base")]
+    lines = report.overlap_answers({"pretrained": pretrained, "base": base, "full": full, "middle": middle}, steps)
+    assert lines[0].startswith("Visual↔textual overlap after the stages (base vs pretrained): rises in the "
+                               "intermediate layers, most there")
+    assert "intermediate +0.233" in lines[0] and "largest rise +0.300 at hidden state 5 (intermediate)" in lines[0]
+    assert "peak at hidden state 1 before, 5 after" in lines[0]  # hidden state 0 (the embeddings) left out
+    assert "(full vs base): does NOT rise in the intermediate layers" in lines[1]
+    assert "largest rise +0.500 at hidden state 9 (late)" in lines[1]
+    assert "(middle vs base): does NOT rise" in lines[2] and "intermediate -0.100" in lines[2]
+
+
+def _lens_doc(ranks: dict[str, list[float]], top_k: int = 10) -> dict:
+    """A lens.json with one concept; `ranks`: model → median ranks per hidden state (the best image token's are
+    half those); the share of images in the top k is taken as 0.8 where the median is inside it, else 0.2."""
+    def readout(r):
+        share = [0.8 if v <= top_k else 0.2 for v in r]
+        first = next((i for i, f in enumerate(share) if f >= 0.5), None)
+        return {"median_rank": r, "top_k_fraction": share, "first_top_k_layer": first}
+
+    return {"settings": {"top_k": top_k, "labels": ["dominant_color"]},
+            "models": {name: {"num_layers": len(r) - 1, "concepts": {"dominant_color": {
+                "mean_image": readout(r), "best_image_token": readout([v / 2 for v in r])}}}
+                       for name, r in ranks.items()}}
+
+
+def test_lens_answers_say_where_the_words_surface():
+    late = [900, 800, 700, 600, 500, 400, 300, 100, 16, 4]  # hidden states 0..9; intermediate = 4..6
+    lines = report.lens_answers(_lens_doc({"base": late, "middle": late}))
+    assert lines[0] == ("dominant_color: the word is in the top 10 for half the images or more — base: mean image "
+                        "state from hidden state 9, best image token from hidden state 8; middle: mean image state "
+                        "from hidden state 9, best image token from hidden state 8.")
+    assert "intermediate layers (hidden states 4–6): NOT reproduced — at its best intermediate hidden state the word " \
+           "is in the top 10 for 20% of the images (median rank 150: base, dominant_color, best image token, " \
+           "hidden state 6)" in lines[1]
+    early = [900, 800, 700, 600, 30, 8, 6, 5, 4, 3]
+    lines = report.lens_answers(_lens_doc({"base": late, "middle": early}))
+    assert "intermediate layers (hidden states 4–6): yes — in the top 10 for 80% of the images (middle, " \
+           "dominant_color, best image token, hidden state 6; median rank 3)" in lines[1]
+    assert "middle: mean image state from hidden state 5" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experiment files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _train_config(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({"trainable": {"layers": "all"}, "batch_size": 2, "max_steps": 2, "seed": 0,
+                                    "report_to": [], "optim": {"lr": 1e-3}, "logging_steps": 1}))
+    return path
+
+
+def _experiment(tmp_path: Path, model: Path, world: Path, **changes) -> Path:
+    doc = {"output_dir": str(tmp_path / "out"), "base": str(model), "config": str(_train_config(tmp_path / "c.yaml")),
+           "data": str(world / "train.json"), "image_folder": str(world / "images"),
+           "runs": {"full": {}, "middle": {"trainable.layers": "1-2"}},
+           "eval": {"tasks": ["midtune_shapes_color"], "limit": 2}}
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_bad_experiment_files_get_one_clear_error_before_anything_runs(tiny_dir, world, tmp_path, capsys):
+    model = tiny_dir("llava")
+    cases = [
+        ({"rnus": {"a": {}}}, "unknown key 'rnus'; did you mean 'runs'?"),
+        ({"eval": {"tasks": ["x"], "limt": 3}}, "unknown key eval.'limt'; did you mean 'limit'?"),
+        ({"runs": {"full": {}, "frozen": {"trainable.layers": "none"}}},
+         "runs.frozen trainable: nothing would train (no LLM layers and every component off)"),
+        ({"base": str(tmp_path / "no-such-model")}, f"base: model '{tmp_path / 'no-such-model'}' does not exist"),
+        ({"base": None}, "missing key 'base'"),
+        ({"data": "{wrld}/train.json"}, "data: unknown placeholder {wrld}"),
+        ({"runs": {"full": {}, "base": {}}}, "name 'base' is reserved or used twice"),
+        ({"reference": "fll"}, "reference: 'fll' is not one of the runs (full, middle)"),
+        ({"sweep": {"width": 9, "stride": 1}}, "sweep.width 9 is more than the model's 4 LLM layers"),
+        ({"launch": {"with": "srun"}}, "launch.with: 'srun' is not 'python' or 'accelerate'"),
+    ]
+    for change, message in cases:
+        path = _experiment(tmp_path, model, world, **change)
+        with pytest.raises(ExperimentError, match=None) as e:
+            read_experiment(path)
+        assert message in str(e.value) and str(path) in str(e.value), (message, str(e.value))
+        assert compare_main([str(path)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_print_commands_lists_every_stage_in_order_with_a_sweep_and_accelerate(tiny_dir, world, tmp_path, capsys):
+    path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
+                       launch={"with": "accelerate", "config_file": str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+                               "num_processes": 2})
+    assert compare_main([str(path), "--print-commands"]) == 0
+    out = capsys.readouterr().out
+    stages = [line.split("]")[0].removeprefix("# [") for line in out.splitlines() if line.startswith("# [")]
+    assert stages == ["full", "middle", "layers_0-1", "layers_2-3", "eval/base", "eval/full", "eval/middle",
+                      "eval/layers_0-1", "eval/layers_2-3", "eval"]
+    assert "-m accelerate.commands.launch --config_file" in out and "--num_processes 2 -m train --config" in out
+    assert "trainable.layers=2-3" in out and "trainable.layers=1-2" in out
+    assert not (tmp_path / "out").exists()
+    exp = read_experiment(path)
+    assert exp.trainings["layers_2-3"] == {"role": "sweep", "block": [2, 3], "num_layers": 4}
+
+
+def _task_dir(tmp_path: Path, world: Path) -> Path:
+    """An lmms-eval task of the user's own (not midtune's), found through include_path: name a pair's colour."""
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    rows = [json.loads(line) for line in (world / "pairs.jsonl").read_text().splitlines()][:3]
+    (tasks / "colour.jsonl").write_text("".join(
+        json.dumps({"image": str(world / "images" / r["image"]), "question": "what colour is it?",
+                    "answer": r["labels"]["dominant_color"]}) + "\n" for r in rows))
+    (tasks / "utils.py").write_text(
+        "from PIL import Image\n\n\ndef doc_to_visual(doc):\n    with Image.open(doc['image']) as im:\n"
+        "        return [im.convert('RGB')]\n\n\ndef doc_to_text(doc, lmms_eval_specific_kwargs=None):\n"
+        "    return doc['question']\n\n\ndef process_results(doc, results):\n"
+        "    return {'accuracy': float((results[0] if results else '').strip() == doc['answer'])}\n")
+    (tasks / "my_colour.yaml").write_text(
+        f"task: my_colour\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'colour.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: [\"\\n\\n\"]\n  max_new_tokens: 4\n  do_sample: false\n"
+        "process_results: !function utils.process_results\n"
+        "metric_list:\n  - metric: accuracy\n    aggregation: mean\n    higher_is_better: true\n")
+    return tasks
+
+
+def _stamps(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob(".midtune-*.json")}
+
+
+@pytest.mark.slow
+def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path, capsys):
+    """Two runs and a two-block sweep from a tiny llava, an lmms-eval task of the user's own from include_path,
+    the geometry of every model; the report's numbers are the runs' own; an interrupted experiment resumes."""
+    tasks = _task_dir(tmp_path, world)
+    path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
+                       eval={"tasks": ["my_colour", "midtune_shapes_color"], "limit": 3, "batch_size": 4,
+                             "include_path": str(tasks)},
+                       analysis={"pairs": str(world / "pairs.jsonl"),
+                                 "args": ["--no-idcorr", "--k", "3", "--max-pairs", "12"]})
+    out = tmp_path / "out"
+    # "Interrupted" after the full run: only it (and its eval) ran.
+    assert compare_main([str(path), "--only", "full"]) == 0
+    assert sorted(_stamps(out)) == ["eval/full/.midtune-stage.json", "full/.midtune-stage.json"]
+    first = _stamps(out)
+    assert compare_main([str(path)]) == 0
+    log = capsys.readouterr().out
+    assert "[full] reusing" in log and "[eval/full] reusing" in log and "[middle] building" in log
+    assert all(_stamps(out)[k] == v for k, v in first.items())  # the finished stages were not redone
+
+    doc = json.loads((out / "report.json").read_text())
+    models = ["base", "full", "middle", "layers_0-1", "layers_2-3"]
+    assert list(doc["models"]) == models
+    for model in models:
+        results = json.loads((out / "eval" / model / "results.json").read_text())["results"]
+        for row in doc["scores"]:
+            if row["metric"] == "accuracy" and row["task"] in results:
+                assert row["values"][model] == pytest.approx(100 * results[row["task"]]["accuracy,none"])
+    assert {r["task"] for r in doc["scores"]} == {"my_colour", "midtune_shapes_color"}
+    for name in ("full", "middle", "layers_0-1", "layers_2-3"):
+        run = json.loads((out / name / "run.json").read_text())
+        assert doc["runs"][name]["wall_s"] == run["wall_time_s"]
+        assert doc["runs"][name]["step_s"] == run["median_step_time_s"]
+        assert doc["runs"][name]["trainable"] == run["parameters"]["trainable"]
+        assert doc["runs"][name]["layers"] == run["plan"]["trainable_layers"]
+    assert doc["runs"]["middle"]["layers"] == [1, 2] and doc["runs"]["layers_2-3"]["layers"] == [2, 3]
+    assert [r["block"] for r in doc["sweep"]] == [[0, 1], [2, 3]]
+    md = (out / "report.md").read_text()
+    wall = doc["runs"]["middle"]["wall_s"] / doc["runs"]["full"]["wall_s"]
+    assert f"at {wall:.2f}× the wall time" in md or "cannot be judged" in md
+    assert "## Which layers matter: the sweep" in md and "## Geometry" in md
+    for png in ("scores.png", "sweep.png", "geometry.png"):
+        assert (out / png).stat().st_size > 5_000
+    profiles = json.loads((out / "analysis" / "profiles.json").read_text())["profiles"]
+    assert list(profiles) == models
+
+    # Everything reused on the next invocation; a changed run is redone with its eval, the table and geometry.
+    stamps = _stamps(out)
+    assert compare_main([str(path)]) == 0
+    assert _stamps(out) == stamps
+    changed = path.read_text().replace("trainable.layers: 1-2", "trainable.layers: 1-3")
+    path.write_text(changed)
+    assert compare_main([str(path)]) == 0
+    after = _stamps(out)
+    redone = sorted(k for k in stamps if after[k] != stamps[k])
+    assert redone == ["analysis/.midtune-stage.json", "eval/.midtune-table.json", "eval/middle/.midtune-stage.json",
+                      "middle/.midtune-stage.json"]
+    assert json.loads((out / "report.json").read_text())["runs"]["middle"]["layers"] == [1, 2, 3]
+
+
+def test_a_training_cut_short_resumes_from_its_checkpoint(tiny_dir, world, tmp_path, monkeypatch):
+    """A run with the same inputs and a checkpoint on disk continues (resume_from=latest), not from scratch."""
+    import subprocess
+
+    from compare import __main__ as runner
+
+    path = _experiment(tmp_path, tiny_dir("llava"), world)
+    exp = read_experiment(path)
+    full = next(s for s in exp.stages if s.name == "full")
+    calls = []
+
+    def fake_run(command):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1 if len(calls) == 1 else 0)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    with pytest.raises(runner.StageFailed, match="stage 'full' failed"):
+        runner.run_stage(full, exp, force=False)
+    (full.out / "checkpoint-1").mkdir()  # what the interrupted training had saved
+    assert runner.run_stage(full, exp, force=False) == "resumed"
+    assert calls[1][-1] == "resume_from=latest" and (full.out / "checkpoint-1").exists()
+    assert runner.run_stage(full, exp, force=False) == "reused"
+    assert runner.run_stage(full, exp, force=True) == "ran" and calls[2][-1] != "resume_from=latest"
+    assert not (full.out / "checkpoint-1").exists()  # --force starts over
+
+
+def test_results_of_jobs_run_outside_compare_are_picked_up(tiny_dir, world, tmp_path, monkeypatch):
+    """--print-commands hands the stages to a scheduler; the next compare takes what they finished."""
+    from compare import __main__ as runner
+
+    path = _experiment(tmp_path, tiny_dir("llava"), world)
+    exp = read_experiment(path)
+    full = next(s for s in exp.stages if s.name == "full")
+    (full.out / "final").mkdir(parents=True)
+    (full.out / "final" / "config.json").write_text("{}")
+    (full.out / "run.json").write_text("{}")
+    monkeypatch.setattr(runner.subprocess, "run", lambda command: pytest.fail(f"ran {command}"))
+    assert runner.run_stage(full, exp, force=False) == "picked up"
+    assert runner.run_stage(full, exp, force=False) == "reused"
+
+
+@pytest.mark.slow
+def test_quick_demo_experiment_writes_the_report(tmp_path):
+    """The demo's own experiment file — world, vision tower, compose from SmolLM2's GGUF, alignment, full and middle
+    instruction tuning, lmms-eval, geometry, logit lens, the report — with its sizes shrunk by --set: checks the
+    wiring, not the learning (that is `make demo`)."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "demo"
+    quick = ["--set", f"output_dir={out}", "--set", "vars.n_train=200", "--set", "vars.n_val=10",
+             "--set", "vars.n_test=60", "--set", "vars.vision_steps=5", "--set", "train_overrides.max_steps=2",
+             "--set", "train_overrides.batch_size=2", "--set", "eval.limit=4",
+             "--set", "analysis.args=[--no-idcorr, --k, 5, --max-pairs, 24]",
+             "--set", "analysis.lens_args=[--max-pairs, 8]"]
+    assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0
+    md = (out / "report.md").read_text()
+    for model in ("base", "full", "middle"):
+        assert f"| {model} |" in md
+    for section in ("## Scores", "## Training cost", "## Geometry", "## Logit lens on the image tokens"):
+        assert section in md
+    assert "Visual features readable as the words they depict in the intermediate layers" in md
+    assert "ID profile of pretrained on the captions" in md
+    assert "ID profile of base: identical to pretrained's" in md  # alignment leaves the LLM as it was
+    assert "overlap after the stages (base vs pretrained)" in md
+    assert "| middle | LLM layers 7–21 of 30 |" in md and "| align | projector |" in md
+    assert "| midtune_shapes_color | accuracy | 4 | 20.0 |" in md  # chance from the world's choices
+    for png in ("geometry.png", "scores.png", "lens.png"):
+        assert (out / png).stat().st_size > 10_000
+    stamps = _stamps(out)
+    assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0
+    assert _stamps(out) == stamps  # everything reused: no stage rewrites its marker
+
+
+def test_the_shipped_experiment_files_are_valid(monkeypatch, tmp_path, capsys):
+    """Every experiment under configs/experiments reads and plans (models it would download may be absent here:
+    a hub id is accepted without a download)."""
+    files = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+    assert len(files) >= 4
+    monkeypatch.chdir(ROOT)
+    for f in files:
+        exp = read_experiment(f, [f"output_dir={tmp_path / f.stem}"])
+        assert exp.stages and exp.reference in exp.trainings, f
+        assert exp.hardware, f"{f}: says what hardware it expects"
