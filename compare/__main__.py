@@ -120,6 +120,20 @@ def select(exp: Experiment, only: list[str] | None) -> list[Stage]:
     return [s for s in exp.stages if s.name in wanted]
 
 
+def check_settings(exp: Experiment, stages: list[Stage]) -> list[str]:
+    """Every training that will run checks its train config and overrides first (`python -m train.config`: keys
+    and values, under a second, nothing loaded), so a typo in the last run fails before the first one starts."""
+    errors = []
+    for s in stages:
+        if s.check is None or is_done(s, exp):
+            continue
+        done = subprocess.run(executable(s.check), capture_output=True, text=True)
+        if done.returncode != 0:
+            message = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("error: ")
+            errors.append(f"{exp.path}: {s.name}: {message}")
+    return errors
+
+
 def print_commands(exp: Experiment, stages: list[Stage]) -> None:
     print(f"# {exp.name}: {len(stages)} stages, in order; each waits for the ones it reads (after: ...)")
     for s in stages:
@@ -138,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         stages = select(exp, args.only)
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    errors = check_settings(exp, stages)
+    if errors:
+        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
         return 2
     if args.print_commands:
         print_commands(exp, stages)

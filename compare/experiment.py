@@ -57,6 +57,7 @@ class Stage:
     params: dict
     after: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)  # files under `out` that show a run outside compare finished
+    check: list[str] | None = None  # a command that checks the stage's settings without running it
     marker_name: str = MARKER
     clear: bool = True  # redoing the stage empties `out` first (eval-table shares eval/ with the per-model stages)
 
@@ -364,7 +365,8 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         command = [*prefix, "--config", str(config_path), *overrides]
         params = {"command": command, "config": fingerprint_files(config_path)}
         return Stage(name, "train", out, command, params, after=model_after,
-                     done=["final/config.json", "run.json"])
+                     done=["final/config.json", "run.json"],
+                     check=[PYTHON, "-m", "train.config", "--config", str(config_path), *overrides])
 
     trainings: dict[str, dict] = {}
     data = _fill(raw.get("data"), names, file, "data")

@@ -175,7 +175,7 @@ def score_verdicts(scores: dict[str, dict], reference: str, others: list[str], r
                   f"{deltas[worst]:+.1f}")
         if delta >= -keeps:
             out.append(f"{name}: {delta:+.1f} points vs {reference}{cost} ({detail}) — keeps {reference}'s score "
-                       f"(within {keeps:g} points).")
+                       f"(at most {keeps:g} points below).")
         else:
             out.append(f"{name}: {delta:+.1f} points vs {reference}{cost} ({detail}) — does NOT keep {reference}'s "
                        f"score (more than {keeps:g} points below).")

@@ -310,3 +310,27 @@ def plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value)
     return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train.config --config C.yaml [key=value ...]`: check a run config's keys and values exactly as
+    `train` reads them, without loading a model, data or torch (under a second), and print it resolved. `compare`
+    checks every training of an experiment this way before its first stage runs (and the layer spec itself)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m train.config", description=main.__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML run config")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_yaml(config), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
