@@ -157,13 +157,18 @@ def _overrides(mapping: dict) -> list[str]:
     return [f"{key}={_override_value(value)}" for key, value in _flatten(mapping).items()]
 
 
-def _load_train_config(path: Path, file: Path, where: str) -> dict:
+def _read_yaml(path: Path, what: str):
+    """A YAML file's contents; one ExperimentError starting with `what` when it is missing or not YAML."""
     if not path.is_file():
-        raise ExperimentError(f"{file}: {where}: train config {str(path)!r} does not exist")
+        raise ExperimentError(f"{what} {str(path)!r} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ExperimentError(f"{file}: {where}: {path} is not valid YAML: {e}") from None
+        raise ExperimentError(f"{what} {path}: not valid YAML: {e}") from None
+
+
+def _load_train_config(path: Path, file: Path, where: str) -> dict:
+    loaded = _read_yaml(path, f"{file}: {where}: train config")
     return loaded if isinstance(loaded, dict) else {}
 
 
@@ -228,13 +233,7 @@ def _list(value) -> list:
 def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     """Read, check and plan an experiment file. `settings`: `key.sub=value` overrides of the file (--set)."""
     file = Path(path)
-    if not file.is_file():
-        raise ExperimentError(f"experiment file {str(file)!r} does not exist")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as e:
-        raise ExperimentError(f"{file}: not valid YAML: {e}") from None
-    raw = _mapping(raw, "the top level", file)
+    raw = _mapping(_read_yaml(file, "experiment file"), "the top level", file)
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or not key:

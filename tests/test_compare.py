@@ -327,17 +327,29 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
     for png in ("scores.png", "sweep.png"):
         assert (out / png).stat().st_size > 5_000
 
-    # Everything reused on the next invocation; a changed run is redone with its eval and the table, nothing else.
     stamps = _stamps(out)
-    assert compare_main([str(path)]) == 0
+    assert compare_main([str(path)]) == 0  # everything reused: no stage rewrites its marker
     assert _stamps(out) == stamps
-    changed = path.read_text().replace("trainable.layers: 1-2", "trainable.layers: 1-3")
-    path.write_text(changed)
-    assert compare_main([str(path)]) == 0
-    after = _stamps(out)
-    redone = sorted(k for k in stamps if after[k] != stamps[k])
-    assert redone == ["eval/.midtune-table.json", "eval/middle/.midtune-stage.json", "middle/.midtune-stage.json"]
-    assert json.loads((out / "report.json").read_text())["runs"]["middle"]["layers"] == [1, 2, 3]
+
+
+def test_a_changed_run_redoes_only_itself_its_eval_and_the_table(tiny_dir, world, tmp_path, monkeypatch):
+    from compare import __main__ as runner
+
+    monkeypatch.setattr(runner.subprocess, "run", lambda command: runner.subprocess.CompletedProcess(command, 0))
+    path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
+                       analysis={"pairs": str(world / "pairs.jsonl")})
+
+    def invocation() -> dict[str, str]:
+        exp = read_experiment(path)
+        return {s.name: runner.run_stage(s, exp, force=False) for s in exp.stages}
+
+    assert set(invocation().values()) == {"ran"}
+    assert set(invocation().values()) == {"reused"}
+    path.write_text(path.read_text().replace("trainable.layers: 1-2", "trainable.layers: 1-3"))
+    assert sorted(k for k, v in invocation().items() if v == "ran") == ["analysis", "eval", "eval/middle", "middle"]
+    path.write_text(path.read_text().replace("limit: 2", "limit: 3"))  # every eval, nothing trained
+    assert sorted(k for k, v in invocation().items() if v == "ran") == [
+        "eval", "eval/base", "eval/full", "eval/layers_0-1", "eval/layers_2-3", "eval/middle"]
 
 
 def test_a_training_cut_short_resumes_from_its_checkpoint(tiny_dir, world, tmp_path, monkeypatch):
