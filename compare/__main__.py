@@ -80,6 +80,10 @@ def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
         stage.marker.unlink()
     if not resume and stage.clear and stage.out.exists():
         shutil.rmtree(stage.out)
+    for f in stage.done:  # what a kept directory holds from an earlier run must not pass for this run's result
+        path = stage.out / f
+        if not stage.clear and path.is_file():
+            path.unlink()
     stage.out.mkdir(parents=True, exist_ok=True)
     write_atomic(started, rec)
     command = executable(stage.command) + (["resume_from=latest"] if resume else [])

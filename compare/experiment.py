@@ -475,8 +475,10 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         after = sorted({s for m in models for s in model_after[m]})
         command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in models.items()), *options,
                    *map(str, _list(an.get("args"))), "--out", str(output_dir / "analysis")]
+        # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/<model>/,
+        # fingerprinted by the weight files, so adding one run to a sweep extracts only that run's model.
         stages.append(Stage("analysis", "analysis", output_dir / "analysis", command, {"command": command},
-                            after=after, done=["profiles.json"]))
+                            after=after, done=["profiles.json"], clear=False))
         if an.get("lens"):
             lens_models = {m: p for m, p in models.items() if m != "pretrained"}
             command = [PYTHON, "-m", "analysis", "logit-lens", *(f"--model={m}={p}" for m, p in lens_models.items()),

@@ -393,6 +393,25 @@ def test_results_of_jobs_run_outside_compare_are_picked_up(tiny_dir, world, tmp_
     assert runner.run_stage(full, exp, force=False) == "reused"
 
 
+def test_a_kept_directory_is_not_taken_for_a_finished_stage(tiny_dir, world, tmp_path, monkeypatch):
+    """The analysis directory is kept when redone (its per-model extractions are reused); an earlier result in it
+    must not be picked up as this run's when the new run is cut short."""
+    from compare import __main__ as runner
+
+    path = _experiment(tmp_path, tiny_dir("llava"), world, analysis={"pairs": str(world / "pairs.jsonl")})
+    exp = read_experiment(path)
+    analysis = next(s for s in exp.stages if s.name == "analysis")
+    (analysis.out / "extract").mkdir(parents=True)
+    (analysis.out / "profiles.json").write_text("{}")
+    analysis.marker.write_text("an earlier run's record")
+    monkeypatch.setattr(runner.subprocess, "run", lambda command: runner.subprocess.CompletedProcess(command, 1))
+    with pytest.raises(runner.StageFailed):
+        runner.run_stage(analysis, exp, force=False)
+    assert (analysis.out / "extract").is_dir() and not (analysis.out / "profiles.json").exists()
+    monkeypatch.setattr(runner.subprocess, "run", lambda command: runner.subprocess.CompletedProcess(command, 0))
+    assert runner.run_stage(analysis, exp, force=False) == "ran"
+
+
 @pytest.mark.slow
 def test_quick_demo_experiment_writes_the_report(tmp_path):
     """The demo's own experiment file — world, vision tower, compose from SmolLM2's GGUF, alignment, full and middle
