@@ -40,10 +40,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def record(stage: Stage, exp: Experiment) -> str:
-    """What the stage's result depends on: its own parameters and the records of the stages it reads."""
+    """What the stage's result depends on: its own parameters and the markers of the stages it reads. A marker
+    holds its stage's record and when it finished, so a stage redone (even with the same inputs, --force) makes
+    every stage that reads it out of date."""
     by_name = {s.name: s for s in exp.stages}
     upstream = {a: by_name[a].marker.read_text() if by_name[a].marker.exists() else None for a in stage.after}
     return json.dumps({**stage.params, "after": upstream}, sort_keys=True)
+
+
+def marker_record(stage: Stage) -> str | None:
+    """The record a stage's marker holds (None: no marker, or one from another version of compare)."""
+    try:
+        return json.loads(stage.marker.read_text())["record"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def finish(stage: Stage, rec: str) -> None:
+    write_atomic(stage.marker, json.dumps({"record": rec, "finished": time.time()}))
 
 
 def started_path(stage: Stage) -> Path:
@@ -51,7 +65,7 @@ def started_path(stage: Stage) -> Path:
 
 
 def is_done(stage: Stage, exp: Experiment) -> bool:
-    return stage.marker.exists() and stage.marker.read_text() == record(stage, exp)
+    return marker_record(stage) == record(stage, exp)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -64,7 +78,7 @@ def write_atomic(path: Path, text: str) -> None:
 def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
     """Run one stage unless it is done; returns what happened: reused, picked up, resumed or ran."""
     rec = record(stage, exp)
-    if not force and stage.marker.exists() and stage.marker.read_text() == rec:
+    if not force and marker_record(stage) == rec:
         print(f"[{stage.name}] reusing {stage.out}", flush=True)
         return "reused"
     started = started_path(stage)
@@ -72,7 +86,7 @@ def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
     if (not force and not stage.marker.exists() and stage.done and (started_same or not started.exists())
             and all((stage.out / f).exists() for f in stage.done)):
         # Finished by a job outside compare (--print-commands) or cut short between its command and its marker.
-        write_atomic(stage.marker, rec)
+        finish(stage, rec)
         print(f"[{stage.name}] picked up the finished output in {stage.out}", flush=True)
         return "picked up"
     resume = (stage.kind == "train" and not force and started_same and any(stage.out.glob("checkpoint-*")))
@@ -90,19 +104,39 @@ def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
     print(f"\n[{stage.name}] {'resuming' if resume else 'building'} {stage.out} ...", flush=True)
     print("$ " + shlex.join(["python", *command[1:]] if command[0] == sys.executable else command), flush=True)
     start = time.perf_counter()
-    done = subprocess.run(command)
-    if done.returncode != 0:
-        raise StageFailed(f"stage {stage.name!r} failed (exit {done.returncode}); its command is above. Run the "
-                          f"same compare command again to continue: finished stages are reused.")
-    write_atomic(stage.marker, rec)  # written last: a stage cut short is redone (or resumed)
+    code = run_command(command)
+    if code != 0:
+        raise StageFailed(f"stage {stage.name!r} failed (exit {code}); its command is above. Run the same compare "
+                          f"command again to continue: finished stages are reused.")
+    finish(stage, rec)  # written last: a stage cut short is redone (or resumed)
     print(f"[{stage.name}] done in {time.perf_counter() - start:.1f}s", flush=True)
     return "resumed" if resume else "ran"
+
+
+def run_command(command: list[str]) -> int:
+    """Run a stage's command; on Ctrl-C (which the command receives too) wait for it to stop on its own, so that a
+    training saves its checkpoint instead of being killed mid-step."""
+    proc = subprocess.Popen(command)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print(f"\ncompare: interrupted; waiting for the stage to stop (pid {proc.pid}) ...", file=sys.stderr,
+              flush=True)
+        proc.wait()
+        raise
 
 
 def select(exp: Experiment, only: list[str] | None) -> list[Stage]:
     """The stages named (a training run brings its eval) and every stage they read, in experiment order."""
     if not only:
         return list(exp.stages)
+    return [s for s in exp.stages if s.name in needed(exp, only)]
+
+
+def named(exp: Experiment, only: list[str] | None) -> set[str]:
+    """The stages --only names (a training run brings its eval); all of them without --only."""
+    if not only:
+        return {s.name for s in exp.stages}
     by_name = {s.name: s for s in exp.stages}
     wanted: set[str] = set()
     for name in only:
@@ -115,18 +149,26 @@ def select(exp: Experiment, only: list[str] | None) -> list[Stage]:
         wanted.add(name)
         if f"eval/{name}" in by_name:
             wanted.add(f"eval/{name}")
+    return wanted
+
+
+def needed(exp: Experiment, only: list[str]) -> set[str]:
+    """The named stages and every stage they read."""
+    by_name = {s.name: s for s in exp.stages}
+    wanted = named(exp, only)
     todo = list(wanted)
     while todo:
         for a in by_name[todo.pop()].after:
             if a not in wanted:
                 wanted.add(a)
                 todo.append(a)
-    return [s for s in exp.stages if s.name in wanted]
+    return wanted
 
 
 def check_settings(exp: Experiment, stages: list[Stage]) -> list[str]:
     """Every training that will run checks its train config and overrides first (`python -m train.config`: keys
-    and values, under a second, nothing loaded), so a typo in the last run fails before the first one starts."""
+    and values as train reads them; no model, data or torch loaded), so a typo in the last run fails before the
+    first one starts."""
     errors = []
     for s in stages:
         if s.check is None or is_done(s, exp):
@@ -154,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = read_experiment(args.experiment, args.set)
         stages = select(exp, args.only)
+        forced = named(exp, args.only) if args.force else set()  # --force redoes what is named, not what it reads
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -169,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"experiment {exp.name} ({exp.path}) → {exp.output_dir}: {len(stages)} stages", flush=True)
     try:
         for s in stages:
-            run_stage(s, exp, args.force)
+            run_stage(s, exp, s.name in forced)
     except StageFailed as e:
         print(f"compare: {e}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ SWEEP_KEYS = ("config", "width", "stride", "num_layers", "overrides")
 LAUNCH_KEYS = ("with", "config_file", "num_processes", "args")
 EVAL_KEYS = ("tasks", "limit", "include_path", "batch_size", "dtype", "args")
 ANALYSIS_KEYS = ("pairs", "image_folder", "dtype", "batch_size", "args", "lens", "lens_args")
-REPORT_KEYS = ("keeps", "clear_gain", "cheaper", "chance")
+REPORT_KEYS = ("keeps", "clear_gain", "cheaper", "chance", "metrics")
 # Names the report and the output layout use for themselves.
 RESERVED = ("base", "pretrained", "eval", "analysis", "lens", "report", "out", "output_dir")
 PYTHON = "python"  # the first word of a command: replaced by this interpreter when compare runs it
@@ -119,8 +119,11 @@ def _fill(value, names: dict, file: Path, where: str):
     if isinstance(value, str):
         try:
             return string.Formatter().vformat(value, (), _Placeholders(names, file, where))
-        except (ValueError, IndexError) as e:
-            raise ExperimentError(f"{file}: {where}: {value!r}: {e}") from None
+        except ExperimentError:
+            raise
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+            raise ExperimentError(f"{file}: {where}: {value!r}: not a plain {{placeholder}} ({e}); write a literal "
+                                  f"brace as {{{{ or }}}}") from None
     if isinstance(value, list):
         return [_fill(v, names, file, where) for v in value]
     if isinstance(value, dict):
@@ -208,6 +211,12 @@ def _num_layers(model: str) -> int | None:
     c = json.loads(config.read_text())
     text = c.get("text_config") or {}
     return text.get("num_hidden_layers") or c.get("num_hidden_layers")
+
+
+def _names_path(command: list[str], path: Path) -> bool:
+    """Whether a word of `command` is `path` or lies under it (also after `key=` and inside a `[a,b]` list)."""
+    pattern = re.compile(r"(^|[=,\[])" + re.escape(str(path)) + r"(/|$|,|\])")
+    return any(pattern.search(word) for word in command)
 
 
 def _watched(item: str, file: Path, where: str) -> Path:
@@ -317,6 +326,10 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         start, start_after = str(out), ["composed"]
     else:
         start = str(_fill(str(base), names, file, "base"))
+        if "@" in start:
+            raise ExperimentError(f"{file}: base: {start!r}: training starts from a model directory or hub id, not "
+                                  f"a delta on a base (DELTA@BASE is for python -m eval and analysis); use the run's "
+                                  f"final/ directory, which holds the merged model")
         _check_model(start, file, "base", tuple(produced))
         start_after = [s.name for s in stages if start.startswith(str(s.out))]
     pretrained, pretrained_after = start, list(start_after)
@@ -325,6 +338,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     launch = _mapping(raw.get("launch"), "launch", file)
     _unknown(launch, LAUNCH_KEYS, "launch.", file)
     launcher = launch.get("with", "python")
+    launch_files: list[Path] = []  # their contents are inputs of every training (a DeepSpeed stage, ...)
     if launcher == "python":
         if set(launch) - {"with", "args"}:
             raise ExperimentError(f"{file}: launch: config_file and num_processes need `with: accelerate`")
@@ -336,6 +350,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
             if not config_file.is_file():
                 raise ExperimentError(f"{file}: launch.config_file: {str(config_file)!r} does not exist")
             prefix += ["--config_file", str(config_file)]
+            launch_files.append(config_file)
         if launch.get("num_processes") is not None:
             prefix += ["--num_processes", str(int(launch["num_processes"]))]
         prefix += [*map(str, _list(launch.get("args"))), "-m", "train"]
@@ -352,19 +367,20 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         if not config:
             raise ExperimentError(f"{file}: {where}: no train config (set {where}.config or a top-level config)")
         config_path = Path(_fill(str(config), names, file, f"{where}.config"))
-        own = {**common, **spec}
+        own = {**_flatten(common), **_flatten(spec)}  # nested mappings merge key by key
         _check_trains_something(config_path, own, file, where)
         out = output_dir / name
         fixed = {"model": model, "output_dir": str(out)}
-        if data is not None:
+        # the experiment's data and image folder, unless the run names its own
+        if data is not None and "data" not in own:
             fixed["data"] = data
-        if image_folder is not None:
+        if image_folder is not None and "image_folder" not in own:
             fixed["image_folder"] = image_folder
         overrides = _overrides({**own, **fixed})
         command = [*prefix, "--config", str(config_path), *overrides]
-        params = {"command": command, "config": fingerprint_files(config_path)}
-        return Stage(name, "train", out, command, params, after=model_after,
-                     done=["final/config.json", "run.json"],
+        params = {"command": command, "config": fingerprint_files(config_path, *launch_files)}
+        # run.json is written last, after final/ (a merged model, or only a delta with save_merged: false)
+        return Stage(name, "train", out, command, params, after=list(model_after), done=["final", "run.json"],
                      check=[PYTHON, "-m", "train.config", "--config", str(config_path), *overrides])
 
     trainings: dict[str, dict] = {}
@@ -385,8 +401,9 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
 
     runs = _mapping(raw.get("runs"), "runs", file)
     sweep = raw.get("sweep")
-    if not runs and not sweep:
-        raise ExperimentError(f"{file}: no runs: name at least one under `runs:` (or a `sweep:`)")
+    if not runs:
+        raise ExperimentError(f"{file}: no runs: name at least the reference run under `runs:` (e.g. `full: {{}}`), "
+                              f"which the other runs and any sweep are compared with")
     if data is None:
         raise ExperimentError(f"{file}: missing key 'data' (the instruction-tuning data of the runs)")
     run_data = [str(d) for d in _list(data)]
@@ -416,7 +433,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         width, stride = sweep["width"], sweep["stride"]
         if width > n:
             raise ExperimentError(f"{file}: sweep.width {width} is more than the model's {n} LLM layers")
-        spec = {**_mapping(sweep.get("overrides"), "sweep.overrides", file)}
+        spec = _flatten(_mapping(sweep.get("overrides"), "sweep.overrides", file))
         if sweep.get("config"):
             spec["config"] = sweep["config"]
         for lo in range(0, n - width + 1, stride):
@@ -452,8 +469,10 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     evaluated = [m for m in models if m != "pretrained"]
     for m in evaluated:
         command = [PYTHON, "-m", "eval", f"--model={m}={models[m]}", *eval_options]
+        # Kept when redone: eval itself reuses the tasks it finished with the same settings and weights, so a
+        # killed eval loses nothing. Never picked up: a failed eval leaves a results.json of what it finished.
         stages.append(Stage(f"eval/{m}", "eval", eval_dir / m, command, {"command": command},
-                            after=model_after[m], done=["results.json"]))
+                            after=list(model_after[m]), clear=False))
     table = [PYTHON, "-m", "eval", *(f"--model={m}={models[m]}" for m in evaluated), *eval_options]
     stages.append(Stage("eval", "eval-table", eval_dir, table, {"command": table},
                         # no pick-up: every per-model eval writes a comparison.csv of its own; this one is cheap
@@ -489,9 +508,11 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
 
     report = _fill(_mapping(raw.get("report"), "report", file), names, file, "report")
     _unknown(report, REPORT_KEYS, "report.", file)
-    known = {s.name for s in stages}
-    for s in stages:  # every stage's inputs come from stages before it
-        assert all(a in known for a in s.after), (s.name, s.after)
+    # A stage also reads every earlier stage whose directory its command names (a run's data under {world}, ...).
+    for i, s in enumerate(stages):
+        for earlier in stages[:i]:
+            if earlier.name not in s.after and _names_path(s.command, earlier.out):
+                s.after.append(earlier.name)
     return Experiment(path=file, name=str(raw.get("name") or file.stem), description=str(raw.get("description") or ""),
                       hardware=str(raw.get("hardware") or ""), output_dir=output_dir, stages=stages, models=models,
                       trainings=trainings, reference=reference, eval={"tasks": tasks, **ev}, analysis=analysis,

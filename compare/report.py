@@ -34,7 +34,9 @@ CHEAPER = 0.95  # a run's median step at most this fraction of the reference's: 
 
 def load_run(run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
+    # A resumed run's timings cover only its last session: marked, and left out of the cost ratios.
     return {"wall_s": run["wall_time_s"], "step_s": run["median_step_time_s"], "tokens_s": run.get("tokens_per_s"),
+            "resumed": bool(run.get("resumed_from")),
             "peak_mb": run["peak_training_memory_mb"], "trainable": run["parameters"]["trainable"],
             "total": run["parameters"]["total"], "steps": run["steps"],
             "layers": run["plan"]["trainable_layers"], "num_layers": run["plan"]["num_layers"],
@@ -59,11 +61,21 @@ def read_scores(path: Path, models: list[str]) -> list[dict]:
     return rows
 
 
-def primary(rows: list[dict]) -> dict[str, dict]:
-    """The first metric of each task (lmms-eval's order: the task's own main metric first)."""
-    out: dict[str, dict] = {}
+# A task's headline metric when the experiment names none (report.metrics): the first of these it reports, else
+# its first metric. MMStar, for one, lists its sub-scores before `average`.
+HEADLINE_METRICS = ("average", "overall", "accuracy", "acc", "exact_match", "score")
+
+
+def primary(rows: list[dict], chosen: dict[str, str] | None = None) -> dict[str, dict]:
+    """Each task's headline metric row: `chosen[task]`, else the first of HEADLINE_METRICS it has, else its first."""
+    by_task: dict[str, dict[str, dict]] = {}
     for r in rows:
-        out.setdefault(r["task"], r)
+        by_task.setdefault(r["task"], {}).setdefault(r["metric"], r)
+    out = {}
+    for task, metrics in by_task.items():
+        want = (chosen or {}).get(task)
+        name = want if want in metrics else next((m for m in HEADLINE_METRICS if m in metrics), next(iter(metrics)))
+        out[task] = metrics[name]
     return out
 
 
@@ -168,17 +180,18 @@ def score_verdicts(scores: dict[str, dict], reference: str, others: list[str], r
         delta = sum(deltas.values()) / len(deltas)
         worst = min(deltas, key=deltas.get)
         cost = ""
-        if name in runs and reference in runs:
+        if name in runs and reference in runs and all(
+                not runs[n].get("resumed") and runs[n].get("step_s") for n in (name, reference)):
             cost = (f" at {runs[name]['wall_s'] / runs[reference]['wall_s']:.2f}× the wall time and "
                     f"{runs[name]['step_s'] / runs[reference]['step_s']:.2f}× the step time")
         detail = (f"mean over the {len(learned)} tasks {reference} learned; largest gap: {worst} "
                   f"{deltas[worst]:+.1f}")
         if delta >= -keeps:
             out.append(f"{name}: {delta:+.1f} points vs {reference}{cost} ({detail}) — keeps {reference}'s score "
-                       f"(at most {keeps:g} points below).")
+                       f"on the mean (at most {keeps:g} points below).")
         else:
             out.append(f"{name}: {delta:+.1f} points vs {reference}{cost} ({detail}) — does NOT keep {reference}'s "
-                       f"score (more than {keeps:g} points below).")
+                       f"score on the mean (more than {keeps:g} points below).")
     return out
 
 
@@ -193,8 +206,10 @@ def cost_table(runs: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, r in runs.items():
         tokens = "—" if r.get("tokens_s") is None else f"{r['tokens_s']:.0f}"
+        step = "—" if r.get("step_s") is None else f"{r['step_s']:.2f}"
         lines.append("| " + " | ".join([
-            name, trained(r), str(r["steps"]), f"{r['wall_s']:.0f}", f"{r['step_s']:.2f}", tokens,
+            name + (" (resumed)" if r.get("resumed") else ""), trained(r), str(r["steps"]), f"{r['wall_s']:.0f}", step,
+            tokens,
             f"{r['peak_mb']:.0f}", f"{_params(r['trainable'])} ({100 * r['trainable'] / r['total']:.0f}%)"]) + " |")
     return "\n".join(lines)
 
@@ -204,6 +219,11 @@ def cost_verdicts(runs: dict[str, dict], reference: str, others: list[str], chea
     out = []
     for name in others:
         r = runs[name]
+        unusable = [n for n in (reference, name) if runs[n].get("resumed") or not runs[n].get("step_s")]
+        if unusable:
+            out.append(f"{name} vs {reference}: no cost comparison — the timings of {' and '.join(unusable)} cover "
+                       f"only part of the training (resumed, or no step timed).")
+            continue
         step, wall = r["step_s"] / ref["step_s"], r["wall_s"] / ref["wall_s"]
         mem, params = r["peak_mb"] / ref["peak_mb"], r["trainable"] / ref["trainable"]
         line = (f"{name} vs {reference}: {step:.2f}× the median step time, {wall:.2f}× the wall time, {mem:.2f}× the "
@@ -443,8 +463,10 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
     evaluated = [m for m in exp.models if m != "pretrained"]
 
     rows = read_scores(out / "eval" / "comparison.csv", evaluated)
-    scores = primary(rows)
-    leaves = [t for t, r in scores.items() if r["leaf"]]
+    scores = primary(rows, settings.get("metrics"))
+    # Verdicts and the sweep use each task's headline metric where it is a 0-1 score shown in points: thresholds in
+    # points mean nothing for other scales.
+    leaves = [t for t, r in scores.items() if r["leaf"] and r["unit"] == "points"]
     leaf_scores = {t: scores[t] for t in leaves}
     chance = read_chance(settings.get("chance"), leaves)
     answers = {"scores": score_verdicts(leaf_scores, reference, others + list(blocks), runs, chance,

@@ -38,7 +38,7 @@ def test_score_verdicts_report_a_run_that_keeps_the_reference_score():
     text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
     assert "full clearly beats the base (≥ 10 points over both the base and chance) on 5 of 5 tasks" in text
     assert "middle: -0.6 points vs full at 0.72× the wall time and 0.70× the step time (mean over the 5 tasks full " \
-           "learned; largest gap: color -1.0) — keeps full's score (at most 2 points below)" in text
+           "learned; largest gap: color -1.0) — keeps full's score on the mean (at most 2 points below)" in text
     assert "NOT" not in text
 
 
@@ -47,7 +47,7 @@ def test_score_verdicts_say_plainly_when_a_run_does_not_keep_it():
     text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
     assert "on 4 of 5 tasks (color, shape, count, exists)" in text
     assert "middle: -12.5 points vs full" in text and "largest gap: color -20.0" in text
-    assert "does NOT keep full's score (more than 2 points below)" in text
+    assert "does NOT keep full's score on the mean (more than 2 points below)" in text
 
 
 def test_beating_a_base_that_scores_zero_is_not_enough_where_chance_is_known():
@@ -220,6 +220,9 @@ def test_bad_experiment_files_get_one_clear_error_before_anything_runs(tiny_dir,
         ({"reference": "fll"}, "reference: 'fll' is not one of the runs (full, middle)"),
         ({"sweep": {"width": 9, "stride": 1}}, "sweep.width 9 is more than the model's 4 LLM layers"),
         ({"launch": {"with": "srun"}}, "launch.with: 'srun' is not 'python' or 'accelerate'"),
+        ({"base": f"{model}@{model}"}, "training starts from a model directory or hub id, not a delta"),
+        ({"runs": None, "sweep": {"width": 2, "stride": 2}}, "no runs: name at least the reference run"),
+        ({"data": "{output_dir.x}/train.json"}, "not a plain {placeholder}"),
     ]
     for change, message in cases:
         path = _experiment(tmp_path, model, world, **change)
@@ -239,6 +242,51 @@ def test_a_bad_train_key_in_the_last_run_fails_before_the_first_stage(tiny_dir, 
     assert f"error: {path}: middle: override 'optim.lrr=0.001': unknown key 'optim.lrr'; did you mean 'optim.lr'?" \
         in err
     assert not (tmp_path / "out").exists()
+
+
+def test_stages_read_what_their_commands_name_and_overrides_merge_key_by_key(tiny_dir, world, tmp_path):
+    path = _experiment(tmp_path, tiny_dir("llava"), world, prepare={"world": {"command": ["python", "-c", "pass"]}},
+                       data="{world}/train.json", train_overrides={"trainable": {"norm": True}, "max_steps": 3},
+                       runs={"full": {}, "middle": {"trainable": {"layers": "1-2"}, "data": "{world}/other.json"}})
+    exp = read_experiment(path)
+    stages = {s.name: s for s in exp.stages}
+    assert stages["full"].after == ["world"] and stages["middle"].after == ["world"]  # its data lives under {world}
+    middle = stages["middle"].command
+    assert "trainable.norm=true" in middle and "trainable.layers=1-2" in middle and "max_steps=3" in middle
+    assert f"data={tmp_path / 'out' / 'world' / 'other.json'}" in middle  # the run's own data wins
+    assert not any(w.startswith("data=") and w.endswith("train.json") for w in middle)
+
+
+def test_force_with_only_redoes_the_named_stages_and_invalidates_what_reads_them(tiny_dir, world, tmp_path,
+                                                                                 monkeypatch):
+    from compare import __main__ as runner
+
+    ran = []
+    monkeypatch.setattr(runner, "run_command", lambda command: ran.append(command) or 0)
+    path = _experiment(tmp_path, tiny_dir("llava"), world)
+    exp = read_experiment(path)
+    for stage in exp.stages:
+        runner.run_stage(stage, exp, force=False)
+    ran.clear()
+    assert compare_main([str(path), "--only", "middle", "--force"]) == 0
+    assert [c[c.index("-m") + 1] for c in ran] == ["train", "eval"]  # middle and eval/middle, nothing upstream
+    assert [s.name for s in exp.stages if not runner.is_done(s, exp)] == ["eval"]  # the table is out of date
+
+
+def test_the_headline_metric_is_the_tasks_own_summary_or_the_one_named():
+    rows = [{"task": "mmstar", "metric": m, "leaf": True, "unit": "points", "values": {}}
+            for m in ("coarse perception", "math", "average")]
+    rows.append({"task": "pope", "metric": "accuracy", "leaf": True, "unit": "points", "values": {}})
+    assert report.primary(rows)["mmstar"]["metric"] == "average"
+    assert report.primary(rows, {"mmstar": "math"})["mmstar"]["metric"] == "math"
+    assert report.primary(rows)["pope"]["metric"] == "accuracy"
+
+
+def test_a_resumed_run_gets_no_cost_ratio():
+    resumed = {"full": RUNS["full"], "middle": {**RUNS["middle"], "resumed": True}}
+    assert "no cost comparison — the timings of middle cover only part" in \
+        report.cost_verdicts(resumed, "full", ["middle"])[0]
+    assert "| middle (resumed) |" in report.cost_table(resumed)
 
 
 def test_print_commands_lists_every_stage_in_order_with_a_sweep_and_accelerate(tiny_dir, world, tmp_path, capsys):
@@ -335,7 +383,7 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
 def test_a_changed_run_redoes_only_itself_its_eval_and_the_table(tiny_dir, world, tmp_path, monkeypatch):
     from compare import __main__ as runner
 
-    monkeypatch.setattr(runner.subprocess, "run", lambda command: runner.subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(runner, "run_command", lambda command: 0)
     path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
                        analysis={"pairs": str(world / "pairs.jsonl")})
 
@@ -354,8 +402,6 @@ def test_a_changed_run_redoes_only_itself_its_eval_and_the_table(tiny_dir, world
 
 def test_a_training_cut_short_resumes_from_its_checkpoint(tiny_dir, world, tmp_path, monkeypatch):
     """A run with the same inputs and a checkpoint on disk continues (resume_from=latest), not from scratch."""
-    import subprocess
-
     from compare import __main__ as runner
 
     path = _experiment(tmp_path, tiny_dir("llava"), world)
@@ -365,9 +411,9 @@ def test_a_training_cut_short_resumes_from_its_checkpoint(tiny_dir, world, tmp_p
 
     def fake_run(command):
         calls.append(command)
-        return subprocess.CompletedProcess(command, 1 if len(calls) == 1 else 0)
+        return 1 if len(calls) == 1 else 0
 
-    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner, "run_command", fake_run)
     with pytest.raises(runner.StageFailed, match="stage 'full' failed"):
         runner.run_stage(full, exp, force=False)
     (full.out / "checkpoint-1").mkdir()  # what the interrupted training had saved
@@ -388,7 +434,7 @@ def test_results_of_jobs_run_outside_compare_are_picked_up(tiny_dir, world, tmp_
     (full.out / "final").mkdir(parents=True)
     (full.out / "final" / "config.json").write_text("{}")
     (full.out / "run.json").write_text("{}")
-    monkeypatch.setattr(runner.subprocess, "run", lambda command: pytest.fail(f"ran {command}"))
+    monkeypatch.setattr(runner, "run_command", lambda command: pytest.fail(f"ran {command}"))
     assert runner.run_stage(full, exp, force=False) == "picked up"
     assert runner.run_stage(full, exp, force=False) == "reused"
 
@@ -403,12 +449,12 @@ def test_a_kept_directory_is_not_taken_for_a_finished_stage(tiny_dir, world, tmp
     analysis = next(s for s in exp.stages if s.name == "analysis")
     (analysis.out / "extract").mkdir(parents=True)
     (analysis.out / "profiles.json").write_text("{}")
-    analysis.marker.write_text("an earlier run's record")
-    monkeypatch.setattr(runner.subprocess, "run", lambda command: runner.subprocess.CompletedProcess(command, 1))
+    analysis.marker.write_text('{"record": "an earlier run\'s", "finished": 0}')
+    monkeypatch.setattr(runner, "run_command", lambda command: 1)
     with pytest.raises(runner.StageFailed):
         runner.run_stage(analysis, exp, force=False)
     assert (analysis.out / "extract").is_dir() and not (analysis.out / "profiles.json").exists()
-    monkeypatch.setattr(runner.subprocess, "run", lambda command: runner.subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(runner, "run_command", lambda command: 0)
     assert runner.run_stage(analysis, exp, force=False) == "ran"
 
 
