@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, metavar="PATH")
     p.add_argument("--tasks", default="color,shape,count,position,exists",
                    help="comma-separated question types of the world's test/ (default: all five)")
-    p.add_argument("--world", help="shapes world directory (default: the canonical world of the eval tasks, "
-                                   "generated if missing)")
+    p.add_argument("--world", help="shapes world directory (default: the canonical world, generated if "
+                                   "missing in $MIDTUNE_CACHE/shapes-canonical, default ~/.cache/midtune)")
     p.add_argument("--window", type=int, help="layers per window (default: round(num_layers / 4))")
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--target", default="image", choices=TARGETS,
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a label of the pairs (color, shape, ...: every label named so or ending in _<concept>)")
     p.add_argument("--words", help="comma-separated words of the concept (default: the pairs' values of it)")
     p.add_argument("--world", help="shapes world directory: its pairs.jsonl and test questions (default: the "
-                                   "canonical world of the eval tasks, generated if missing)")
+                                   "canonical world in $MIDTUNE_CACHE/shapes-canonical, generated if missing)")
     p.add_argument("--pairs", help="pairs JSONL whose image + caption sequences are the samples (default: the "
                                    "world's pairs.jsonl)")
     p.add_argument("--image-folder", help="folder the pairs' images are relative to (default: <pairs dir>/images)")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _device(value: str) -> str | None:
-    from eval.sources import resolve_device
+    from midtune.sources import resolve_device
 
     try:
         return resolve_device(None if value == "auto" else value)
@@ -308,9 +308,9 @@ def _world(args) -> Path:
         if not world.is_dir():
             raise AnalysisError(f"world {str(world)!r} does not exist")
         return world
-    from eval.tasks import ensure_shapes_data
+    from midtune.shapes import default_world_dir, ensure_canonical_world
 
-    return Path(ensure_shapes_data(progress=not args.no_progress))
+    return ensure_canonical_world(default_world_dir(), progress=not args.no_progress)
 
 
 def run_heads(args) -> None:

@@ -201,7 +201,7 @@ def resolve_model(path: str, base: str | None = None, lora_scale: float | None =
       else on the base named in its metadata;
     * otherwise a merged/HF model directory or a hub id.
     """
-    from eval.sources import resolve_source
+    from midtune.sources import resolve_source
     from midtune.checkpoint import DELTA_FORMAT
 
     local = Path(path).expanduser()
@@ -233,7 +233,7 @@ def _safetensors_format(path: Path) -> str | None:
 def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa"):
     """(model, processor) in eval mode on `device` (default: CUDA if available, else CPU)."""
-    from eval.sources import resolve_device
+    from midtune.sources import resolve_device
     from midtune.checkpoint import CheckpointError, apply_delta, load_pretrained, load_with_delta
 
     try:

@@ -51,6 +51,10 @@ class _Job:
     log_file: object = None
 
 
+class HookSettingsError(ValueError):
+    """A bad `analysis:` section of a training config. Its own class, so that analysis never imports train."""
+
+
 class AnalysisHook:
     """Background profiles of saved checkpoints; every method is a no-op when `analysis.pairs` is unset."""
 
@@ -65,25 +69,24 @@ class AnalysisHook:
     @classmethod
     def from_config(cls, config) -> "AnalysisHook":
         """Checks the `analysis` section (pairs file, images, labels, enough pairs for k) before training starts.
-        Raises train.config.ConfigError naming the key."""
+        Raises HookSettingsError naming the key (train reports it as a config error)."""
         from analysis.extract import AnalysisError, read_pairs
         from analysis.profile import ProfileSettings
-        from train.config import ConfigError
 
         a = config.analysis
         if a.pairs is None:
             return cls(None)
         if a.every not in EVERY:
-            raise ConfigError(f"key 'analysis.every': {a.every!r} is not one of {', '.join(map(repr, EVERY))}")
+            raise HookSettingsError(f"key 'analysis.every': {a.every!r} is not one of {', '.join(map(repr, EVERY))}")
         for key in ("max_pairs", "k", "batch_size"):
             if getattr(a, key) < 1:
-                raise ConfigError(f"key 'analysis.{key}': must be >= 1, got {getattr(a, key)}")
+                raise HookSettingsError(f"key 'analysis.{key}': must be >= 1, got {getattr(a, key)}")
         try:
             pairs = read_pairs(a.pairs, a.image_folder, label=a.label, max_pairs=a.max_pairs,
                                allow_outside_images=config.allow_outside_images)
             ProfileSettings(k=a.k).check(len(pairs))
         except AnalysisError as e:
-            raise ConfigError(f"key 'analysis.pairs': {e}") from None
+            raise HookSettingsError(f"key 'analysis.pairs': {e}") from None
         return cls(config)
 
     # -- the three calls from the training loop ----------------------------------------------------------------

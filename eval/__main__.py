@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_models(values: list[str]) -> list[ModelSpec]:
-    from eval.sources import resolve_source
+    from midtune.sources import resolve_source
     from midtune.checkpoint import CheckpointError, check_base, load_delta
 
     specs: list[ModelSpec] = []

@@ -59,7 +59,7 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from eval.sources import ModelSource, resolve_device, resolve_dtype, resolve_source  # noqa: F401
+from midtune.sources import ModelSource, resolve_device, resolve_dtype, resolve_source  # noqa: F401
 
 MANIFEST = _manifest()
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
@@ -621,6 +623,81 @@ def generate_world(
 def generator_hash() -> str:
     """SHA-256 of this file: data written by another version of the generator is stale."""
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# The canonical world on disk (the eval tasks' data, analysis's default world)
+# ---------------------------------------------------------------------------------------
+class ShapesDataError(RuntimeError):
+    """The canonical world could not be generated into its directory."""
+
+
+GENERATOR_FILE = "generator.sha256"  # hash of midtune/shapes.py that wrote the data: new generator → new data
+
+
+def canonical_world_problem(data_dir: Path) -> str | None:
+    """Why `data_dir` does not hold the canonical world's test data (None when it does)."""
+    world = data_dir / "world.json"
+    if not world.is_file():
+        return f"{world} does not exist"
+    try:
+        args = json.loads(world.read_text())["args"]
+    except (ValueError, KeyError) as e:
+        return f"{world} is unreadable ({e})"
+    if args != CANONICAL:
+        return f"{world} has arguments {args}, not the canonical {CANONICAL}"
+    marker = data_dir / GENERATOR_FILE
+    if not marker.is_file() or marker.read_text().strip() != generator_hash():
+        return "it was written by another version of midtune/shapes.py"
+    for qtype in QTYPES:
+        path = data_dir / "test" / f"{qtype}.jsonl"
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{path} is missing or empty"
+    with open(data_dir / "test" / "color.jsonl") as fh:
+        first = json.loads(fh.readline())
+    if not (data_dir / "images" / first["image"]).is_file():
+        return f"image {first['image']} of {data_dir / 'test' / 'color.jsonl'} is missing"
+    return None
+
+
+def ensure_canonical_world(data_dir: str | Path, progress: bool = True) -> Path:
+    """Make sure `data_dir` holds the canonical shapes world (generating it if missing, incomplete or generated
+    with other arguments); returns the directory. Safe to call from concurrent processes."""
+    from filelock import FileLock
+
+    data_dir = Path(data_dir)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if canonical_world_problem(data_dir) is None:
+        return data_dir
+    with FileLock(str(data_dir.parent / f".{data_dir.name}.lock")):
+        problem = canonical_world_problem(data_dir)  # another process may have generated it meanwhile
+        if problem is None:
+            return data_dir
+        if progress:
+            print(f"generating the canonical shapes world in {data_dir} ({problem})", flush=True)
+        tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            generate_world(tmp, progress=progress, **CANONICAL)
+            (tmp / GENERATOR_FILE).write_text(generator_hash() + "\n")
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            os.replace(tmp, data_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    problem = canonical_world_problem(data_dir)
+    if problem is not None:  # pragma: no cover - generate_world itself failed silently
+        raise ShapesDataError(f"the shapes world in {data_dir} is still not usable after generating it: {problem}")
+    return data_dir
+
+
+def default_world_dir() -> Path:
+    """Where tools that need the canonical world and are given none keep it: $MIDTUNE_CACHE/shapes-canonical
+    (default ~/.cache/midtune). The eval tasks keep their own copy beside their YAMLs."""
+    import os
+
+    root = os.environ.get("MIDTUNE_CACHE") or Path.home() / ".cache" / "midtune"
+    return Path(root) / "shapes-canonical"
 
 
 # ---------------------------------------------------------------------------------------

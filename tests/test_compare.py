@@ -500,14 +500,3 @@ def test_the_shipped_experiment_files_are_valid(monkeypatch, tmp_path, capsys):
         assert exp.stages and exp.reference in exp.trainings, f
         assert exp.hardware, f"{f}: says what hardware it expects"
 
-
-def test_compare_imports_no_app():
-    """compare runs train, eval and analysis as commands and reads their files; it imports only the core."""
-    import ast
-
-    for f in sorted((ROOT / "compare").glob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            for name in names:
-                assert name.split(".")[0] not in ("train", "eval", "analysis"), f"{f.name} imports {name}"

@@ -100,6 +100,19 @@ def resume_command(config_path: str | None, overrides: list[str], extra: list[st
     return f"cd {shlex.quote(os.getcwd())} && {program} {shlex.join(args)}"
 
 
+class NoAnalysis:
+    """Stands in for analysis.hook.AnalysisHook when no `analysis.pairs` is set: train then never imports analysis."""
+
+    def poll(self, *args, **kwargs) -> None:
+        pass
+
+    def on_save(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, *args, **kwargs) -> None:
+        pass
+
+
 @dataclass
 class RunResult:
     summary: dict
@@ -113,9 +126,16 @@ def train(config: TrainConfig) -> RunResult:
 
     started = time.time()
     output_dir = Path(config.output_dir)
-    # analysis hook: background geometry profiles of saved checkpoints (analysis/hook.py); checks `analysis.pairs` now
-    from analysis.hook import AnalysisHook
-    analysis_hook = AnalysisHook.from_config(config)
+    # analysis hook: background geometry profiles of saved checkpoints (analysis/hook.py); checks `analysis.pairs` now.
+    # The one place train reaches analysis, and only when an analysis is configured.
+    analysis_hook: object = NoAnalysis()
+    if config.analysis.pairs is not None:
+        from analysis.hook import AnalysisHook, HookSettingsError
+
+        try:
+            analysis_hook = AnalysisHook.from_config(config)
+        except HookSettingsError as e:
+            raise ConfigError(str(e)) from None
     resume_path = check_output_dir(config, output_dir)
 
     # The accelerator comes first: under ZeRO-3 (zero3_init_flag) from_pretrained then loads partitioned.
