@@ -94,10 +94,9 @@ def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
         stage.marker.unlink()
     if not resume and stage.clear and stage.out.exists():
         shutil.rmtree(stage.out)
-    for f in stage.done:  # what a kept directory holds from an earlier run must not pass for this run's result
-        path = stage.out / f
-        if not stage.clear and path.is_file():
-            path.unlink()
+    if not stage.clear:  # what a kept directory holds from an earlier run must not pass for this run's result
+        for f in stage.done:
+            (stage.out / f).unlink(missing_ok=True)
     stage.out.mkdir(parents=True, exist_ok=True)
     write_atomic(started, rec)
     command = executable(stage.command) + (["resume_from=latest"] if resume else [])

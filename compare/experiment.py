@@ -193,19 +193,18 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _check_model(model: str, file: Path, where: str, produced: tuple[str, ...]) -> None:
-    """A model that no earlier stage produces must exist: a directory, a delta (`DELTA@BASE`) or a hub id."""
-    for part in model.split("@") if "@" in model else [model]:
-        if any(part.startswith(p) for p in produced) or Path(part).exists():
-            continue
-        if _looks_like_hub_id(part) and not part.startswith(("runs/", "data/")):
-            continue  # a hub id: loaded (from the local cache offline) by the stage that uses it
-        raise ExperimentError(f"{file}: {where}: model {part!r} does not exist (a directory, a hub id "
-                              f"owner/name, a delta DELTA@BASE, or a placeholder of a stage that makes it)")
+    """A model that no earlier stage produces must exist: a directory or a hub id."""
+    if any(model.startswith(p) for p in produced) or Path(model).exists():
+        return
+    if _looks_like_hub_id(model) and not model.startswith(("runs/", "data/")):
+        return  # a hub id: loaded (from the local cache offline) by the stage that uses it
+    raise ExperimentError(f"{file}: {where}: model {model!r} does not exist (a directory, a hub id owner/name, or "
+                          f"a placeholder of a stage that makes it)")
 
 
 def _num_layers(model: str) -> int | None:
     """LLM layers of a local model directory, from its config.json (None when it is not local yet)."""
-    config = Path(model.split("@")[-1]) / "config.json"
+    config = Path(model) / "config.json"
     if not config.is_file():
         return None
     c = json.loads(config.read_text())
@@ -289,9 +288,8 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     # base: the model the stages (or the runs) start from
     base = raw.get("base")
     if base is None:
-        raise ExperimentError(f"{file}: missing key 'base' (the starting model: a directory, hub id or delta, or "
-                              f"a compose section)")
-    pretrained_after: list[str] = []
+        raise ExperimentError(f"{file}: missing key 'base' (the starting model: a directory or hub id, or a "
+                              f"compose section)")
     if isinstance(base, dict):
         _unknown(base, ("compose",), "base.", file)
         compose = _fill(_mapping(base.get("compose"), "base.compose", file), names, file, "base.compose")
@@ -323,7 +321,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
                             after=[s.name for s in stages], done=["config.json"]))
         names["composed"] = str(out)
         produced.append(str(out))
-        start, start_after = str(out), ["composed"]
+        start = str(out)
     else:
         start = str(_fill(str(base), names, file, "base"))
         if "@" in start:
@@ -331,8 +329,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
                                   f"a delta on a base (DELTA@BASE is for python -m eval and analysis); use the run's "
                                   f"final/ directory, which holds the merged model")
         _check_model(start, file, "base", tuple(produced))
-        start_after = [s.name for s in stages if start.startswith(str(s.out))]
-    pretrained, pretrained_after = start, list(start_after)
+    pretrained = start
 
     # launch: how a training starts
     launch = _mapping(raw.get("launch"), "launch", file)
@@ -360,8 +357,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     common = _fill(_mapping(raw.get("train_overrides"), "train_overrides", file), names, file, "train_overrides")
     default_config = raw.get("config")
 
-    def training(name: str, role: str, spec: dict, model: str, model_after: list[str], data, image_folder,
-                 where: str) -> Stage:
+    def training(name: str, spec: dict, model: str, data, image_folder, where: str) -> Stage:
         spec = dict(_fill(spec, names, file, where))
         config = spec.pop("config", None) or default_config
         if not config:
@@ -380,7 +376,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         command = [*prefix, "--config", str(config_path), *overrides]
         params = {"command": command, "config": fingerprint_files(config_path, *launch_files)}
         # run.json is written last, after final/ (a merged model, or only a delta with save_merged: false)
-        return Stage(name, "train", out, command, params, after=list(model_after), done=["final", "run.json"],
+        return Stage(name, "train", out, command, params, done=["final", "run.json"],
                      check=[PYTHON, "-m", "train.config", "--config", str(config_path), *overrides])
 
     trainings: dict[str, dict] = {}
@@ -393,10 +389,10 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         add_name(name, f"stages.{name}")
         # a stage names its own data; the image folder is the experiment's unless it names one
         folder = None if "image_folder" in spec else image_folder
-        stage = training(name, "stage", spec, start, start_after, None, folder, f"stages.{name}")
+        stage = training(name, spec, start, None, folder, f"stages.{name}")
         stages.append(stage)
         trainings[name] = {"role": "stage", "block": None}
-        start, start_after = str(stage.out / "final"), [name]
+        start = str(stage.out / "final")
         produced.append(str(stage.out))
 
     runs = _mapping(raw.get("runs"), "runs", file)
@@ -412,13 +408,12 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     if raw.get("stages"):
         models["pretrained"] = pretrained
     models["base"] = start
-    model_after = {"pretrained": pretrained_after, "base": start_after}
     for name, spec in runs.items():
         spec = _mapping(spec, f"runs.{name}", file)
         add_name(name, f"runs.{name}")
-        stages.append(training(name, "run", spec, start, start_after, data_override, image_folder, f"runs.{name}"))
+        stages.append(training(name, spec, start, data_override, image_folder, f"runs.{name}"))
         trainings[name] = {"role": "run", "block": None}
-        models[name], model_after[name] = str(output_dir / name / "final"), [name]
+        models[name] = str(output_dir / name / "final")
 
     if sweep is not None:
         sweep = _mapping(sweep, "sweep", file)
@@ -440,10 +435,10 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
             hi = lo + width - 1
             name = f"layers_{lo}-{hi}"
             add_name(name, "sweep")
-            stages.append(training(name, "sweep", {**spec, "trainable.layers": f"{lo}-{hi}"}, start, start_after,
-                                   data_override, image_folder, f"sweep ({name})"))
+            stages.append(training(name, {**spec, "trainable.layers": f"{lo}-{hi}"}, start, data_override,
+                                   image_folder, f"sweep ({name})"))
             trainings[name] = {"role": "sweep", "block": [lo, hi], "num_layers": n}
-            models[name], model_after[name] = str(output_dir / name / "final"), [name]
+            models[name] = str(output_dir / name / "final")
 
     reference = raw.get("reference") or ("full" if "full" in runs else next(iter(runs), None))
     if reference is None or reference not in runs:
@@ -471,8 +466,7 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         command = [PYTHON, "-m", "eval", f"--model={m}={models[m]}", *eval_options]
         # Kept when redone: eval itself reuses the tasks it finished with the same settings and weights, so a
         # killed eval loses nothing. Never picked up: a failed eval leaves a results.json of what it finished.
-        stages.append(Stage(f"eval/{m}", "eval", eval_dir / m, command, {"command": command},
-                            after=list(model_after[m]), clear=False))
+        stages.append(Stage(f"eval/{m}", "eval", eval_dir / m, command, {"command": command}, clear=False))
     table = [PYTHON, "-m", "eval", *(f"--model={m}={models[m]}" for m in evaluated), *eval_options]
     stages.append(Stage("eval", "eval-table", eval_dir, table, {"command": table},
                         # no pick-up: every per-model eval writes a comparison.csv of its own; this one is cheap
@@ -491,24 +485,24 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         if an.get("image_folder"):
             options += ["--image-folder", str(an["image_folder"])]
         options += ["--dtype", str(an.get("dtype", "float32")), "--batch-size", str(an.get("batch_size", 8))]
-        after = sorted({s for m in models for s in model_after[m]})
         command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in models.items()), *options,
                    *map(str, _list(an.get("args"))), "--out", str(output_dir / "analysis")]
         # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/<model>/,
         # fingerprinted by the weight files, so adding one run to a sweep extracts only that run's model.
         stages.append(Stage("analysis", "analysis", output_dir / "analysis", command, {"command": command},
-                            after=after, done=["profiles.json"], clear=False))
+                            done=["profiles.json"], clear=False))
         if an.get("lens"):
             lens_models = {m: p for m, p in models.items() if m != "pretrained"}
             command = [PYTHON, "-m", "analysis", "logit-lens", *(f"--model={m}={p}" for m, p in lens_models.items()),
                        *options, *map(str, _list(an.get("lens_args"))), "--out", str(output_dir / "lens")]
             stages.append(Stage("lens", "lens", output_dir / "lens", command, {"command": command},
-                                after=sorted({s for m in lens_models for s in model_after[m]}), done=["lens.json"]))
+                                done=["lens.json"]))
         analysis = an
 
     report = _fill(_mapping(raw.get("report"), "report", file), names, file, "report")
     _unknown(report, REPORT_KEYS, "report.", file)
-    # A stage also reads every earlier stage whose directory its command names (a run's data under {world}, ...).
+    # A stage reads every earlier stage whose directory its command names: the model it starts from or evaluates,
+    # its data under {world}, ... (the eval table and the prepare stages also name theirs above).
     for i, s in enumerate(stages):
         for earlier in stages[:i]:
             if earlier.name not in s.after and _names_path(s.command, earlier.out):

@@ -112,6 +112,11 @@ def _layers(layers: list[int], num_layers: int) -> str:
     return ", ".join(map(str, layers)) + f" of {num_layers}"
 
 
+def timed_whole(run: dict) -> bool:
+    """Whether a run's timings cover its whole training (a resumed run's cover only its last session)."""
+    return not run.get("resumed") and bool(run.get("step_s"))
+
+
 def trained(run: dict) -> str:
     llm = [f"LLM layers {_layers(run['layers'], run['num_layers'])}"] if run["layers"] else []
     return ", ".join(llm + run["components"]) or "—"
@@ -180,8 +185,7 @@ def score_verdicts(scores: dict[str, dict], reference: str, others: list[str], r
         delta = sum(deltas.values()) / len(deltas)
         worst = min(deltas, key=deltas.get)
         cost = ""
-        if name in runs and reference in runs and all(
-                not runs[n].get("resumed") and runs[n].get("step_s") for n in (name, reference)):
+        if name in runs and reference in runs and timed_whole(runs[name]) and timed_whole(runs[reference]):
             cost = (f" at {runs[name]['wall_s'] / runs[reference]['wall_s']:.2f}× the wall time and "
                     f"{runs[name]['step_s'] / runs[reference]['step_s']:.2f}× the step time")
         detail = (f"mean over the {len(learned)} tasks {reference} learned; largest gap: {worst} "
@@ -219,7 +223,7 @@ def cost_verdicts(runs: dict[str, dict], reference: str, others: list[str], chea
     out = []
     for name in others:
         r = runs[name]
-        unusable = [n for n in (reference, name) if runs[n].get("resumed") or not runs[n].get("step_s")]
+        unusable = [n for n in (reference, name) if not timed_whole(runs[n])]
         if unusable:
             out.append(f"{name} vs {reference}: no cost comparison — the timings of {' and '.join(unusable)} cover "
                        f"only part of the training (resumed, or no step timed).")
@@ -513,6 +517,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
     setup.append(f"Precision ({reference}): {ref['precision'] or 'as configured'}."
                  + (f" Hardware expected: {exp.hardware}." if exp.hardware else ""))
 
+    scores_md, cost_md = score_table(rows, evaluated, reference, chance), cost_table(runs)
     md = [f"# {exp.name}: layer blocks vs full fine-tuning", ""]
     if exp.description:
         md += [exp.description.strip(), ""]
@@ -521,7 +526,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
            f"lmms-eval ({', '.join(exp.eval['tasks'])}) on base and every run, in points (metrics in [0, 1] × 100); "
            f"Δ against {reference}." + (f" Limit: {exp.eval['limit']} documents per task." if exp.eval.get("limit")
                                         else ""), "",
-           score_table(rows, evaluated, reference, chance), "",
+           scores_md, "",
            *_bullets(answers["scores"]), "",
            "![scores per task](scores.png)", "",
            "## Training cost", "",
@@ -529,7 +534,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
            "and saving `final/`), median step time (over every step), tokens per second (non-padding tokens over "
            "the steps' time) and training memory: the peak during the training loop above the loaded model "
            "(gradients, optimizer state, activations; resident memory on CPU, allocated memory on GPU).", "",
-           cost_table(runs), "",
+           cost_md, "",
            *_bullets(answers["cost"]), ""]
     if sweep is not None:
         head = ["block", *leaves, "mean"]
@@ -580,7 +585,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
     for name, r in runs.items():
         w.writerow([name, trained(r), *(r[k] for k in keys)])
     (out / "cost.csv").write_text(buf.getvalue())
-    summary = [score_table(rows, evaluated, reference, chance), "", cost_table(runs), ""]
+    summary = [scores_md, "", cost_md, ""]
     summary += [line for lines in answers.values() for line in lines]
     (out / "summary.txt").write_text("\n".join(summary) + "\n")
     return report

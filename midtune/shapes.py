@@ -694,8 +694,6 @@ def ensure_canonical_world(data_dir: str | Path, progress: bool = True) -> Path:
 def default_world_dir() -> Path:
     """Where tools that need the canonical world and are given none keep it: $MIDTUNE_CACHE/shapes-canonical
     (default ~/.cache/midtune). The eval tasks keep their own copy beside their YAMLs."""
-    import os
-
     root = os.environ.get("MIDTUNE_CACHE") or Path.home() / ".cache" / "midtune"
     return Path(root) / "shapes-canonical"
 

@@ -28,7 +28,6 @@ MC_TASKS = tuple(f"midtune_shapes_mc_{q}" for q in QTYPES)
 
 
 ShapesDataError = shapes.ShapesDataError
-GENERATOR_FILE = shapes.GENERATOR_FILE
 
 
 def shapes_data_problem(data_dir: Path = SHAPES_DATA_DIR) -> str | None:
