@@ -119,9 +119,10 @@ class Skipped(Exception):
 
 def one_line(text: str, limit: int = 240) -> str:
     """The line of a log that says what went wrong: the last error-looking line, else the last line."""
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     markers = ("Error", "error:", "Exception", "Traceback", "refused", "failed", "not supported", "No module")
-    pick = next((l for l in reversed(lines) if any(m in l for m in markers) and not l.startswith("Traceback")),
+    pick = next((line for line in reversed(lines)
+                 if any(m in line for m in markers) and not line.startswith("Traceback")),
                 lines[-1] if lines else "no output")
     return pick if len(pick) <= limit else pick[: limit - 1] + "…"
 
@@ -512,7 +513,7 @@ def step_demo(ctx: Context) -> dict:
     try:
         finish(proc, ctx.left())
     except TimedOut:
-        stages = [l for l in proc.log.read_text(errors="replace").splitlines() if l.startswith("[")]
+        stages = [line for line in proc.log.read_text(errors="replace").splitlines() if line.startswith("[")]
         raise OutOfTime(f"the demo did not finish within the budget (last: "
                         f"{stages[-1] if stages else 'no stage done'}); killed") from None
     out = ctx.out / "demo"

@@ -1,14 +1,14 @@
 """midtune analysis app: per-layer geometry of visual vs textual representations, and which layers to train.
 
-    python -m analysis profile --model base=runs/demo/stage_b/final --model middle=runs/demo/stage_c_middle/final \\
+    python -m analysis profile --model base=runs/demo/align/final --model middle=runs/demo/middle/final \\
         --pairs runs/world/pairs.jsonl --out runs/analysis/profile [--k 30] [--label dominant_color]
-    python -m analysis intervene --model runs/demo/stage_c_middle/final --tasks color,count --out runs/analysis/knockout \
-        [--target image|last-image|after-image|last]
-    python -m analysis logit-lens --model base=runs/demo/stage_b/final --model full=runs/demo/stage_c_full/final \
+    python -m analysis intervene --model runs/demo/middle/final --tasks color,count \
+        --out runs/analysis/knockout [--target image|last-image|after-image|last]
+    python -m analysis logit-lens --model base=runs/demo/align/final --model full=runs/demo/full/final \
         --pairs runs/world/pairs.jsonl --out runs/analysis/lens
-    python -m analysis heads --model runs/demo/stage_c_middle/final --concept color --out runs/analysis/heads \
+    python -m analysis heads --model runs/demo/middle/final --concept color --out runs/analysis/heads \
         [--edit suppress --top 0.01]
-    python -m analysis suggest-layers --model runs/demo/stage_b/final --pairs runs/world/pairs.jsonl --out layers.yaml
+    python -m analysis suggest-layers --model runs/demo/align/final --pairs runs/world/pairs.jsonl --out layers.yaml
 
 Errors in the input (missing files or images, too few pairs for k, unknown tasks, bad models) are one line on
 stderr and exit code 2, found before any model is loaded where possible.
@@ -28,6 +28,7 @@ from analysis.extract import AnalysisError
 from analysis.heads import EDITS
 from analysis.intervene import TARGETS
 from midtune.checkpoint import ATTN_IMPLEMENTATIONS
+from midtune.files import write_json, write_text
 
 log = logging.getLogger("midtune.analysis")
 
@@ -236,7 +237,6 @@ def run_profile(args) -> None:
 
 
 def run_intervene(args) -> None:
-    import json
 
     from analysis.extract import load_model, resolve_model
     from analysis.intervene import read_questions, run_intervention
@@ -256,11 +256,12 @@ def run_intervene(args) -> None:
     result = {"model": ref.describe(), "world": str(world.resolve()), **result}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "intervention.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "intervention.json", result)
     plot_intervention(result, out / "intervention.png")
     base, full = result["baseline"]["accuracy"]["mean"], result["all_layers"]["accuracy"]["mean"]
     worst = min(result["windows"], key=lambda w: w["accuracy"]["mean"])
-    log.info(f"{args.target} knockout: baseline accuracy {base:.3f}; all layers blocked {full:.3f}; lowest window {worst['start']}-"
+    log.info(f"{args.target} knockout: baseline accuracy {base:.3f}; all layers blocked {full:.3f}; "
+             f"lowest window {worst['start']}-"
              f"{worst['end'] - 1} ({worst['accuracy']['mean']:.3f}) → {out / 'intervention.json'}, "
              f"{out / 'intervention.png'}")
 
@@ -315,8 +316,15 @@ def _world(args) -> Path:
 
 def run_heads(args) -> None:
     from analysis.extract import DEFAULT_PROMPT, load_model, load_tokenizer, read_pairs, resolve_model
-    from analysis.heads import HeadSettings, concept_words, rank_heads, score_edit, summary_lines, top_heads, \
-        write_heads
+    from analysis.heads import (
+        HeadSettings,
+        concept_words,
+        rank_heads,
+        score_edit,
+        summary_lines,
+        top_heads,
+        write_heads,
+    )
     from analysis.intervene import read_questions
     from analysis.lens import word_tokens
 
@@ -405,8 +413,7 @@ def run_suggest(args) -> None:
     print(text, end="")
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        write_text(out, text)
         log.info(f"→ {out}")
 
 

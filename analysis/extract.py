@@ -43,7 +43,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -52,6 +51,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from midtune.files import atomic_file, read_jsonl, write_json
 
 log = logging.getLogger("midtune.analysis")
 
@@ -82,8 +83,8 @@ class Pair:
 def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, label: str | Sequence[str] | None = None,
                max_pairs: int | None = None, min_pairs: int = 1, allow_outside_images: bool = False) -> list[Pair]:
     """The rows of a pairs JSONL file, checked: every row parses and has id/image/caption, every image exists
-    inside the image folder (unless `allow_outside_images`), `label` (a name or several) is in every row's `labels`, and at
-    least `min_pairs` rows remain after `max_pairs`.
+    inside the image folder (unless `allow_outside_images`), `label` (a name or several) is in every row's
+    `labels`, and at least `min_pairs` rows remain after `max_pairs`.
 
     `image_folder` defaults to `<pairs dir>/images`. Raises AnalysisError naming the file, row and problem."""
     path = Path(path)
@@ -97,46 +98,40 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
     required = [label] if isinstance(label, str) else list(label or ())
     pairs: list[Pair] = []
     missing: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if max_pairs is not None and len(pairs) >= max_pairs:
-                break
-            where = f"{path}: line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnalysisError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise AnalysisError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("id", "image", "caption"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise AnalysisError(f"{where}: missing or empty {key!r} (rows need id, image, caption, labels)")
-            labels = row.get("labels") or {}
-            if not isinstance(labels, dict):
-                raise AnalysisError(f"{where} (id={row['id']!r}): 'labels' must be an object")
-            absent = next((name for name in required if name not in labels), None)
-            if absent is not None:
-                have = ", ".join(sorted(labels)) or "none"
-                raise AnalysisError(f"{where} (id={row['id']!r}): no label {absent!r} (this row has: {have})")
-            image = (folder / row["image"]).resolve()
-            if not allow_outside_images and not image.is_relative_to(folder.resolve()):
-                raise AnalysisError(f"{where} (id={row['id']!r}): image path {row['image']!r} escapes the image "
-                                    f"folder {str(folder)!r} (--allow-outside-images permits it)")
-            if not image.is_file():
-                missing.append(f"line {lineno} (id={row['id']!r}): {image}")
-            pairs.append(Pair(row["id"], image, row["caption"], {k: str(v) for k, v in labels.items()}))
+    for lineno, row in read_jsonl(path, error=AnalysisError):
+        if max_pairs is not None and len(pairs) >= max_pairs:
+            break
+        where = f"{path}: line {lineno}"
+        if not isinstance(row, dict):
+            raise AnalysisError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in ("id", "image", "caption"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise AnalysisError(f"{where}: missing or empty {key!r} (rows need id, image, caption, labels)")
+        labels = row.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise AnalysisError(f"{where} (id={row['id']!r}): 'labels' must be an object")
+        absent = next((name for name in required if name not in labels), None)
+        if absent is not None:
+            have = ", ".join(sorted(labels)) or "none"
+            raise AnalysisError(f"{where} (id={row['id']!r}): no label {absent!r} (this row has: {have})")
+        image = (folder / row["image"]).resolve()
+        if not allow_outside_images and not image.is_relative_to(folder.resolve()):
+            raise AnalysisError(f"{where} (id={row['id']!r}): image path {row['image']!r} escapes the image "
+                                f"folder {str(folder)!r} (--allow-outside-images permits it)")
+        if not image.is_file():
+            missing.append(f"line {lineno} (id={row['id']!r}): {image}")
+        pairs.append(Pair(row["id"], image, row["caption"], {k: str(v) for k, v in labels.items()}))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise AnalysisError(f"{path}: {len(missing)} image file(s) not found under {folder}: "
                             f"{'; '.join(missing[:3])}{more}")
     if len(pairs) < min_pairs:
         raise AnalysisError(f"{path}: {len(pairs)} pairs, but at least {min_pairs} are needed")
-    ids = [p.id for p in pairs]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise AnalysisError(f"{path}: duplicate pair id {dup!r}")
+    seen: set[str] = set()
+    for p in pairs:
+        if p.id in seen:
+            raise AnalysisError(f"{path}: duplicate pair id {p.id!r}")
+        seen.add(p.id)
     return pairs
 
 
@@ -201,8 +196,8 @@ def resolve_model(path: str, base: str | None = None, lora_scale: float | None =
       else on the base named in its metadata;
     * otherwise a merged/HF model directory or a hub id.
     """
-    from midtune.sources import resolve_source
     from midtune.checkpoint import DELTA_FORMAT
+    from midtune.sources import resolve_source
 
     local = Path(path).expanduser()
     if local.is_dir() and (local / "trainable.safetensors").is_file() and not (local / "config.json").is_file():
@@ -233,8 +228,14 @@ def _safetensors_format(path: Path) -> str | None:
 def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = "sdpa"):
     """(model, processor) in eval mode on `device` (default: CUDA if available, else CPU)."""
+    from midtune.checkpoint import (
+        LORA_PARAMETER,
+        CheckpointError,
+        apply_trained_tensors,
+        load_pretrained,
+        load_with_delta,
+    )
     from midtune.sources import resolve_device
-    from midtune.checkpoint import CheckpointError, apply_delta, load_pretrained, load_with_delta
 
     try:
         if ref.delta:
@@ -247,8 +248,10 @@ def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None,
             from safetensors.torch import load_file
 
             tensors = load_file(ref.trainable)
-            full = merge_lora_tensors(model, tensors, ref.lora_scale, ref.trainable)
-            apply_delta(model, full, {"method": "full"})
+            if ref.lora_scale is None and any(LORA_PARAMETER.fullmatch(name) for name in tensors):
+                raise AnalysisError(f"{ref.trainable}: holds LoRA adapters; give their scale (lora alpha / r) with "
+                                    f"--lora-scale")
+            model = apply_trained_tensors(model, tensors, ref.lora_scale)
     except (CheckpointError, AnalysisError):
         raise
     except (OSError, ValueError) as e:
@@ -265,29 +268,6 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(ref.base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
-
-
-def merge_lora_tensors(model, tensors: dict[str, torch.Tensor], scale: float | None, where: str) -> dict:
-    """Checkpoint tensors → plain parameter tensors: PEFT LoRA pairs `X.lora_A.<adapter>.weight` /
-    `X.lora_B.<adapter>.weight` become `X.weight + scale · B @ A` (standard LoRA, as midtune trains it); other
-    tensors pass through, with PEFT's `X.base_layer.weight` renamed `X.weight`."""
-    params = dict(model.named_parameters())
-    out: dict[str, torch.Tensor] = {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        m = re.fullmatch(r"(.*)\.lora_([AB])\.[^.]+\.weight", name)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = value
-        else:
-            out[name.replace(".base_layer.", ".")] = value
-    if pairs and scale is None:
-        raise AnalysisError(f"{where}: holds LoRA adapters; give their scale (lora alpha / r) with --lora-scale")
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"} or f"{module}.weight" not in params:
-            raise AnalysisError(f"{where}: LoRA tensors of {module!r} do not match the model")
-        weight = out.get(f"{module}.weight", params[f"{module}.weight"].detach())
-        out[f"{module}.weight"] = weight.float() + scale * (ab["B"].float() @ ab["A"].float())
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -446,26 +426,15 @@ def _write_index(out_dir: Path, index: dict, done: dict[tuple[int, int], int], n
     index["hidden_size"] = next(iter(done.values()), None)
     index["shards"] = [{"file": _shard_name(a, b), "start": a, "stop": b} for a, b in sorted(done)]
     index["complete"] = len(done) == n_shards
-    _write_json_atomic(out_dir / "index.json", index)
+    write_json(out_dir / "index.json", index)
 
 
 def _write_shard(out_dir: Path, start: int, stop: int, tensors: dict, fp: str) -> None:
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / _shard_name(start, stop)
-    tmp = out_dir / f".{target.name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "fingerprint": fp, "start": str(start),
-                                            "stop": str(stop)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    with atomic_file(out_dir / _shard_name(start, stop)) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "fingerprint": fp, "start": str(start),
+                                                "stop": str(stop)})
 
 
 def _warn_overflow(tensors: dict, start: int, stop: int) -> None:
@@ -496,16 +465,19 @@ class Extractor:
         self.accepted = None if any(p.kind is p.VAR_KEYWORD for p in params.values()) else set(params)
         self.only_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.special_ids = set(self.tokenizer.all_special_ids)
-        self.image_prompt = self._render([{"type": "image"}, {"type": "text", "text": settings.prompt}],
-                                         generation=True, fallback=f"{self.family.image_placeholder}\n{settings.prompt}")
+        self.image_prompt = self._render(settings.prompt, n_images=1, generation=True,
+                                         fallback=f"{self.family.image_placeholder}\n{settings.prompt}")
 
-    def _render(self, content: list[dict], generation: bool, fallback: str) -> str:
+    def _render(self, text: str, n_images: int, generation: bool, fallback: str) -> str:
+        """One user turn through the chat template, built and rendered as training and eval build theirs."""
+        from midtune.data import content_parts, render_chat
+
         template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if not template:
             warnings.warn("the processor has no chat template; using a bare prompt", RuntimeWarning, stacklevel=3)
             return fallback
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        messages = [{"role": "user", "content": content_parts(text, n_images)}]
+        return render_chat(self.processor, messages, add_generation_prompt=generation)
 
     def forward(self, inputs: dict, output_hidden_states: bool = False):
         """The model's output on `inputs` (moved to its device and dtype; keys it does not take dropped)."""
@@ -530,14 +502,15 @@ class Extractor:
     def encode_images(self, batch: Sequence[Pair], suffixes: Sequence[str] | None = None) -> tuple[dict, torch.Tensor]:
         """Pass 1's inputs, right-padded: each pair's image with the prompt (plus `suffixes[i]` after it, e.g. the
         caption as the answer), and the (batch, seq) mask of image-token positions."""
-        from midtune.data import load_image
+        from midtune.data import add_special_tokens_for, load_image
 
         texts = [self.image_prompt + (suffixes[i] if suffixes else "") for i in range(len(batch))]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
             images = [load_image(str(p.image)) for p in batch]
-            enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                                 add_special_tokens=add_special_tokens_for(self.tokenizer, texts[0]))
         finally:
             self.tokenizer.padding_side = side
         image_mask = (enc["input_ids"] == self.image_token_id) & enc["attention_mask"].bool()
@@ -562,7 +535,7 @@ class Extractor:
             if self.settings.caption_format == "plain":
                 text, span = p.caption, (0, len(p.caption))
             else:
-                text = self._render([{"type": "text", "text": p.caption}], generation=False, fallback=p.caption)
+                text = self._render(p.caption, n_images=0, generation=False, fallback=p.caption)
                 at = text.find(p.caption)
                 if at < 0:
                     raise AnalysisError(f"pair {p.id!r}: the chat template changed the caption text")

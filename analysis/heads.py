@@ -32,7 +32,6 @@ randomly drawn heads edited (a control that shows whether any edit of that size 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from analysis.extract import DEFAULT_PROMPT, AnalysisError, ExtractSettings, Extractor, Pair
+from analysis.extract import DEFAULT_PROMPT, AnalysisError, Extractor, ExtractSettings, Pair
 from analysis.intervene import Hooks
 
 log = logging.getLogger("midtune.analysis")
@@ -274,7 +273,6 @@ def score_edit(model, processor, questions, heads: list[tuple[int, int]], scale:
     from tqdm.auto import tqdm
 
     from analysis.intervene import ChoiceScorer, accuracy
-
     from midtune.adapters import family_of
 
     parts = family_of(model).parts(model)
@@ -324,12 +322,11 @@ def write_heads(out: Path, result: dict) -> dict[str, Path]:
     """heads.json (everything), heads.csv (a row per head, ranked), heads.png (relevance heat map), and with an
     edit edit.md (its table)."""
     from analysis.plots import plot_heads
-    from midtune.checkpoint import atomic_file
+    from midtune.files import atomic_file, write_json, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "heads.json", "csv": out / "heads.csv", "png": out / "heads.png"}
-    with atomic_file(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({"format": FORMAT, **result}, indent=1))
+    write_json(paths["json"], {"format": FORMAT, **result})
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["rank", "layer", "head", "relevance", "affinity", "explained", "top_atoms"])
@@ -340,8 +337,7 @@ def write_heads(out: Path, result: dict) -> dict[str, Path]:
     plot_heads(result, paths["png"])
     if "edit" in result:
         paths["md"] = out / "edit.md"
-        with atomic_file(paths["md"]) as tmp:
-            tmp.write_text(edit_table(result["edit"]))
+        write_text(paths["md"], edit_table(result["edit"]))
     return paths
 
 

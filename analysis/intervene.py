@@ -34,7 +34,6 @@ keeps the block in force for every scored token.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from typing import Iterable, Self, Sequence
 import torch
 
 from analysis.extract import AnalysisError, last_positions
+from midtune.files import read_jsonl
+from midtune.scoring import score_continuations
 
 log = logging.getLogger("midtune.analysis")
 
@@ -238,7 +239,7 @@ def read_questions(world: Path, tasks: Sequence[str], limit: int | None = None) 
             have = sorted(p.stem for p in (world / "test").glob("*.jsonl")) if (world / "test").is_dir() else []
             raise AnalysisError(f"task {task!r}: {path} does not exist (tasks in this world: "
                                 f"{', '.join(have) or 'none'})")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for _, row in read_jsonl(path, error=AnalysisError)]
         rows = rows[:limit] if limit else rows
         if not rows:
             raise AnalysisError(f"{path}: no questions")
@@ -261,7 +262,8 @@ class ChoiceScorer:
     """Encodes every (question, choice) once; `predict()` runs them under the knockout's current layers."""
 
     def __init__(self, model, processor, questions: Sequence[Question], batch_size: int = 16):
-        from midtune.data import load_image
+        from midtune.data import add_special_tokens_for, load_image, user_prompt
+        from midtune.scoring import continuation_length
 
         self.model, self.questions = model, list(questions)
         self.knockout: AttentionKnockout | None = None  # told each batch's prompt ends (target "last")
@@ -272,19 +274,16 @@ class ChoiceScorer:
         dtype = next(model.parameters()).dtype
         rows = []  # (question index, choice index, prompt + choice, image, continuation length)
         for qi, q in enumerate(self.questions):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q.question}]}]
-            prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt = user_prompt(processor, q.question, 1)  # as eval asks it: the image first, then the question
             image = load_image(str(q.image))
-            head = tokenizer(prompt)["input_ids"]
             for ci, choice in enumerate(q.choices):
-                full = tokenizer(prompt + choice)["input_ids"]
-                common = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
-                rows.append((qi, ci, prompt + choice, image, len(full) - common))
+                rows.append((qi, ci, prompt + choice, image, continuation_length(tokenizer, prompt, choice)))
         self.batches = []
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
             enc = processor(text=[r[2] for r in chunk], images=[r[3] for r in chunk], padding=True,
-                            padding_side="right", return_tensors="pt")
+                            padding_side="right", return_tensors="pt",
+                            add_special_tokens=add_special_tokens_for(tokenizer, chunk[0][2]))
             enc = {k: (v.to(device).to(dtype) if v.is_floating_point() else v.to(device))
                    for k, v in enc.items() if isinstance(v, torch.Tensor)}
             self.batches.append((enc, [(r[0], r[1], r[4]) for r in chunk]))
@@ -303,13 +302,9 @@ class ChoiceScorer:
             finally:
                 if self.knockout is not None:
                     self.knockout.last_positions = None
-            for row, ((qi, ci, n), length) in enumerate(zip(meta, lengths)):
-                if n == 0:
-                    scores[qi][ci] = 0.0
-                    continue
-                targets = enc["input_ids"][row, length - n:length]
-                logprobs = torch.log_softmax(logits[row, length - n - 1:length - 1].float(), dim=-1)
-                scores[qi][ci] = -float(logprobs.gather(-1, targets[:, None]).sum())
+            scored = score_continuations(logits, enc["input_ids"], enc["attention_mask"], [n for _, _, n in meta])
+            for (qi, ci, _), score in zip(meta, scored):
+                scores[qi][ci] = score.nll
         return scores
 
     def predict(self, nll: list[list[float]] | None = None) -> list[str]:

@@ -34,13 +34,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from analysis.extract import DEFAULT_PROMPT, AnalysisError, ExtractSettings, Extractor, Pair
+from analysis.extract import DEFAULT_PROMPT, AnalysisError, Extractor, ExtractSettings, Pair
 
 log = logging.getLogger("midtune.analysis")
 
 READOUTS = ("mean_image", "best_image_token")
 FORMAT = "midtune-logit-lens/1"
-LOGITS_PER_CHUNK = 2 ** 27  # float32 logits decoded at once (512 MB): 2,730 image tokens of a 49k vocabulary, 883 of 152k
+# float32 logits decoded at once (512 MB): 2,730 image tokens of a 49k vocabulary, 883 of 152k
+LOGITS_PER_CHUNK = 2 ** 27
 
 
 @dataclass
@@ -239,14 +240,13 @@ def summary_lines(result: dict, top_k: int) -> list[str]:
 def write_lens(out: Path, result: dict, settings: LensSettings) -> dict[str, Path]:
     """lens.json (everything), lens.csv (one row per model, concept, readout and hidden state), lens.png."""
     from analysis.plots import plot_lens
-    from midtune.checkpoint import atomic_file
+    from midtune.files import atomic_file, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, "settings": {**asdict(settings), "labels": list(settings.labels)}, **result,
            "summary": summary_lines(result, settings.top_k)}
     paths = {"json": out / "lens.json", "csv": out / "lens.csv", "png": out / "lens.png"}
-    with atomic_file(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
+    write_json(paths["json"], doc)
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["model", "concept", "readout", "hidden_state", "median_rank", "mean_probability",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from midtune.files import save_figure
+
 
 def _pyplot():
     import matplotlib
@@ -42,7 +44,7 @@ def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, 
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return fig
 
@@ -69,7 +71,7 @@ def plot_intervention(result: dict, path: Path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return fig
 
@@ -99,7 +101,7 @@ def plot_lens(doc: dict, path: Path):
     fig.legend(handles, names, loc="upper center", ncol=min(len(names), 4), frameon=False, fontsize=8)
     rows = -(-len(names) // 4)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 * rows))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return fig
 
@@ -121,6 +123,6 @@ def plot_heads(result: dict, path: Path):
     ax.set_title(f"relevance to {result['concept']} (share of the head's output energy)", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return fig

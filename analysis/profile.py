@@ -42,8 +42,16 @@ from typing import Sequence
 import numpy as np
 
 from analysis.extract import AnalysisError
-from analysis.geometry import GeometryWarning, gride_scaling, id_correlation, knn, label_overlap, \
-    neighborhood_overlap, twonn
+from analysis.geometry import (
+    GeometryWarning,
+    gride_scaling,
+    id_correlation,
+    knn,
+    label_overlap,
+    neighborhood_overlap,
+    twonn,
+)
+from midtune.files import atomic_file, write_json
 
 METRICS = ("visual_id", "textual_id", "last_id", "visual_id_gride", "textual_id_gride", "vt_overlap",
            "last_t_overlap", "label_overlap", "probe_acc", "idcorr", "idcorr_p")
@@ -213,8 +221,8 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
                             for layer, metrics in per_layer.items()} for name, per_layer in profiles.items()},
     }
     paths = {"json": out_dir / "profiles.json", "csv": out_dir / "profiles.csv", "png": out_dir / "profile.png"}
-    paths["json"].write_text(json.dumps(doc, indent=1))
-    with open(paths["csv"], "w", newline="") as fh:
+    write_json(paths["json"], doc)
+    with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["model", "layer", *METRICS])
         for name, per_layer in profiles.items():

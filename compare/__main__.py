@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from compare.experiment import Experiment, ExperimentError, Stage, executable, read_experiment
+from midtune.files import write_text
 
 
 class StageFailed(RuntimeError):
@@ -57,7 +58,7 @@ def marker_record(stage: Stage) -> str | None:
 
 
 def finish(stage: Stage, rec: str) -> None:
-    write_atomic(stage.marker, json.dumps({"record": rec, "finished": time.time()}))
+    write_text(stage.marker, json.dumps({"record": rec, "finished": time.time()}))
 
 
 def started_path(stage: Stage) -> Path:
@@ -66,13 +67,6 @@ def started_path(stage: Stage) -> Path:
 
 def is_done(stage: Stage, exp: Experiment) -> bool:
     return marker_record(stage) == record(stage, exp)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    from midtune.checkpoint import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
 
 
 def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
@@ -98,7 +92,7 @@ def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
         for f in stage.done:
             (stage.out / f).unlink(missing_ok=True)
     stage.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(started, rec)
+    write_text(started, rec)
     command = executable(stage.command) + (["resume_from=latest"] if resume else [])
     print(f"\n[{stage.name}] {'resuming' if resume else 'building'} {stage.out} ...", flush=True)
     print("$ " + shlex.join(["python", *command[1:]] if command[0] == sys.executable else command), flush=True)

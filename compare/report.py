@@ -14,10 +14,10 @@ import csv
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 from compare.experiment import Experiment
+from midtune.files import copy_file, save_figure, write_json, write_text
 
 CLEAR_GAIN = 10.0  # points: "clearly beats" means at least this much better (and this much above chance, if known)
 KEEPS_ACCURACY = 2.0  # points: a block "keeps the reference's score" within this many points
@@ -301,7 +301,7 @@ def plot_sweep(rows: list[dict], scores: dict[str, dict], leaves: list[str], ref
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -476,7 +476,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
     answers = {"scores": score_verdicts(leaf_scores, reference, others + list(blocks), runs, chance,
                                         settings["keeps"], settings["clear_gain"]),
                "cost": cost_verdicts(runs, reference, others + list(blocks), settings["cheaper"])}
-    shutil.copyfile(out / "eval" / "comparison.png", out / "scores.png")
+    copy_file(out / "eval" / "comparison.png", out / "scores.png")
 
     sweep = None
     if blocks:
@@ -494,11 +494,11 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
                 [(f"after {name}", name, "base") for name in run_names]
         answers["id"] = id_answers(profiles, reference=start)
         answers["overlap"] = overlap_answers(profiles, steps)
-        shutil.copyfile(out / "analysis" / "profile.png", out / "geometry.png")
+        copy_file(out / "analysis" / "profile.png", out / "geometry.png")
         if (out / "lens" / "lens.json").exists():
             lens = json.loads((out / "lens" / "lens.json").read_text())
             answers["lens"] = lens_answers(lens)
-            shutil.copyfile(out / "lens" / "lens.png", out / "lens.png")
+            copy_file(out / "lens" / "lens.png", out / "lens.png")
 
     ref = runs[reference]
     setup = [f"**Base**: `{exp.models.get('pretrained', exp.models['base'])}`."]
@@ -566,26 +566,26 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
            + " · `report.json`, `scores.csv`, `cost.csv`: this report's numbers.", "",
            f"This invocation took {total_time_s:.0f} s (reused stages cost nothing).", ""]
     report = out / "report.md"
-    report.write_text("\n".join(md))
+    write_text(report, "\n".join(md))
 
     doc = {"experiment": str(exp.path), "reference": reference, "models": exp.models, "settings": settings,
            "scores": rows, "runs": runs, "sweep": sweep, "verdicts": answers}
-    (out / "report.json").write_text(json.dumps(doc, indent=1))
+    write_json(out / "report.json", doc)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["task", "metric", "n", "unit", *evaluated])
     for r in rows:
         w.writerow([r["task"], r["metric"], r["n"] or "", r["unit"], *("" if r["values"][m] is None else
                                                                        round(r["values"][m], 4) for m in evaluated)])
-    (out / "scores.csv").write_text(buf.getvalue())
+    write_text(out / "scores.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     keys = ["wall_s", "step_s", "tokens_s", "peak_mb", "trainable", "total", "steps"]
     w.writerow(["run", "trained", *keys])
     for name, r in runs.items():
         w.writerow([name, trained(r), *(r[k] for k in keys)])
-    (out / "cost.csv").write_text(buf.getvalue())
+    write_text(out / "cost.csv", buf.getvalue())
     summary = [scores_md, "", cost_md, ""]
     summary += [line for lines in answers.values() for line in lines]
-    (out / "summary.txt").write_text("\n".join(summary) + "\n")
+    write_text(out / "summary.txt", "\n".join(summary) + "\n")
     return report

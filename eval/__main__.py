@@ -1,6 +1,6 @@
 """midtune eval app: lmms-eval benchmarks for one or more models, side by side.
 
-    python -m eval --model base=runs/demo/stage_b/final --model middle=runs/demo/stage_c_middle/final \\
+    python -m eval --model base=runs/demo/align/final --model middle=runs/demo/middle/final \\
                    --tasks midtune_shapes [--limit N] [--output_dir runs/eval]
 
 `--model NAME=PATH` (repeatable; the first model is the reference the differences are taken from). PATH is a
@@ -32,6 +32,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from midtune.files import save_figure, write_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 RESULTS_FILE = "results.json"
@@ -76,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="documents per task (a fraction if < 1); for quick checks, not for reported numbers")
     ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    ap.add_argument("--dtype", default="auto",
+                    help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     ap.add_argument("--attn-implementation", "--attn_implementation", dest="attn_implementation", default="sdpa",
                     choices=ATTN_IMPLEMENTATIONS, help="attention kernel (default sdpa, as in training)")
     ap.add_argument("--min-pixels", "--min_pixels", dest="min_pixels", type=int, default=None,
@@ -178,8 +181,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_models(values: list[str]) -> list[ModelSpec]:
-    from midtune.sources import resolve_source
     from midtune.checkpoint import CheckpointError, check_base, load_delta
+    from midtune.sources import resolve_source
 
     specs: list[ModelSpec] = []
     for value in values:
@@ -438,13 +441,12 @@ def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: d
 def write_task_results(model_dir: Path, task: str, results: dict, samples: dict) -> None:
     """The task's samples_<subtask>.jsonl files, then `tasks/<task>.json`, each written whole or not at all; the
     task counts as finished once its JSON is there."""
-    from midtune.checkpoint import atomic_file
+    from midtune.files import atomic_file, write_json
 
     for name, rows in (samples or {}).items():
         with atomic_file(model_dir / f"samples_{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n" for row in rows)
-    with atomic_file(task_results_path(model_dir, task)) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, default=_json_default, ensure_ascii=False))
+    write_json(task_results_path(model_dir, task), results, indent=2, default=_json_default, ensure_ascii=False)
 
 
 MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
@@ -453,15 +455,14 @@ MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-
 def write_model_results(model_dir: Path, spec: ModelSpec, parts: list[dict]) -> dict:
     """`<NAME>/results.json`: the finished tasks' lmms-eval results as one (per-task tables merged; the rest from
     the latest task). Returns it."""
-    from midtune.checkpoint import atomic_file
+    from midtune.files import write_json
 
     merged = json.loads(json.dumps(parts[-1], default=_json_default))
     for key in MERGED_KEYS:
         merged[key] = {name: value for part in parts for name, value in (part.get(key) or {}).items()}
     merged["midtune"] = {"name": spec.name, "model": spec.path, "settings": parts[-1]["midtune"]["settings"],
                          "tasks": {p["midtune"]["task"]: {"wall_time_s": p["midtune"]["wall_time_s"]} for p in parts}}
-    with atomic_file(model_dir / RESULTS_FILE) as tmp:
-        tmp.write_text(json.dumps(merged, indent=2, default=_json_default, ensure_ascii=False))
+    write_json(model_dir / RESULTS_FILE, merged, indent=2, default=_json_default, ensure_ascii=False)
     return merged
 
 
@@ -539,16 +540,17 @@ def write_comparison(all_results: dict[str, dict], output_dir: Path) -> str:
             return f"{value:+.4f}"
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if k < 2 else "---:" for k in range(len(header))) + "|"]
+    rule = "|" + "|".join("---" if k < 2 else "---:" for k in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(fmt(v, k) for k, v in enumerate(row)) + " |" for row in rows]
     table = "\n".join(lines)
-    (output_dir / "comparison.md").write_text(table + "\n")
+    write_text(output_dir / "comparison.md", table + "\n")
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(["" if v is None else v for v in row] for row in rows)
-    (output_dir / "comparison.csv").write_text(buf.getvalue())
+    write_text(output_dir / "comparison.csv", buf.getvalue())
     plot_comparison(list(all_results), rows, output_dir / "comparison.png")
     return table
 
@@ -574,7 +576,7 @@ def plot_comparison(names: list[str], rows: list[list], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

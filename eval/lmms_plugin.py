@@ -3,7 +3,7 @@
 Registered through the entry point `[project.entry-points."lmms_eval.models"] midtune =
 "eval.lmms_plugin:MANIFEST"`, so with this package installed:
 
-    lmms-eval --model midtune --model_args pretrained=runs/demo/stage_c_middle/final --tasks ...
+    lmms-eval --model midtune --model_args pretrained=runs/demo/middle/final --tasks ...
     --model_args pretrained=BASE,delta=RUN/final/delta.safetensors      # base + delta (base hash verified)
     --model_args pretrained=RUN/final/delta.safetensors                 # base from the delta's metadata
     --model_args pretrained=llava-hf/llava-1.5-7b-hf,dtype=bfloat16,batch_size=8
@@ -55,15 +55,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-from lmms_eval.api.instance import GenerationResult
-from lmms_eval.api.model import lmms
-from transformers import StoppingCriteria, StoppingCriteriaList
+from lmms_eval.api.instance import GenerationResult  # noqa: E402 (after __getattr__, see above)
+from lmms_eval.api.model import lmms  # noqa: E402
+from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
-from midtune.sources import ModelSource, resolve_device, resolve_dtype, resolve_source  # noqa: F401
+from midtune.sources import ModelSource, resolve_device, resolve_dtype, resolve_source  # noqa: E402, F401
 
 MANIFEST = _manifest()
 
-IMAGE_PLACEHOLDER = "<image>"
 GEN_PASSTHROUGH = ("top_p", "top_k", "num_beams", "repetition_penalty", "min_new_tokens", "length_penalty")
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_ROUNDS = 64
@@ -179,12 +178,9 @@ class Midtune(lmms):
     # -- prompts -------------------------------------------------------------------------------------------
     def build_prompt(self, context: str, n_images: int) -> str:
         """The chat-template text of one user turn (images first, then `context`) + the assistant prefix."""
-        messages = [{"role": "user", "content": content_parts(context, n_images)}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        from midtune.data import render_chat  # the renderer training used: text-content templates, images
+        from midtune.data import user_prompt  # the renderer training used: text-content templates, images
 
-        return render_chat(self.processor, messages, add_generation_prompt=True, template=self.chat_template)
+        return user_prompt(self.processor, context, n_images, self.system_prompt, self.chat_template)
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         if doc_to_visual is None:
@@ -320,62 +316,24 @@ class Midtune(lmms):
         pbar.close()
         return results
 
-    def score_batch(self, prompts: list[str], continuations: list[str], images: list[list]) -> list[LoglikelihoodResult]:
+    def score_batch(self, prompts: list[str], continuations: list[str],
+                    images: list[list]) -> list[LoglikelihoodResult]:
         """NLL (sum over tokens) of each continuation after its templated prompt, and whether it is greedy."""
         import torch
 
-        n_cont = [self._continuation_length(p, c) for p, c in zip(prompts, continuations)]
+        from midtune.scoring import continuation_length, score_continuations
+
+        lengths = [continuation_length(self._tokenizer, p, c) for p, c in zip(prompts, continuations)]
         inputs = self._encode([p + c for p, c in zip(prompts, continuations)], images, padding_side="right")
         with torch.inference_mode():
             logits = self._model(**inputs).logits
-        lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        out = []
-        for row, (length, n) in enumerate(zip(lengths, n_cont)):
-            if n == 0:
-                out.append(LoglikelihoodResult(0.0, True))
-                continue
-            targets = inputs["input_ids"][row, length - n:length]
-            logprobs = torch.log_softmax(logits[row, length - n - 1:length - 1].float(), dim=-1)
-            nll = -logprobs.gather(-1, targets[:, None]).sum().item()
-            greedy = bool((logprobs.argmax(dim=-1) == targets).all())
-            out.append(LoglikelihoodResult(nll, greedy))
-        return out
-
-    def _continuation_length(self, prompt: str, continuation: str) -> int:
-        """How many tokens `continuation` adds after `prompt` (tokenising the joined text, as the model sees it)."""
-        tok = self._tokenizer
-        from midtune.data import add_special_tokens_for
-
-        special = add_special_tokens_for(tok, prompt)
-        full = tok(prompt + continuation, add_special_tokens=special)["input_ids"]
-        head = tok(prompt, add_special_tokens=special)["input_ids"]
-        common = 0
-        for a, b in zip(head, full):
-            if a != b:
-                break
-            common += 1
-        return len(full) - common
+        scores = score_continuations(logits, inputs["input_ids"], inputs["attention_mask"], lengths)
+        return [LoglikelihoodResult(s.nll, s.is_greedy) for s in scores]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def content_parts(context: str, n_images: int) -> list[dict]:
-    """Chat content for a user turn: images first, then the text — or, when `context` holds exactly one `<image>`
-    per image, the images at their placeholders (newlines around a placeholder dropped, as midtune's data does)."""
-    if n_images and context.count(IMAGE_PLACEHOLDER) == n_images:
-        parts: list[dict] = []
-        for k, piece in enumerate(context.split(IMAGE_PLACEHOLDER)):
-            if k > 0:
-                parts.append({"type": "image"})
-            piece = piece.strip("\n")
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        return parts
-    text = context.replace(IMAGE_PLACEHOLDER, "").strip("\n") if n_images else context
-    return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
 
 
 def generation_settings(gen_kwargs: dict) -> dict:

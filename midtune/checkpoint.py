@@ -10,25 +10,21 @@ For `method: full` the tensors are the trained parameters under their model name
 PEFT's adapter tensors (names as in `get_peft_model_state_dict`) plus any fully trained components; export
 merges them through PEFT.
 
-Directories are written atomically: into a temporary sibling, then renamed over the target, so a crash never
-leaves a half-written checkpoint where a complete one is expected.
+Deltas and merged directories are written atomically (midtune.files), so a crash never leaves a half-written
+checkpoint where a complete one is expected.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import signal
+import re
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from midtune.adapters import family_for_config, model_class
+from midtune.files import atomic_dir, atomic_file
 
 DELTA_FORMAT = "midtune-delta/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,7 +171,8 @@ def check_base(metadata: dict[str, str], base: str, delta_path: str | Path) -> N
     actual = base_hash(base)
     if metadata["base_hash"] != actual:
         raise CheckpointError(
-            f"delta {str(delta_path)!r} was trained on base {metadata['base_model']!r} ({metadata['base_hash'][:19]}…), "
+            f"delta {str(delta_path)!r} was trained on base {metadata['base_model']!r} "
+            f"({metadata['base_hash'][:19]}…), "
             f"but {base!r} has different weights ({actual[:19]}…)"
         )
 
@@ -183,22 +180,29 @@ def check_base(metadata: dict[str, str], base: str, delta_path: str | Path) -> N
 def apply_delta(model: torch.nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> torch.nn.Module:
     """Write a delta into `model` (in place for full deltas; returns the merged model for LoRA deltas)."""
     if metadata["method"] == "lora":
-        return _merge_lora(model, tensors, json.loads(metadata["lora_config"]))
+        return merge_lora(model, tensors, json.loads(metadata["lora_config"]))
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         if name not in params:
             raise CheckpointError(f"delta tensor {name!r} does not exist in {type(model).__name__}")
         if params[name].shape != value.shape:
-            raise CheckpointError(f"delta tensor {name!r}: shape {tuple(value.shape)} ≠ model {tuple(params[name].shape)}")
+            raise CheckpointError(f"delta tensor {name!r}: shape {tuple(value.shape)} ≠ model "
+                                  f"{tuple(params[name].shape)}")
         with torch.no_grad():
             params[name].copy_(value.to(params[name].dtype))
     return model
 
 
-def _merge_lora(model, tensors: dict[str, torch.Tensor], lora_config: dict):
+def merge_lora(model, tensors: dict[str, torch.Tensor], lora_config: dict):
+    """`model` with LoRA adapters merged in through PEFT (W + lora_alpha / r · B A): the one LoRA merge, used by
+    export, eval and analysis. `tensors`: PEFT's adapter tensors (names as in `get_peft_model_state_dict`) plus
+    any fully trained components under their model names. Returns the merged model."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
-    peft_model = get_peft_model(model, LoraConfig(**lora_config))
+    try:
+        peft_model = get_peft_model(model, LoraConfig(**lora_config))
+    except ValueError as e:  # PEFT: target modules not found in the model
+        raise CheckpointError(f"LoRA adapters do not match {type(model).__name__}: {e}") from None
     adapter = {k: v for k, v in tensors.items() if "lora_" in k}
     result = set_peft_model_state_dict(peft_model, adapter)
     if getattr(result, "unexpected_keys", None):
@@ -208,6 +212,38 @@ def _merge_lora(model, tensors: dict[str, torch.Tensor], lora_config: dict):
     if full:
         apply_delta(merged, full, {"method": "full"})
     return merged
+
+
+LORA_PARAMETER = re.compile(r"(.*)\.lora_([AB])\.[^.]+\.weight")
+
+
+def apply_trained_tensors(model, tensors: dict[str, torch.Tensor], lora_scale: float | None = None):
+    """`model` with a training checkpoint's `trainable.safetensors` written in (it names tensors as the PEFT-wrapped
+    model's parameters: `X.lora_A.default.weight`, `X.base_layer.weight`). LoRA pairs are merged by merge_lora,
+    with the adapter config rebuilt from the tensors (r from their shape) and `lora_scale` (alpha / r), which
+    a checkpoint does not record. Returns the model (a new object when LoRA was merged)."""
+    adapters: dict[str, torch.Tensor] = {}
+    full: dict[str, torch.Tensor] = {}
+    modules: dict[str, int] = {}
+    for name, value in tensors.items():
+        m = LORA_PARAMETER.fullmatch(name)
+        if m:
+            adapters[f"base_model.model.{m.group(1)}.lora_{m.group(2)}.weight"] = value
+            if m.group(2) == "A":
+                modules[m.group(1)] = value.shape[0]
+        else:
+            full[name.replace(".base_layer.", ".")] = value
+    if not adapters:
+        return apply_delta(model, full, {"method": "full"})
+    if lora_scale is None:
+        raise CheckpointError("the tensors hold LoRA adapters: their scale (lora alpha / r) is needed to merge them")
+    ranks = set(modules.values())
+    if len(ranks) != 1 or len(adapters) != 2 * len(modules):
+        raise CheckpointError(f"LoRA tensors do not come in A/B pairs of one rank (ranks {sorted(ranks)})")
+    r = ranks.pop()
+    config = {"r": r, "lora_alpha": lora_scale * r, "bias": "none",
+              "target_modules": "|".join(re.escape(module) for module in sorted(modules))}
+    return merge_lora(model, {**adapters, **full}, config)
 
 
 def load_with_delta(base: str, delta: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
@@ -226,95 +262,3 @@ def save_merged(model, processor, out_dir: Path) -> None:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `target`; on success it becomes `target` by rename (an existing
-    target is first renamed aside, then deleted). On failure the temporary directory is removed."""
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        fault_point(f"atomic_dir:{target.name}")
-        fsync_tree(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Rename the complete directory `tmp` to `target`. An existing target is renamed aside first and deleted
-    only after the new one is in place, so at every instant one complete copy exists under a known name."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
-
-
-@contextlib.contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under `path` to disk, so a rename never publishes data still in the page cache."""
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fault injection (tests)
-# ---------------------------------------------------------------------------------------------------------
-
-FAULT_ENV = "MIDTUNE_FAULT"
-_fault_visits: collections.Counter = collections.Counter()
-
-
-def fault_point(name: str) -> None:
-    """A place where the reliability tests inject a fault into a real process. `MIDTUNE_FAULT=NAME[@N]:ACTION`
-    acts the N-th time (default: the first) execution reaches the point `NAME`: `kill` sends this process
-    SIGKILL (a crash mid-write), `enospc` raises the OSError a full disk gives. Unset, it does nothing."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    where, _, action = spec.rpartition(":")
-    point, _, nth = where.partition("@")
-    if point != name:
-        return
-    _fault_visits[name] += 1
-    if _fault_visits[name] != int(nth or 1):
-        return
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "enospc":
-        import errno
-
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
-    else:
-        raise ValueError(f"{FAULT_ENV}={spec!r}: unknown action {action!r} (kill or enospc)")

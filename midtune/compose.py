@@ -26,8 +26,8 @@ How it is built:
 - `--projector linear` (LLaVA-1's single linear layer) is rejected: `LlavaMultiModalProjector` is always
   linear_1 → act → linear_2, so only mlp2x_gelu is expressible as a standard LlavaForConditionalGeneration.
 
-The output is written to a temporary directory beside `<out>` and renamed onto `<out>` at the end, so an interrupted run never
-leaves a half-written model where a complete one is expected.
+The output is written to a temporary directory beside `<out>` and renamed onto `<out>` at the end, so an interrupted
+run never leaves a half-written model where a complete one is expected.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def _jinja_str(s: str) -> str:
     return json.dumps(s)  # a valid Jinja string literal (Jinja unescapes like Python)
 
 
-def llava_chat_template(image_token: str = "<image>", eos_token: str | None = "</s>", system: str = VICUNA_SYSTEM) -> str:
+def llava_chat_template(image_token: str = "<image>", eos_token: str | None = "</s>",
+                        system: str = VICUNA_SYSTEM) -> str:
     """LLaVA-1.5's conversation format (Vicuna v1) as a Jinja chat template.
 
     `SYSTEM USER: <image>\\nquestion ASSISTANT: answer</s>USER: ...`; a leading system message replaces the default
@@ -121,7 +122,8 @@ def _read_template(path: str | Path) -> str:
         try:
             text = json.loads(text)["chat_template"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ComposeError(f"--chat-template {path}: a .json file must hold a 'chat_template' string ({e})") from None
+            raise ComposeError(f"--chat-template {path}: a .json file must hold a 'chat_template' string "
+                               f"({e})") from None
         if not isinstance(text, str):
             raise ComposeError(f"--chat-template {path}: 'chat_template' is not a single template string")
     return text
@@ -509,7 +511,8 @@ def _feature_layer_arg(text: str) -> int | list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or a comma-separated list of integers, got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 

@@ -33,6 +33,8 @@ from typing import Any, Iterator, Literal
 import torch
 from PIL import Image
 
+from midtune.files import read_jsonl
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -71,16 +73,10 @@ def read_rows(path: str | Path, split: str = "train") -> Iterator[tuple[int, dic
     if path.is_dir():
         yield from _read_hf_dataset(path, split)
         return
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {i}: not valid JSON ({e.msg} at column {e.colno})") from None
+        yield from read_jsonl(path, error=DataError, first=0, unit="row")
         return
+    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -172,7 +168,7 @@ def parse_row(
         if n and role != "user":
             raise bad(f"turn {t}: {IMAGE_PLACEHOLDER} outside a human turn", "misplaced <image>")
         placeholders += n
-        messages.append({"role": role, "content": _content_parts(value)})
+        messages.append({"role": role, "content": content_parts(value)})
 
     if not any(m["role"] == "assistant" for m in messages):
         raise bad("no assistant (gpt) turn: nothing to learn from", "no assistant turn")
@@ -218,17 +214,23 @@ def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad
         with Image.open(path) as im:
             im.verify()  # reads the whole file and checks its structure without decoding pixels
     except Exception as e:
-        raise bad(f"unreadable or corrupt image {path}: {e}", "corrupt image")
+        raise bad(f"unreadable or corrupt image {path}: {e}", "corrupt image") from None
     return path
 
 
-def _content_parts(value: str) -> list[dict]:
-    """'<image>\\nWhat is this?' → [{'type': 'image'}, {'type': 'text', 'text': 'What is this?'}].
+def content_parts(text: str, n_images: int | None = None) -> list[dict]:
+    """A turn's text as chat content: '<image>\\nWhat is this?' → [{'type': 'image'}, {'type': 'text', 'text':
+    'What is this?'}]. The one way midtune builds chat messages, for training rows and evaluation prompts alike.
 
-    The newline LLaVA writes after the placeholder is dropped: each chat template decides how an image is
-    separated from text (llava-1.5's template writes '<image>\\n' itself)."""
+    Images sit at their `<image>` placeholders, and the newline LLaVA writes after a placeholder is dropped: each
+    chat template decides how an image is separated from text (llava-1.5's template writes '<image>\\n' itself).
+    With `n_images` (an evaluation prompt) and not exactly one placeholder per image, the images come first and
+    the placeholders are dropped from the text."""
+    if n_images is not None and not (n_images and text.count(IMAGE_PLACEHOLDER) == n_images):
+        body = text.replace(IMAGE_PLACEHOLDER, "").strip("\n") if n_images else text
+        return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": body}]
     parts: list[dict] = []
-    pieces = value.split(IMAGE_PLACEHOLDER)
+    pieces = text.split(IMAGE_PLACEHOLDER)
     for k, piece in enumerate(pieces):
         if k > 0:
             parts.append({"type": "image"})
@@ -236,6 +238,16 @@ def _content_parts(value: str) -> list[dict]:
         if piece:
             parts.append({"type": "text", "text": piece})
     return parts
+
+
+def user_prompt(processor, text: str, n_images: int, system_prompt: str | None = None,
+                template: str | None = None) -> str:
+    """The chat-template text of one user turn (`text` with its images, see content_parts), optionally after a
+    system turn, followed by the assistant prefix: what a model answers from at evaluation."""
+    messages = [{"role": "user", "content": content_parts(text, n_images)}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    return render_chat(processor, messages, add_generation_prompt=True, template=template)
 
 
 def load_image(img: Any) -> Image.Image:

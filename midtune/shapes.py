@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from midtune.files import read_jsonl
+
 try:  # a progress bar is nice to have, never required
     from tqdm import tqdm as _tqdm
 except ImportError:  # pragma: no cover - depends on the environment
@@ -653,8 +655,7 @@ def canonical_world_problem(data_dir: Path) -> str | None:
         path = data_dir / "test" / f"{qtype}.jsonl"
         if not path.is_file() or path.stat().st_size == 0:
             return f"{path} is missing or empty"
-    with open(data_dir / "test" / "color.jsonl") as fh:
-        first = json.loads(fh.readline())
+    _, first = next(read_jsonl(data_dir / "test" / "color.jsonl"))
     if not (data_dir / "images" / first["image"]).is_file():
         return f"image {first['image']} of {data_dir / 'test' / 'color.jsonl'} is missing"
     return None

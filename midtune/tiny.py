@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 
 from midtune.adapters import FAMILIES_BY_NAME, Family, TinySize, clip_image_kwargs, model_class
+from midtune.files import read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,15 @@ def world_texts(data_dir: str | Path) -> list[str]:
     texts: list[str] = []
     corpus = data_dir / "corpus.jsonl"
     if corpus.exists():
-        texts += [json.loads(line)["text"] for line in corpus.read_text().splitlines() if line.strip()]
+        texts += [row["text"] for _, row in read_jsonl(corpus)]
     for name in ("train.json", "captions_train.json", "scenes_in_words.json"):
         path = data_dir / name
         if path.exists():
             for row in json.loads(path.read_text()):
                 texts += [turn["value"].replace("<image>", "") for turn in row["conversations"]]
     if not texts:
-        raise FileNotFoundError(f"{data_dir}: no corpus.jsonl, train.json or captions_train.json to train a tokenizer on")
+        raise FileNotFoundError(f"{data_dir}: no corpus.jsonl, train.json or captions_train.json to train a "
+                                f"tokenizer on")
     return texts
 
 
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.pretrain_steps > 0:
             result = pretrain_vision_tower(args.out, args.data, steps=args.pretrain_steps,
                                            batch_size=args.pretrain_batch_size, lr=args.pretrain_lr, seed=args.seed)
-            (Path(args.out) / "pretraining.json").write_text(json.dumps(result, indent=1))
+            write_json(Path(args.out) / "pretraining.json", result)
             print(f"vision tower pre-trained: {result['steps']} steps, loss {result['loss']}, val cells right "
                   f"{100 * result['patch_accuracy']:.1f}%", flush=True)
         print(f"vision tower ({args.vision_layers} × {args.vision_hidden}, image {image_size}px / patch "

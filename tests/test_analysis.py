@@ -13,10 +13,17 @@ import torch
 from PIL import Image
 
 from analysis.__main__ import main
-from analysis.extract import AnalysisError, ExtractSettings, InMemoryExtraction, extract, load_model, read_pairs, \
-    resolve_model
+from analysis.extract import (
+    AnalysisError,
+    ExtractSettings,
+    InMemoryExtraction,
+    extract,
+    load_model,
+    read_pairs,
+    resolve_model,
+)
 from analysis.geometry import GeometryWarning
-from analysis.intervene import ChoiceScorer, AttentionKnockout, Question, read_questions, uses_cache
+from analysis.intervene import AttentionKnockout, ChoiceScorer, Question, read_questions, uses_cache
 from analysis.profile import METRICS, ProfileSettings, compute_profile, read_profiles
 from analysis.suggest import suggest_block
 
@@ -33,8 +40,8 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def trained_run(world, tiny_dir, tmp_path_factory):
     """A tiny llava trained for 3 steps on layers 1-2, with the analysis hook profiling its checkpoint."""
-    from train.__main__ import train
     from train.config import load_config
+    from train.recipe import train
 
     out = tmp_path_factory.mktemp("analysis-run") / "run"
     overrides = dict(model=tiny_dir("llava"), data=world / "train.json", image_folder=world / "images",
@@ -212,7 +219,8 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
                                                                               for layer in range(5)])
     with open(out / "profiles.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["model"], int(r["layer"])) for r in rows] == [(n, layer) for n in ("base", "tuned") for layer in range(5)]
+    assert [(r["model"], int(r["layer"])) for r in rows] == \
+        [(n, layer) for n in ("base", "tuned") for layer in range(5)]
     with Image.open(out / "profile.png") as im:
         assert im.size[0] > 800
     fig = plot_profiles(doc["profiles"], tmp_path / "again.png")
@@ -392,7 +400,7 @@ def test_bad_input_is_a_clear_error(world, tiny_dir, tmp_path, capsys):
 
 def test_training_refuses_a_bad_analysis_section_before_starting(world, tiny_dir, tmp_path):
     from train.config import ConfigError, load_config
-    from train.__main__ import train
+    from train.recipe import train
 
     base = [f"model={tiny_dir('llava')}", f"data={world / 'train.json'}", f"image_folder={world / 'images'}",
             f"output_dir={tmp_path / 'run'}", "max_steps=1", "report_to=[]"]

@@ -315,11 +315,10 @@ CASES = [
 def bases(world, tiny_dir, tmp_path_factory):
     """A finished one-step run of the tiny model (layers 1-2), and a copy of the model with other weights."""
     import transformers
-
     from accelerate.state import AcceleratorState, GradientState
 
-    from train.__main__ import train
     from train.config import load_config
+    from train.recipe import train
 
     root = tmp_path_factory.mktemp("bad-input")
     model = tiny_dir("llava")

@@ -20,7 +20,8 @@ from midtune.shapes import generate_world
 from midtune.tiny import CHAT_TOKENS, world_texts
 
 REPO = Path(__file__).resolve().parents[1]
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
 N_IMAGE_TOKENS = (32 // 8) ** 2
 
 
@@ -194,7 +195,8 @@ def test_every_part_tensor_is_copied(composed, parts):
     assert model.lm_head.weight.shape == (n_vocab + 2, 32)
     assert torch.equal(model.lm_head.weight[:n_vocab], llm.lm_head.weight)
     new_rows = model.lm_head.weight[n_vocab:]
-    assert torch.isfinite(new_rows).all() and torch.allclose(new_rows, llm.lm_head.weight.mean(0).expand_as(new_rows), atol=1e-3)
+    assert torch.isfinite(new_rows).all() and \
+        torch.allclose(new_rows, llm.lm_head.weight.mean(0).expand_as(new_rows), atol=1e-3)
 
     projector = dict(model.model.multi_modal_projector.named_parameters())
     assert {k: tuple(v.shape) for k, v in projector.items()} == {
@@ -360,7 +362,8 @@ def test_user_errors(tmp_path, parts):
         compose(parts["vision"], parts["vision"], tmp_path / "o3", verbose=False)
     with pytest.raises(ComposeError, match=r"--vision .*not a CLIP or SigLIP vision model"):
         compose(parts["llm"], parts["llm"], tmp_path / "o4", verbose=False)
-    with pytest.raises(ComposeError, match="only mlp2x_gelu is expressible as a standard LlavaForConditionalGeneration"):
+    with pytest.raises(ComposeError,
+                       match="only mlp2x_gelu is expressible as a standard LlavaForConditionalGeneration"):
         compose(parts["vision"], parts["llm"], tmp_path / "o5", projector="linear", verbose=False)
     with pytest.raises(ComposeError, match="--vision-feature-layer 5"):
         compose(parts["vision"], parts["llm"], tmp_path / "o6", vision_feature_layer=5, verbose=False)
@@ -401,8 +404,8 @@ def test_packaged_smollm2_composes_with_its_own_template_and_trains(tmp_path, pa
 
     from midtune.compose import packaged_gguf
     from midtune.data import IGNORE_INDEX, SupervisedDataset
-    from train.__main__ import train
     from train.config import load_config
+    from train.recipe import train
 
     gguf = packaged_gguf("smollm2-135m-instruct")
     own = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).chat_template
@@ -432,7 +435,8 @@ def test_packaged_smollm2_composes_with_its_own_template_and_trains(tmp_path, pa
                                       "trainable.layers=middle:0.5", "max_steps=2", "batch_size=2", "report_to=[]"]))
     assert result.summary["plan"]["trainable_layers"] == list(range(7, 22))  # middle:0.5 of 30 layers
     assert result.summary["steps"] == 2
-    assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "final").config.text_config.num_hidden_layers == 30
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "final")
+    assert loaded.config.text_config.num_hidden_layers == 30
 
 
 def test_vision_tower_pretraining_learns_each_cells_kind_and_place(tmp_path, world, parts):

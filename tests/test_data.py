@@ -102,7 +102,8 @@ def test_jsonl_and_datasets_on_disk(world, tiny_dir, tmp_path):
              "image": [Image.open(world / "images" / r["image"]).convert("RGB") for r in rows],
              "conversations": [r["conversations"] for r in rows]}
     features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                  "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
+                                  "conversations": [{"from": datasets.Value("string"),
+                                                     "value": datasets.Value("string")}]})
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(tmp_path / "hf")
     from_disk = SupervisedDataset(tmp_path / "hf", processor)
     assert len(from_disk) == len(from_jsonl) == 4

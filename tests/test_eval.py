@@ -95,7 +95,7 @@ def test_plugin_is_registered_and_loads_through_the_registry(tiny_dir):
 
 
 def test_prompt_uses_the_chat_template_with_images_first(lm):
-    from eval.lmms_plugin import content_parts
+    from midtune.data import content_parts
 
     question = "what color is the circle?"
     prompt = lm.build_prompt(question, 1)
@@ -201,7 +201,8 @@ def test_multi_round_asks_the_task_for_the_next_round(lm, docs):
 
     gen = {"max_new_tokens": 3, "temperature": 0}
     outputs = lm.generate_until_multi_round(
-        [instance("generate_until_multi_round", (rows[0]["question"], gen, doc_to_visual, doc_to_text, 0, "t", "test"), 0)])
+        [instance("generate_until_multi_round",
+                  (rows[0]["question"], gen, doc_to_visual, doc_to_text, 0, "t", "test"), 0)])
     assert len(outputs) == 1 and len(outputs[0]) == 2  # one answer per round
     assert [r for r, _ in seen] == [1, 2] and seen[1][1] == outputs[0]
 
@@ -211,7 +212,8 @@ def _make_delta(base: Path, out: Path, bump: float = 0.01) -> tuple[Path, dict[s
     from midtune.checkpoint import base_hash, load_pretrained, save_delta
 
     model, _ = load_pretrained(str(base))
-    delta = {k: p.detach() + bump for k, p in model.named_parameters() if k.startswith("model.language_model.layers.1.")}
+    delta = {k: p.detach() + bump for k, p in model.named_parameters()
+             if k.startswith("model.language_model.layers.1.")}
     assert delta
     path = out / "delta.safetensors"
     save_delta(path, delta, base_model=str(base), base_hash=base_hash(str(base)), method="full",
@@ -276,7 +278,8 @@ def test_shapes_tasks_load_with_their_data(shapes_data):
 
     manager = TaskManager("WARNING", include_path=str(TASKS_DIR), include_defaults=False)
     assert {"midtune_shapes", "midtune_shapes_mc", *GENERATION_TASKS, *MC_TASKS} <= set(manager.all_tasks)
-    tasks = {t.task_name: t.task for t in get_task_list(get_task_dict(["midtune_shapes", "midtune_shapes_mc"], manager))}
+    task_dict = get_task_dict(["midtune_shapes", "midtune_shapes_mc"], manager)
+    tasks = {t.task_name: t.task for t in get_task_list(task_dict)}
     assert set(tasks) == {*GENERATION_TASKS, *MC_TASKS}
     color = tasks["midtune_shapes_color"]
     doc = color.eval_docs[0]
@@ -429,8 +432,8 @@ def test_first_models_results_survive_a_failing_second_model(tiny_dir, tmp_path,
 @pytest.fixture(scope="module")
 def short_run(world, tiny_dir, tmp_path_factory):
     """A merged checkpoint from a few steps of training on the small world."""
-    from train.__main__ import train
     from train.config import load_config
+    from train.recipe import train
 
     out = tmp_path_factory.mktemp("short_run")
     args = {"model": tiny_dir("llava"), "data": world / "train.json", "image_folder": world / "images",
@@ -504,8 +507,8 @@ def colour_questions(world: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained_on_world(shapes_data, tmp_path_factory):
     from midtune.tiny import build_tiny, world_texts
-    from train.__main__ import train
     from train.config import load_config
+    from train.recipe import train
 
     root = tmp_path_factory.mktemp("e2e")
     base = build_tiny("llava", root / "base", world_texts(shapes_data), **E2E_MODEL)

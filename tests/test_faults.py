@@ -25,8 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train.__main__ import main, train
+from train.__main__ import main
 from train.config import load_config
+from train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +150,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_latest_resumes_iden
 
 
 def test_a_full_disk_during_saves_keeps_the_previous_checkpoint(world, tiny_dir, tmp_path, monkeypatch, capsys):
-    from midtune import checkpoint as checkpoint_module
+    from midtune import files as files_module
 
     real_save = torch.save
     optimizer_saves = []
@@ -178,7 +179,7 @@ def test_a_full_disk_during_saves_keeps_the_previous_checkpoint(world, tiny_dir,
 
     # the disk fills again while final/ is written (the fault hook raises inside atomic_dir, before its rename)
     monkeypatch.setenv("MIDTUNE_FAULT", "atomic_dir:final:enospc")
-    monkeypatch.setattr(checkpoint_module, "_fault_visits", checkpoint_module.collections.Counter())
+    monkeypatch.setattr(files_module, "_fault_visits", files_module.collections.Counter())
     assert main(args + ["resume_from=latest"]) == 1
     assert f"error: could not write {out / 'final'}: No space left on device" in capsys.readouterr().err
     assert not (out / "final").exists() and not list(out.glob(".*"))

@@ -265,12 +265,12 @@ def platonic_cka(a: np.ndarray, b: np.ndarray, unbiased: bool) -> float:
     k_mat, l_mat = a @ a.T, b @ b.T
     n = len(a)
 
-    def hsic(k, l):
+    def hsic(k, m):
         if not unbiased:
             h = np.eye(n) - 1 / n
-            return np.trace(k @ h @ l @ h)
-        k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
-        return ((k * l.T).sum() + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 * (k @ l).sum() / (n - 2)) / (n * (n - 3))
+            return np.trace(k @ h @ m @ h)
+        k, m = k - np.diag(np.diag(k)), m - np.diag(np.diag(m))
+        return ((k * m.T).sum() + k.sum() * m.sum() / ((n - 1) * (n - 2)) - 2 * (k @ m).sum() / (n - 2)) / (n * (n - 3))
 
     return hsic(k_mat, l_mat) / np.sqrt(hsic(k_mat, k_mat) * hsic(l_mat, l_mat))
 

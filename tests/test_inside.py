@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis.__main__ import main
-from analysis.extract import ExtractSettings, Extractor, load_model, read_pairs, resolve_model
+from analysis.extract import Extractor, ExtractSettings, load_model, read_pairs, resolve_model
 from analysis.heads import HeadEdit, HeadSettings, concept_words, dictionary, pursuit, rank_heads
 from analysis.intervene import AttentionKnockout, knockout_block, read_questions
 from analysis.lens import LogitLens, concept_tokens, rank_and_mass

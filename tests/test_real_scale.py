@@ -14,11 +14,10 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from midtune.data import IGNORE_INDEX, DataError, SupervisedDataset, load_image, parse_row, tokenise_sample
-from train.__main__ import train
-from train.config import ConfigError, load_config
-
 from conftest import FAMILIES
+from midtune.data import IGNORE_INDEX, DataError, SupervisedDataset, load_image, parse_row, tokenise_sample
+from train.config import ConfigError, load_config
+from train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -334,7 +333,7 @@ def test_loss_from_logits_at_labels_equals_the_models_own(world, tiny_dir, famil
     """The LM head at labelled positions only gives the loss (and gradients) of logits everywhere."""
     from midtune.checkpoint import load_pretrained
     from midtune.data import Collator
-    from train.__main__ import causal_lm_loss
+    from train.loss import causal_lm_loss
 
     model, processor = load_pretrained(str(tiny_dir(family)))
     ds = SupervisedDataset(world / "train.json", processor, image_folder=world / "images")

@@ -309,7 +309,8 @@ def test_one_object_scenes_reach_the_test_split(tmp_path):
     # 4000 train images would use up all 135 one-object scenes; a reserved third keeps count "1" testable.
     shapes.generate_world(tmp_path, seed=0, n_train=4000, n_val=10, n_test=300, progress=False)
     train = [json.loads(line) for line in (tmp_path / "scenes_train.jsonl").read_text().splitlines()]
-    test_counts = Counter(json.loads(line)["answer"] for line in (tmp_path / "test" / "count.jsonl").read_text().splitlines())
+    count_lines = (tmp_path / "test" / "count.jsonl").read_text().splitlines()
+    test_counts = Counter(json.loads(line)["answer"] for line in count_lines)
     assert test_counts["1"] >= 30
     for scene in train:  # train never draws a reserved scene
         sig = tuple(sorted((o["row"], o["col"], o["color"], o["shape"]) for o in scene["objects"]))

@@ -13,15 +13,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from conftest import FAMILIES
 from midtune.adapters import family_of
 from midtune.checkpoint import load_pretrained
 from midtune.data import Collator, SupervisedDataset
 from midtune.spec import resolve_plan
-from train.__main__ import train
-from train.backward_cut import setup_checkpointing, setup_naive_checkpointing
+from train.activation_checkpointing import setup_checkpointing, setup_naive_checkpointing
 from train.config import load_config
-
-from conftest import FAMILIES
+from train.recipe import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,7 +299,7 @@ def test_fsdp_wraps_the_llm_and_vision_layers_by_class(tiny_dir, family):
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
     from midtune.checkpoint import load_pretrained
-    from train.__main__ import name_fsdp_wrap_classes
+    from train.distributed import name_fsdp_wrap_classes
 
     model, _ = load_pretrained(str(tiny_dir(family)))
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
@@ -419,7 +418,8 @@ def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stag
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["loss"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == \
         [m["loss"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl")][2:]
-    assert read_jsonl(tmp_path / "b" / "samples-rank0.jsonl")[-1] == read_jsonl(tmp_path / "a" / "samples-rank0.jsonl")[-1]
+    assert read_jsonl(tmp_path / "b" / "samples-rank0.jsonl")[-1] == \
+        read_jsonl(tmp_path / "a" / "samples-rank0.jsonl")[-1]
     # the merged model is a standard checkpoint holding the trained delta
     merged = tensors(tmp_path / "b" / "final")
     delta = load_file(tmp_path / "b" / "final" / "delta.safetensors")

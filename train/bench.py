@@ -6,7 +6,7 @@ peak memory of
 * ``full``     full fine-tuning as LLaVA-1.5 stage 2 does it: the whole LLM (every decoder layer, embeddings,
                norm, lm_head) and the projector; the vision tower frozen;
 * ``midtune``  the middle-half block of LLM layers (``middle:0.5``), frozen the midtune way: ``FreezePlan.apply``
-               and ``train.backward_cut.setup_checkpointing`` (nothing below the block records a graph;
+               and ``train.activation_checkpointing.setup_checkpointing`` (nothing below the block records a graph;
                non-reentrant checkpointing only from the block up);
 * ``naive``    the same block frozen the naive way: ``requires_grad=False`` plus reentrant gradient checkpointing
                with ``enable_input_require_grads()`` (``setup_naive_checkpointing``), as LLaVA, ms-swift and PEFT
@@ -311,9 +311,10 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
 
     from midtune.adapters import family_of
     from midtune.spec import TrainableSpec, resolve_plan
-    from train.__main__ import add_lora, build_optimizer, keep_trainable_in
-    from train.backward_cut import setup_checkpointing, setup_naive_checkpointing
+    from train.activation_checkpointing import setup_checkpointing, setup_naive_checkpointing
     from train.config import LoraConfig, OptimConfig
+    from train.lora import add_lora
+    from train.optimizer import build_optimizer, keep_trainable_in
 
     memory = Memory(preset.device)
     model, dtype = build_model(preset, seed)

@@ -1,4 +1,4 @@
-"""Resumable training checkpoints: `output_dir/checkpoint-<step>/`.
+"""Resumable training checkpoints (`output_dir/checkpoint-<step>/`) and the final model (`output_dir/final/`).
 
     trainable.safetensors   the trainable tensors only (a frozen 7B base is not copied at every save)
     optimizer.pt            the optimizer's state dict, read back with weights_only=True
@@ -30,7 +30,18 @@ import numpy as np
 import torch
 
 from midtune.adapters import unwrap
-from midtune.checkpoint import CheckpointError, fault_point, fsync_tree, replace_dir
+from midtune.checkpoint import (
+    DTYPES,
+    CheckpointError,
+    base_hash,
+    load_with_delta,
+    save_delta,
+)
+from midtune.files import atomic_dir, fault_point, fsync_tree, replace_dir
+from midtune.spec import FreezePlan
+from train.config import TrainConfig
+from train.distributed import zero3_enabled
+from train.lora import lora_config_dict
 
 STATE_FILE = "trainer_state.json"
 
@@ -225,3 +236,55 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, traina
     if rng.exists():
         _set_rng_state(json.loads(rng.read_text()))
     return state
+
+
+def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainConfig, output_dir: Path) -> Path:
+    """final/: delta.safetensors (only the trained tensors, with the base's name and hash) and, unless
+    save_merged is false, a merged Hugging Face directory beside it that vanilla transformers loads."""
+    final = output_dir / "final"
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; plain state dict otherwise
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return final
+    unwrapped = accelerator.unwrap_model(model)
+    lora = config.method == "lora"
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        delta = dict(get_peft_model_state_dict(unwrapped))
+        params = dict(unwrapped.get_base_model().named_parameters())
+        delta.update({n: params[n] for n in plan.trainable_names if "lora_" not in n})
+    else:
+        prefix = "module." if any(k.startswith("module.") for k in state) else ""
+        delta = {n: state[prefix + n] for n in plan.trainable_names}
+    # final/ holds the model in the dtype it was loaded in (the float32 master weights stay in the checkpoint):
+    # base + delta then rebuilds exactly the merged model, and a bf16 base gives a bf16 model.
+    dtype = DTYPES[config.dtype]
+    delta = {n: t.to(dtype) if t.is_floating_point() else t for n, t in delta.items()}
+    try:
+        with atomic_dir(final) as tmp:
+            save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
+                       method=config.method, trainable=plan.spec.to_dict(),
+                       lora_config=lora_config_dict(unwrapped) if lora else None)
+            if config.save_merged and zero3_enabled():
+                # The ZeRO-3 model holds only partitions; rebuild base + delta on this process, as train.export
+                # does (saving the gathered state through the ZeRO-3-loaded model wrote non-standard key names).
+                from transformers.integrations.deepspeed import (
+                    unset_hf_deepspeed_config,
+                )
+
+                unset_hf_deepspeed_config()
+                merged, _ = load_with_delta(config.model, tmp / "delta.safetensors", dtype=config.dtype,
+                                            trust_remote_code=config.trust_remote_code, verify_base=False)
+                merged.save_pretrained(tmp, safe_serialization=True)
+                processor.save_pretrained(tmp)
+            elif config.save_merged:
+                merged = unwrapped.merge_and_unload().to(dtype) if lora else unwrapped
+                merged.save_pretrained(tmp, safe_serialization=True, state_dict=None if lora else {
+                    k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+                processor.save_pretrained(tmp)
+    except OSError as e:  # atomic_dir has removed its temporary directory; an earlier final/ is untouched
+        raise CheckpointSaveError(f"could not write {final}: {e.strerror or e}; nothing half-written was left, and "
+                                  f"the last checkpoint holds the trained weights (resume_from=latest writes final/ "
+                                  f"again)") from e
+    return final

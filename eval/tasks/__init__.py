@@ -20,7 +20,8 @@ TASKS_DIR = Path(__file__).resolve().parent  # pass as include_path to lmms-eval
 SHAPES_TASK_DIR = TASKS_DIR / "midtune_shapes"
 SHAPES_DATA_DIR = SHAPES_TASK_DIR / "data"
 
-# The canonical world: the same one the demo trains on (`configs/experiments/demo.yaml`); its test split is never in train.
+# The canonical world: the same one the demo trains on (`configs/experiments/demo.yaml`); its test split is never
+# in train.
 CANONICAL_WORLD = dict(CANONICAL)  # the demo's world: its test split is never in training
 QTYPES = ("color", "shape", "count", "position", "exists")
 GENERATION_TASKS = tuple(f"midtune_shapes_{q}" for q in QTYPES)

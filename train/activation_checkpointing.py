@@ -1,4 +1,4 @@
-"""Backward stops at the first trainable layer.
+"""Activation checkpointing, switched on only from the first LLM layer that needs a graph: backward stops there.
 
 With every parameter below the first trainable LLM layer frozen (vision tower, projector, embeddings, the
 layers under the block) and no input marked as requiring grad, autograd records nothing for that prefix: it

@@ -1,0 +1,66 @@
+"""What DeepSpeed and FSDP need from midtune beyond accelerate's defaults."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from midtune.adapters import family_of, unwrap
+
+
+def cpu_deepspeed_kwargs() -> list:
+    """DeepSpeed on a machine without GPUs: accelerate finds no process-group backend for DeepSpeed's CPU
+    accelerator and then counts one process, while DeepSpeed itself forms the full world (each of 2 ranks
+    reported num_processes == 1 and the batch-size check failed). Naming gloo makes both agree."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
+def name_fsdp_wrap_classes(plugin, model) -> list[str] | None:
+    """FSDP's transformer-based wrap needs the layer classes to shard by. Unless the accelerate config names them
+    (fsdp_transformer_layer_cls_to_wrap), accelerate takes the model's `_no_split_modules`, which for LLaVA in
+    transformers 5 lists CLIPTextEmbeddings, a class a vision-only tower does not have, and prepare() fails
+    ("Could not find the transformer layer class CLIPTextEmbeddings in the model", the first FSDP2 run, on an
+    H200). midtune names the classes of the LLM's decoder layers and the vision tower's layers, from the adapter
+    table. Returns the names it set, or None where it left the plugin alone."""
+    if plugin is None or plugin.transformer_cls_names_to_wrap:
+        return None
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+        return None
+    parts = family_of(model).parts(model)
+    names = list(dict.fromkeys(type(layer).__name__ for layer in [*parts.language_layers, *parts.vision_layers]))
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def weights_checksum(model, names: list[str], accelerator) -> str:
+    """sha256 of the trainable tensors, in float32. Under ZeRO-3 each rank holds only a partition, so they are
+    gathered first (a collective: every rank calls this); hashing the stand-ins would hash empty tensors."""
+    import contextlib
+    import hashlib
+
+    params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
+    gathered = contextlib.nullcontext()
+    if zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([params[n] for n in names], modifier_rank=None)
+    digest = hashlib.sha256()
+    with gathered:
+        for name in names:
+            digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
