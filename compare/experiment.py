@@ -242,6 +242,25 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     """Read, check and plan an experiment file. `settings`: `key.sub=value` overrides of the file (--set)."""
     file = Path(path)
     raw = _mapping(_read_yaml(file, "experiment file"), "the top level", file)
+    _apply_settings(raw, settings, file)
+    _unknown(raw, TOP_KEYS, "", file)
+    plan = _Planner(file, raw)
+    plan.prepare()
+    plan.base()
+    plan.launch()
+    plan.trainings()
+    plan.evals()
+    plan.analyses()
+    report = _fill(_mapping(raw.get("report"), "report", file), plan.names, file, "report")
+    _unknown(report, REPORT_KEYS, "report.", file)
+    plan.link_dependencies()
+    return Experiment(path=file, name=str(raw.get("name") or file.stem), description=str(raw.get("description") or ""),
+                      hardware=str(raw.get("hardware") or ""), output_dir=plan.output_dir, stages=plan.stages,
+                      models=plan.models, trainings=plan.roles, reference=plan.reference,
+                      eval={"tasks": plan.tasks, **plan.eval_settings}, analysis=plan.analysis, report=report)
+
+
+def _apply_settings(raw: dict, settings: list[str], file: Path) -> None:
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -253,52 +272,80 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
             if not isinstance(node, dict):
                 raise ExperimentError(f"--set {item!r}: {part!r} is not a mapping in {file}")
         node[parts[-1]] = yaml.safe_load(value)
-    _unknown(raw, TOP_KEYS, "", file)
 
-    output_dir = Path(str(raw.get("output_dir") or f"runs/{file.stem}"))
-    variables = {k: str(v) for k, v in _mapping(raw.get("vars"), "vars", file).items()}
-    names = {"output_dir": str(output_dir), **variables}
-    stages: list[Stage] = []
-    produced: list[str] = []  # output directories of stages so far: models under them need not exist yet
 
-    def add_name(name: str, where: str) -> None:
+class _Planner:
+    """Turns an experiment file's sections into stages, in the order they run; each method reads one section."""
+
+    def __init__(self, file: Path, raw: dict):
+        self.file, self.raw = file, raw
+        self.output_dir = Path(str(raw.get("output_dir") or f"runs/{file.stem}"))
+        variables = {k: str(v) for k, v in _mapping(raw.get("vars"), "vars", file).items()}
+        self.names = {"output_dir": str(self.output_dir), **variables}  # what placeholders stand for
+        self.stages: list[Stage] = []
+        self.produced: list[str] = []  # output directories of stages so far: models under them need not exist yet
+        self.models: dict[str, str] = {}  # evaluated and profiled: name → model directory
+        self.roles: dict[str, dict] = {}  # each training's role (stage, run, sweep) and block
+
+    def fill(self, value, where: str):
+        return _fill(value, self.names, self.file, where)
+
+    def add_name(self, name: str, where: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-            raise ExperimentError(f"{file}: {where}: name {name!r} must be letters, digits, '_', '-' or '.'")
-        if name in RESERVED or name in names:
-            raise ExperimentError(f"{file}: {where}: name {name!r} is reserved or used twice")
-        names[name] = str(output_dir / name)
+            raise ExperimentError(f"{self.file}: {where}: name {name!r} must be letters, digits, '_', '-' or '.'")
+        if name in RESERVED or name in self.names:
+            raise ExperimentError(f"{self.file}: {where}: name {name!r} is reserved or used twice")
+        self.names[name] = str(self.output_dir / name)
 
-    # prepare: commands that make what later stages read (data, a vision tower, ...)
-    for name, spec in _mapping(raw.get("prepare"), "prepare", file).items():
-        spec = _mapping(spec, f"prepare.{name}", file)
-        _unknown(spec, PREPARE_KEYS, f"prepare.{name}.", file)
-        add_name(name, f"prepare.{name}")
-        command = spec.get("command")
-        if not isinstance(command, list) or not command:
-            raise ExperimentError(f"{file}: prepare.{name}.command must be a non-empty list of words")
-        out = output_dir / name
-        command = [str(w) for w in _fill(command, {**names, "out": str(out)}, file, f"prepare.{name}.command")]
-        watch = [_watched(str(w), file, f"prepare.{name}.watch")
-                 for w in _fill(_list(spec.get("watch")), names, file, f"prepare.{name}.watch")]
-        stages.append(Stage(name, "prepare", out, command,
-                            {"command": command, "watch": fingerprint_files(*watch) if watch else None},
-                            after=[s.name for s in stages]))
-        produced.append(str(out))
+    def prepare(self) -> None:
+        """prepare: commands that make what later stages read (data, a vision tower, ...)."""
+        file = self.file
+        for name, spec in _mapping(self.raw.get("prepare"), "prepare", file).items():
+            spec = _mapping(spec, f"prepare.{name}", file)
+            _unknown(spec, PREPARE_KEYS, f"prepare.{name}.", file)
+            self.add_name(name, f"prepare.{name}")
+            command = spec.get("command")
+            if not isinstance(command, list) or not command:
+                raise ExperimentError(f"{file}: prepare.{name}.command must be a non-empty list of words")
+            out = self.output_dir / name
+            command = [str(w) for w in _fill(command, {**self.names, "out": str(out)}, file, f"prepare.{name}.command")]
+            watch = [_watched(str(w), file, f"prepare.{name}.watch")
+                     for w in self.fill(_list(spec.get("watch")), f"prepare.{name}.watch")]
+            self.stages.append(Stage(name, "prepare", out, command,
+                                     {"command": command, "watch": fingerprint_files(*watch) if watch else None},
+                                     after=[s.name for s in self.stages]))
+            self.produced.append(str(out))
 
-    # base: the model the stages (or the runs) start from
-    base = raw.get("base")
-    if base is None:
-        raise ExperimentError(f"{file}: missing key 'base' (the starting model: a directory or hub id, or a "
-                              f"compose section)")
-    if isinstance(base, dict):
+    def base(self) -> None:
+        """base: the model the stages (or the runs) start from: a model, or one `python -m midtune.compose` builds."""
+        file, base = self.file, self.raw.get("base")
+        if base is None:
+            raise ExperimentError(f"{file}: missing key 'base' (the starting model: a directory or hub id, or a "
+                                  f"compose section)")
+        if isinstance(base, dict):
+            self.start = self.compose(base)
+        else:
+            self.start = str(self.fill(str(base), "base"))
+            if "@" in self.start:
+                raise ExperimentError(f"{file}: base: {self.start!r}: training starts from a model directory or hub "
+                                      f"id, not a delta on a base (DELTA@BASE is for python -m eval and analysis); "
+                                      f"use the run's final/ directory, which holds the merged model")
+            _check_model(self.start, file, "base", tuple(self.produced))
+        self.pretrained = self.start
+
+    def compose(self, base: dict) -> str:
+        from midtune import compose as compose_module
+        from midtune.compose import PACKAGED_LLMS
+
+        file = self.file
         _unknown(base, ("compose",), "base.", file)
-        compose = _fill(_mapping(base.get("compose"), "base.compose", file), names, file, "base.compose")
+        compose = self.fill(_mapping(base.get("compose"), "base.compose", file), "base.compose")
         _unknown(compose, COMPOSE_KEYS, "base.compose.", file)
         for key in ("vision", "llm"):
             if key not in compose:
                 raise ExperimentError(f"{file}: base.compose: missing key {key!r}")
-        _check_model(str(compose["vision"]), file, "base.compose.vision", tuple(produced))
-        out = output_dir / "composed"
+        _check_model(str(compose["vision"]), file, "base.compose.vision", tuple(self.produced))
+        out = self.output_dir / "composed"
         command = [PYTHON, "-m", "midtune.compose", "--out", str(out), "--overwrite"]
         for key, value in compose.items():
             flag = "--" + key.replace("_", "-")
@@ -306,66 +353,57 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
                 command.append(flag)
             elif value not in (False, None):
                 command += [flag, str(value)]
-        from midtune import compose as compose_module
-        from midtune.compose import PACKAGED_LLMS
-
-        wheel = None
+        wheel = None  # the packaged LLM's version is an input: a new wheel is a new model
         if str(compose["llm"]) in PACKAGED_LLMS:
             try:
                 wheel = version(PACKAGED_LLMS[str(compose["llm"])][0].replace("_", "-"))
             except PackageNotFoundError:
                 wheel = "missing"
-        stages.append(Stage("composed", "compose", out, command,
-                            {"command": command, "wheel": wheel,
-                             "compose": fingerprint_files(Path(compose_module.__file__))},
-                            after=[s.name for s in stages], done=["config.json"]))
-        names["composed"] = str(out)
-        produced.append(str(out))
-        start = str(out)
-    else:
-        start = str(_fill(str(base), names, file, "base"))
-        if "@" in start:
-            raise ExperimentError(f"{file}: base: {start!r}: training starts from a model directory or hub id, not "
-                                  f"a delta on a base (DELTA@BASE is for python -m eval and analysis); use the run's "
-                                  f"final/ directory, which holds the merged model")
-        _check_model(start, file, "base", tuple(produced))
-    pretrained = start
+        self.stages.append(Stage("composed", "compose", out, command,
+                                 {"command": command, "wheel": wheel,
+                                  "compose": fingerprint_files(Path(compose_module.__file__))},
+                                 after=[s.name for s in self.stages], done=["config.json"]))
+        self.names["composed"] = str(out)
+        self.produced.append(str(out))
+        return str(out)
 
-    # launch: how a training starts
-    launch = _mapping(raw.get("launch"), "launch", file)
-    _unknown(launch, LAUNCH_KEYS, "launch.", file)
-    launcher = launch.get("with", "python")
-    launch_files: list[Path] = []  # their contents are inputs of every training (a DeepSpeed stage, ...)
-    if launcher == "python":
-        if set(launch) - {"with", "args"}:
-            raise ExperimentError(f"{file}: launch: config_file and num_processes need `with: accelerate`")
-        prefix = [PYTHON, *map(str, _list(launch.get("args"))), "-m", "train"]
-    elif launcher == "accelerate":
-        prefix = [PYTHON, "-m", "accelerate.commands.launch"]
-        if launch.get("config_file"):
-            config_file = Path(_fill(str(launch["config_file"]), names, file, "launch.config_file"))
-            if not config_file.is_file():
-                raise ExperimentError(f"{file}: launch.config_file: {str(config_file)!r} does not exist")
-            prefix += ["--config_file", str(config_file)]
-            launch_files.append(config_file)
-        if launch.get("num_processes") is not None:
-            prefix += ["--num_processes", str(int(launch["num_processes"]))]
-        prefix += [*map(str, _list(launch.get("args"))), "-m", "train"]
-    else:
-        raise ExperimentError(f"{file}: launch.with: {launcher!r} is not 'python' or 'accelerate'")
+    def launch(self) -> None:
+        """launch: how a training starts (the command's words before --config)."""
+        file = self.file
+        launch = _mapping(self.raw.get("launch"), "launch", file)
+        _unknown(launch, LAUNCH_KEYS, "launch.", file)
+        launcher = launch.get("with", "python")
+        self.launch_files: list[Path] = []  # their contents are inputs of every training (a DeepSpeed stage, ...)
+        if launcher == "python":
+            if set(launch) - {"with", "args"}:
+                raise ExperimentError(f"{file}: launch: config_file and num_processes need `with: accelerate`")
+            self.prefix = [PYTHON, *map(str, _list(launch.get("args"))), "-m", "train"]
+        elif launcher == "accelerate":
+            self.prefix = [PYTHON, "-m", "accelerate.commands.launch"]
+            if launch.get("config_file"):
+                config_file = Path(self.fill(str(launch["config_file"]), "launch.config_file"))
+                if not config_file.is_file():
+                    raise ExperimentError(f"{file}: launch.config_file: {str(config_file)!r} does not exist")
+                self.prefix += ["--config_file", str(config_file)]
+                self.launch_files.append(config_file)
+            if launch.get("num_processes") is not None:
+                self.prefix += ["--num_processes", str(int(launch["num_processes"]))]
+            self.prefix += [*map(str, _list(launch.get("args"))), "-m", "train"]
+        else:
+            raise ExperimentError(f"{file}: launch.with: {launcher!r} is not 'python' or 'accelerate'")
 
-    common = _fill(_mapping(raw.get("train_overrides"), "train_overrides", file), names, file, "train_overrides")
-    default_config = raw.get("config")
-
-    def training(name: str, spec: dict, model: str, data, image_folder, where: str) -> Stage:
-        spec = dict(_fill(spec, names, file, where))
-        config = spec.pop("config", None) or default_config
+    def training(self, name: str, spec: dict, model: str, data, image_folder, where: str) -> Stage:
+        """One training stage: `python -m train --config C` with the experiment's and the run's overrides."""
+        file = self.file
+        spec = dict(self.fill(spec, where))
+        config = spec.pop("config", None) or self.raw.get("config")
         if not config:
             raise ExperimentError(f"{file}: {where}: no train config (set {where}.config or a top-level config)")
-        config_path = Path(_fill(str(config), names, file, f"{where}.config"))
+        config_path = Path(self.fill(str(config), f"{where}.config"))
+        common = self.fill(_mapping(self.raw.get("train_overrides"), "train_overrides", file), "train_overrides")
         own = {**_flatten(common), **_flatten(spec)}  # nested mappings merge key by key
         _check_trains_something(config_path, own, file, where)
-        out = output_dir / name
+        out = self.output_dir / name
         fixed = {"model": model, "output_dir": str(out)}
         # the experiment's data and image folder, unless the run names its own
         if data is not None and "data" not in own:
@@ -373,55 +411,60 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         if image_folder is not None and "image_folder" not in own:
             fixed["image_folder"] = image_folder
         overrides = _overrides({**own, **fixed})
-        command = [*prefix, "--config", str(config_path), *overrides]
-        params = {"command": command, "config": fingerprint_files(config_path, *launch_files)}
+        command = [*self.prefix, "--config", str(config_path), *overrides]
+        params = {"command": command, "config": fingerprint_files(config_path, *self.launch_files)}
         # run.json is written last, after final/ (a merged model, or only a delta with save_merged: false)
         return Stage(name, "train", out, command, params, done=["final", "run.json"],
                      check=[PYTHON, "-m", "train.config", "--config", str(config_path), *overrides])
 
-    trainings: dict[str, dict] = {}
-    data = _fill(raw.get("data"), names, file, "data")
-    image_folder = _fill(raw.get("image_folder"), names, file, "image_folder")
+    def trainings(self) -> None:
+        """stages (in order, each from the model the previous one made), then the runs and the sweep's blocks,
+        all from the last stage's model."""
+        file, raw = self.file, self.raw
+        image_folder = self.fill(raw.get("image_folder"), "image_folder")
+        for name, spec in _mapping(raw.get("stages"), "stages", file).items():
+            spec = _mapping(spec, f"stages.{name}", file)
+            self.add_name(name, f"stages.{name}")
+            # a stage names its own data; the image folder is the experiment's unless it names one
+            folder = None if "image_folder" in spec else image_folder
+            stage = self.training(name, spec, self.start, None, folder, f"stages.{name}")
+            self.stages.append(stage)
+            self.roles[name] = {"role": "stage", "block": None}
+            self.start = str(stage.out / "final")
+            self.produced.append(str(stage.out))
 
-    # stages: trainings run in order before the runs, each from the model the previous one made
-    for name, spec in _mapping(raw.get("stages"), "stages", file).items():
-        spec = _mapping(spec, f"stages.{name}", file)
-        add_name(name, f"stages.{name}")
-        # a stage names its own data; the image folder is the experiment's unless it names one
-        folder = None if "image_folder" in spec else image_folder
-        stage = training(name, spec, start, None, folder, f"stages.{name}")
-        stages.append(stage)
-        trainings[name] = {"role": "stage", "block": None}
-        start = str(stage.out / "final")
-        produced.append(str(stage.out))
+        runs = _mapping(raw.get("runs"), "runs", file)
+        if not runs:
+            raise ExperimentError(f"{file}: no runs: name at least the reference run under `runs:` (e.g. `full: "
+                                  f"{{}}`), which the other runs and any sweep are compared with")
+        data = self.fill(raw.get("data"), "data")
+        if data is None:
+            raise ExperimentError(f"{file}: missing key 'data' (the instruction-tuning data of the runs)")
+        run_data = [str(d) for d in _list(data)]
+        data = run_data[0] if len(run_data) == 1 else run_data
+        if raw.get("stages"):
+            self.models["pretrained"] = self.pretrained
+        self.models["base"] = self.start
+        for name, spec in runs.items():
+            spec = _mapping(spec, f"runs.{name}", file)
+            self.add_name(name, f"runs.{name}")
+            self.stages.append(self.training(name, spec, self.start, data, image_folder, f"runs.{name}"))
+            self.roles[name] = {"role": "run", "block": None}
+            self.models[name] = str(self.output_dir / name / "final")
+        if raw.get("sweep") is not None:
+            self.sweep(_mapping(raw["sweep"], "sweep", file), data, image_folder)
+        self.reference = raw.get("reference") or ("full" if "full" in runs else next(iter(runs), None))
+        if self.reference is None or self.reference not in runs:
+            raise ExperimentError(f"{file}: reference: {self.reference!r} is not one of the runs ({', '.join(runs)})")
 
-    runs = _mapping(raw.get("runs"), "runs", file)
-    sweep = raw.get("sweep")
-    if not runs:
-        raise ExperimentError(f"{file}: no runs: name at least the reference run under `runs:` (e.g. `full: {{}}`), "
-                              f"which the other runs and any sweep are compared with")
-    if data is None:
-        raise ExperimentError(f"{file}: missing key 'data' (the instruction-tuning data of the runs)")
-    run_data = [str(d) for d in _list(data)]
-    data_override = run_data[0] if len(run_data) == 1 else run_data
-    models: dict[str, str] = {}
-    if raw.get("stages"):
-        models["pretrained"] = pretrained
-    models["base"] = start
-    for name, spec in runs.items():
-        spec = _mapping(spec, f"runs.{name}", file)
-        add_name(name, f"runs.{name}")
-        stages.append(training(name, spec, start, data_override, image_folder, f"runs.{name}"))
-        trainings[name] = {"role": "run", "block": None}
-        models[name] = str(output_dir / name / "final")
-
-    if sweep is not None:
-        sweep = _mapping(sweep, "sweep", file)
+    def sweep(self, sweep: dict, data, image_folder) -> None:
+        """sweep: a run per block of `width` layers, every `stride` layers, named layers_LO-HI."""
+        file = self.file
         _unknown(sweep, SWEEP_KEYS, "sweep.", file)
         for key in ("width", "stride"):
             if not isinstance(sweep.get(key), int) or sweep[key] < 1:
                 raise ExperimentError(f"{file}: sweep.{key} must be a positive integer, got {sweep.get(key)!r}")
-        n = sweep.get("num_layers") or _num_layers(start if not raw.get("stages") else pretrained)
+        n = sweep.get("num_layers") or _num_layers(self.start if not self.raw.get("stages") else self.pretrained)
         if not n:
             raise ExperimentError(f"{file}: sweep: the base model's layer count is not known before it is built; "
                                   f"set sweep.num_layers")
@@ -434,50 +477,51 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         for lo in range(0, n - width + 1, stride):
             hi = lo + width - 1
             name = f"layers_{lo}-{hi}"
-            add_name(name, "sweep")
-            stages.append(training(name, {**spec, "trainable.layers": f"{lo}-{hi}"}, start, data_override,
-                                   image_folder, f"sweep ({name})"))
-            trainings[name] = {"role": "sweep", "block": [lo, hi], "num_layers": n}
-            models[name] = str(output_dir / name / "final")
+            self.add_name(name, "sweep")
+            self.stages.append(self.training(name, {**spec, "trainable.layers": f"{lo}-{hi}"}, self.start, data,
+                                             image_folder, f"sweep ({name})"))
+            self.roles[name] = {"role": "sweep", "block": [lo, hi], "num_layers": n}
+            self.models[name] = str(self.output_dir / name / "final")
 
-    reference = raw.get("reference") or ("full" if "full" in runs else next(iter(runs), None))
-    if reference is None or reference not in runs:
-        raise ExperimentError(f"{file}: reference: {reference!r} is not one of the runs ({', '.join(runs)})")
+    def evals(self) -> None:
+        """eval: one stage per model (each its own job for a scheduler), then the table over all of them."""
+        file = self.file
+        ev = self.fill(_mapping(self.raw.get("eval"), "eval", file), "eval")
+        _unknown(ev, EVAL_KEYS, "eval.", file)
+        self.eval_settings = ev
+        self.tasks = [str(t) for t in _list(ev.get("tasks"))]
+        if not self.tasks:
+            raise ExperimentError(f"{file}: eval.tasks: name at least one lmms-eval task")
+        for p in _list(ev.get("include_path")):
+            if not Path(str(p)).is_dir():
+                raise ExperimentError(f"{file}: eval.include_path: {str(p)!r} is not a directory")
+        eval_dir = self.output_dir / "eval"
+        options = ["--tasks", ",".join(self.tasks)]
+        for p in _list(ev.get("include_path")):
+            options += ["--include_path", str(p)]
+        if ev.get("limit") is not None:
+            options += ["--limit", str(ev["limit"])]
+        options += ["--batch-size", str(ev.get("batch_size", 8)), "--dtype", str(ev.get("dtype", "auto")),
+                    *map(str, _list(ev.get("args"))), "--output_dir", str(eval_dir)]
+        evaluated = [m for m in self.models if m != "pretrained"]
+        for m in evaluated:
+            command = [PYTHON, "-m", "eval", f"--model={m}={self.models[m]}", *options]
+            # Kept when redone: eval itself reuses the tasks it finished with the same settings and weights, so a
+            # killed eval loses nothing. Never picked up: a failed eval leaves a results.json of what it finished.
+            self.stages.append(Stage(f"eval/{m}", "eval", eval_dir / m, command, {"command": command}, clear=False))
+        table = [PYTHON, "-m", "eval", *(f"--model={m}={self.models[m]}" for m in evaluated), *options]
+        self.stages.append(Stage("eval", "eval-table", eval_dir, table, {"command": table},
+                                 # no pick-up: every per-model eval writes a comparison.csv of its own; this is cheap
+                                 after=[f"eval/{m}" for m in evaluated],
+                                 marker_name=".midtune-table.json", clear=False))
 
-    # eval: one stage per model (each its own job for a scheduler), then the table over all of them
-    ev = _fill(_mapping(raw.get("eval"), "eval", file), names, file, "eval")
-    _unknown(ev, EVAL_KEYS, "eval.", file)
-    tasks = [str(t) for t in _list(ev.get("tasks"))]
-    if not tasks:
-        raise ExperimentError(f"{file}: eval.tasks: name at least one lmms-eval task")
-    for p in _list(ev.get("include_path")):
-        if not Path(str(p)).is_dir():
-            raise ExperimentError(f"{file}: eval.include_path: {str(p)!r} is not a directory")
-    eval_dir = output_dir / "eval"
-    eval_options = ["--tasks", ",".join(tasks)]
-    for p in _list(ev.get("include_path")):
-        eval_options += ["--include_path", str(p)]
-    if ev.get("limit") is not None:
-        eval_options += ["--limit", str(ev["limit"])]
-    eval_options += ["--batch-size", str(ev.get("batch_size", 8)), "--dtype", str(ev.get("dtype", "auto")),
-                     *map(str, _list(ev.get("args"))), "--output_dir", str(eval_dir)]
-    evaluated = [m for m in models if m != "pretrained"]
-    for m in evaluated:
-        command = [PYTHON, "-m", "eval", f"--model={m}={models[m]}", *eval_options]
-        # Kept when redone: eval itself reuses the tasks it finished with the same settings and weights, so a
-        # killed eval loses nothing. Never picked up: a failed eval leaves a results.json of what it finished.
-        stages.append(Stage(f"eval/{m}", "eval", eval_dir / m, command, {"command": command}, clear=False))
-    table = [PYTHON, "-m", "eval", *(f"--model={m}={models[m]}" for m in evaluated), *eval_options]
-    stages.append(Stage("eval", "eval-table", eval_dir, table, {"command": table},
-                        # no pick-up: every per-model eval writes a comparison.csv of its own; this one is cheap
-                        after=[f"eval/{m}" for m in evaluated],
-                        marker_name=".midtune-table.json", clear=False))
-
-    # analysis: the geometry profile of every model, and the logit lens (optional)
-    an = raw.get("analysis")
-    analysis = None
-    if an is not None:
-        an = _fill(_mapping(an, "analysis", file), names, file, "analysis")
+    def analyses(self) -> None:
+        """analysis: the geometry profile of every model, and the logit lens (optional)."""
+        file, an = self.file, self.raw.get("analysis")
+        self.analysis = None
+        if an is None:
+            return
+        an = self.fill(_mapping(an, "analysis", file), "analysis")
         _unknown(an, ANALYSIS_KEYS, "analysis.", file)
         if not an.get("pairs"):
             raise ExperimentError(f"{file}: analysis.pairs: the image/caption pairs JSONL the geometry is measured on")
@@ -485,32 +529,28 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
         if an.get("image_folder"):
             options += ["--image-folder", str(an["image_folder"])]
         options += ["--dtype", str(an.get("dtype", "float32")), "--batch-size", str(an.get("batch_size", 8))]
-        command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in models.items()), *options,
-                   *map(str, _list(an.get("args"))), "--out", str(output_dir / "analysis")]
+        out = self.output_dir / "analysis"
+        command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in self.models.items()),
+                   *options, *map(str, _list(an.get("args"))), "--out", str(out)]
         # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/<model>/,
         # fingerprinted by the weight files, so adding one run to a sweep extracts only that run's model.
-        stages.append(Stage("analysis", "analysis", output_dir / "analysis", command, {"command": command},
-                            done=["profiles.json"], clear=False))
+        self.stages.append(Stage("analysis", "analysis", out, command, {"command": command},
+                                 done=["profiles.json"], clear=False))
         if an.get("lens"):
-            lens_models = {m: p for m, p in models.items() if m != "pretrained"}
+            lens_models = {m: p for m, p in self.models.items() if m != "pretrained"}
+            out = self.output_dir / "lens"
             command = [PYTHON, "-m", "analysis", "logit-lens", *(f"--model={m}={p}" for m, p in lens_models.items()),
-                       *options, *map(str, _list(an.get("lens_args"))), "--out", str(output_dir / "lens")]
-            stages.append(Stage("lens", "lens", output_dir / "lens", command, {"command": command},
-                                done=["lens.json"]))
-        analysis = an
+                       *options, *map(str, _list(an.get("lens_args"))), "--out", str(out)]
+            self.stages.append(Stage("lens", "lens", out, command, {"command": command}, done=["lens.json"]))
+        self.analysis = an
 
-    report = _fill(_mapping(raw.get("report"), "report", file), names, file, "report")
-    _unknown(report, REPORT_KEYS, "report.", file)
-    # A stage reads every earlier stage whose directory its command names: the model it starts from or evaluates,
-    # its data under {world}, ... (the eval table and the prepare stages also name theirs above).
-    for i, s in enumerate(stages):
-        for earlier in stages[:i]:
-            if earlier.name not in s.after and _names_path(s.command, earlier.out):
-                s.after.append(earlier.name)
-    return Experiment(path=file, name=str(raw.get("name") or file.stem), description=str(raw.get("description") or ""),
-                      hardware=str(raw.get("hardware") or ""), output_dir=output_dir, stages=stages, models=models,
-                      trainings=trainings, reference=reference, eval={"tasks": tasks, **ev}, analysis=analysis,
-                      report=report)
+    def link_dependencies(self) -> None:
+        """A stage reads every earlier stage whose directory its command names: the model it starts from or
+        evaluates, its data under {world}, ... (the eval table and the prepare stages also name theirs above)."""
+        for i, s in enumerate(self.stages):
+            for earlier in self.stages[:i]:
+                if earlier.name not in s.after and _names_path(s.command, earlier.out):
+                    s.after.append(earlier.name)
 
 
 def executable(command: list[str]) -> list[str]:
