@@ -31,7 +31,7 @@ SHELL := /bin/bash
 # it does not find there (~200 lines). Those warnings only are dropped.
 QUIET_LOCAL_INDEX := sed -e "/^WARNING: Location 'file:.*' is ignored: it is neither a file nor a directory.$$/d"
 
-# uv installs the lock: from a cold cache it built this environment in 61 s where pip took 206 s (README). uv
+# uv installs the lock: from a cold cache it built this environment in 61 s where pip took 206 s (docs/development.md). uv
 # itself comes first, at its locked version and hashes, through the venv's own pip; then `uv pip sync` makes
 # the environment exactly the lock (hashes checked, no resolution, anything not in the lock removed, --strict:
 # every installed package's requirements met), then midtune itself, editable, built by the locked setuptools.
