@@ -12,6 +12,9 @@ fits the overall budget is skipped for time. The steps:
 1. bench     train.bench on the 1b preset in bf16 on CUDA: full / midtune block / naive block / LoRA; median
              step time, tokens/s, peak CUDA memory (torch.cuda.max_memory_allocated) and the ratios beside the
              analytic ones.
+   bench-real  train.bench on the real pretrained LLM (SmolLM2-135M composed into a LLaVA) with the paper's
+             LLaVA-7B block (layers 6-16 of 32, as 6-15 of 30) in bf16: full, full with logits everywhere,
+             midtune block, naive block, LoRA (skipped in SMOKE: composing the LLM alone takes ~30 s on 2 cores).
 2. train     a real training run through `accelerate launch` per single-GPU backend: plain, DeepSpeed ZeRO-2,
              ZeRO-3 and FSDP2 (one process each): 4 steps with a checkpoint at step 2, then a resume from it that
              must repeat steps 3-4's losses.
@@ -57,6 +60,7 @@ class Sizes:
     budget_s: int
     limits: dict  # seconds per step
     bench: list  # train.bench arguments
+    bench_real: list | None  # train.bench on the real pretrained LLM (SmolLM2-135M, the paper's block); None: skip
     world: list  # midtune.shapes arguments
     tiny: list  # midtune.tiny arguments
     train_steps: int
@@ -71,10 +75,14 @@ class Sizes:
 
 
 GPU = Sizes(
-    device="cuda", budget_s=480,
-    limits={"setup": 60, "bench": 170, "demo-start": 5, "analysis": 75, "train": 150, "eval": 90, "demo": 600},
+    device="cuda", budget_s=540,
+    limits={"setup": 60, "bench": 170, "bench-real": 90, "demo-start": 5, "analysis": 75, "train": 150, "eval": 90,
+            "demo": 600},
     bench=["--preset", "1b", "--device", "cuda", "--dtype", "bf16", "--configs", "full,midtune,naive,lora",
            "--rounds", "2", "--steps", "10", "--warmup", "3", "--threads", "4"],  # ~17 s per worker, mostly start-up
+    bench_real=["--preset", "smollm2-llava", "--device", "cuda", "--dtype", "bf16", "--configs",
+                "full,full-all-logits,midtune,naive,lora", "--rounds", "1", "--steps", "10", "--warmup", "3",
+                "--threads", "4"],
     world=["--n-train", "200", "--n-val", "10", "--n-test", "40"],
     tiny=["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vision-layers", "2",
           "--vision-hidden", "32", "--vision-heads", "4"],
@@ -83,9 +91,11 @@ GPU = Sizes(
 )
 SMOKE = Sizes(
     device="cpu", budget_s=240,
-    limits={"setup": 40, "bench": 60, "demo-start": 5, "analysis": 60, "train": 150, "eval": 60, "demo": 240},
+    limits={"setup": 40, "bench": 60, "bench-real": 5, "demo-start": 5, "analysis": 60, "train": 150, "eval": 60,
+            "demo": 240},
     bench=["--preset", "smoke", "--device", "cpu", "--dtype", "fp32", "--configs", "full,midtune,naive,lora",
            "--rounds", "1", "--threads", "1", "--in-process"],  # one process: the step's wiring, not a measurement
+    bench_real=None,  # composing SmolLM2 alone takes ~30 s on 2 cores; tests/test_bench.py runs the preset
     world=["--n-train", "40", "--n-val", "4", "--n-test", "12"],
     tiny=["--layers", "4", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vision-layers", "1",
           "--vision-hidden", "16", "--vision-heads", "2"],
@@ -226,11 +236,11 @@ def step_setup(ctx: Context) -> dict:
     return {"world": str(world), "model": str(model)}
 
 
-def step_bench(ctx: Context) -> dict:
-    result = ctx.out / "bench.json"
+def step_bench(ctx: Context, name: str = "bench", args: list | None = None) -> dict:
+    result = ctx.out / f"{name}.json"
     result.unlink(missing_ok=True)
-    run([PY, "-m", "train.bench", *ctx.sizes.bench, "--no-record", "--json", str(result)],
-        ctx.out / "logs" / "bench.log", ctx.left())
+    run([PY, "-m", "train.bench", *(args or ctx.sizes.bench), "--no-record", "--json", str(result)],
+        ctx.out / "logs" / f"{name}.log", ctx.left())
     data = json.loads(result.read_text())
     preset = data["preset"]
     tokens = preset["batch"] * ((preset["image_size"] // preset["patch_size"]) ** 2 + preset["text_len"])
@@ -245,6 +255,15 @@ def step_bench(ctx: Context) -> dict:
         })
     return {"preset": preset["name"], "dtype": preset["dtype"], "device": preset["device"],
             "tokens_per_step": tokens, "rounds": preset["rounds"], "rows": rows, "goals": data["goals"]}
+
+
+def step_bench_real(ctx: Context) -> dict:
+    """train.bench on the real pretrained LLM with the paper's LLaVA-7B block (layers 6-16 of 32 → 6-15 of 30),
+    logits at labels against logits everywhere too."""
+    if ctx.sizes.bench_real is None:
+        raise Skipped("composing the real LLM does not fit the CPU rehearsal's budget (tests/test_bench.py runs "
+                      "the preset)")
+    return step_bench(ctx, "bench-real", ctx.sizes.bench_real)
 
 
 def accelerate_config(ctx: Context, backend: str, port: int) -> Path:
@@ -523,9 +542,9 @@ def step_demo(ctx: Context) -> dict:
 
 
 # In the order they run; the report lists them in the order of the module docstring (REPORT_ORDER).
-STEPS = [("setup", step_setup), ("bench", step_bench), ("demo-start", step_demo_start), ("analysis", step_analysis),
-         ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
-REPORT_ORDER = ("setup", "bench", "train", "eval", "analysis", "demo")
+STEPS = [("setup", step_setup), ("bench", step_bench), ("bench-real", step_bench_real), ("demo-start", step_demo_start),
+         ("analysis", step_analysis), ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
+REPORT_ORDER = ("setup", "bench", "bench-real", "train", "eval", "analysis", "demo")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -577,8 +596,9 @@ def markdown(report: dict) -> str:
         note = s.get("reason") or s.get("figures", {}).get("partial", "")
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {note} |")
     steps = {s["name"]: s for s in report["steps"]}
-    bench = steps.get("bench", {}).get("figures")
-    if bench:
+    for bench in (steps.get(name, {}).get("figures") for name in ("bench", "bench-real")):
+        if not bench:
+            continue
         lines += ["", f"train.bench, preset {bench['preset']}, {bench['dtype']} on {bench['device']}, "
                   f"{bench['tokens_per_step']} tokens per step, {bench['rounds']} round(s):", "",
                   "| setup | median step (s) | tokens/s | peak training memory (MiB) | peak total (MiB) | "

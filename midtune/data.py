@@ -28,7 +28,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from PIL import Image
@@ -52,7 +52,11 @@ class DataError(ValueError):
 class BadSample(DataError):
     def __init__(self, source: str, row: int, sample_id: Any, reason: str, kind: str):
         self.kind = kind  # short class of the problem, for the skip summary
+        self.fields = (source, row, sample_id, reason, kind)
         super().__init__(f"{source}: row {row} (id={sample_id!r}): {reason}")
+
+    def __reduce__(self):  # rows are checked in DataLoader workers and on other ranks: it must pickle
+        return type(self), self.fields
 
 
 class TooLong(BadSample):
@@ -122,9 +126,11 @@ class Sample:
 
 
 def parse_row(
-    row: Any, index: int, source: str, image_folder: Path | None, allow_outside_images: bool = False
+    row: Any, index: int, source: str, image_folder: Path | None, allow_outside_images: bool = False,
+    check_files: bool = True,
 ) -> Sample:
-    """Check a row and turn it into a Sample; raise BadSample naming the problem."""
+    """Check a row and turn it into a Sample; raise BadSample naming the problem. `check_files`: also that each
+    image file exists and is sound (off for rows a cached check has already passed)."""
 
     def bad(reason: str, kind: str) -> BadSample:
         sample_id = row.get("id") if isinstance(row, dict) else None
@@ -149,7 +155,7 @@ def parse_row(
         raise bad("has a 'video' field: midtune trains on images and text; video rows are not supported (remove "
                   "the row, or set on_bad_sample=skip to leave such rows out)", "video (unsupported)")
     images = _row_images(row, bad)
-    resolved = [_resolve_image(img, image_folder, allow_outside_images, bad) for img in images]
+    resolved = [_resolve_image(img, image_folder, allow_outside_images, bad, check_files) for img in images]
 
     messages: list[dict] = []
     placeholders = 0
@@ -192,7 +198,7 @@ def _row_images(row: dict, bad) -> list[Any]:
     return images
 
 
-def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad) -> Any:
+def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad, check_files: bool = True) -> Any:
     if isinstance(img, Image.Image):
         return img
     if isinstance(img, dict):  # datasets' undecoded Image feature: {"bytes": ..., "path": ...}
@@ -208,6 +214,8 @@ def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad
             f"image path {img!r} escapes the image folder {str(folder)!r} (set allow_outside_images to permit)",
             "image outside image folder",
         )
+    if not check_files:
+        return path
     if not path.is_file():
         raise bad(f"image file not found: {path}", "missing image file")
     try:
@@ -548,6 +556,8 @@ class DataSummary:
     text_only: int = 0
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
+    cached: bool = False  # the row checks were read back from the data-check cache
+    checked_here: int = 0  # rows this process checked (the others: other processes, or the cache)
 
     def __str__(self) -> str:
         skipped = sum(self.skipped.values())
@@ -561,22 +571,29 @@ class DataSummary:
         return line
 
     def to_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in ("source", "rows", "samples", "with_images", "text_only", "truncated")},
-                "skipped": dict(self.skipped)}
+        keys = ("source", "rows", "samples", "with_images", "text_only", "truncated", "cached", "checked_here")
+        return {**{k: getattr(self, k) for k in keys}, "skipped": dict(self.skipped)}
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Validated, tokenised-on-demand visual instruction samples.
 
-    Construction reads and checks every row (structure, image files exist and are structurally sound) and
-    tokenises its text once, counting image tokens from header sizes, to apply the truncation rule: every data
-    error surfaces before the first training step, without decoding a single image. Items are processed with
-    their pixels in `__getitem__` (DataLoader workers parallelise that), checked against the same expansion.
+    Construction checks every row (structure, image files exist and are structurally sound) and tokenises its
+    text once, counting image tokens from header sizes, to apply the truncation rule: every data error surfaces
+    before the first training step, without decoding a single image. Items are processed with their pixels in
+    `__getitem__` (DataLoader workers parallelise that), checked against the same expansion.
+
+    The checks scale: with `shard=(rank, world_size)` a process checks every world_size-th row and `gather`
+    (accelerate's gather_object) shares the results, so each row is checked once in total; `num_workers`
+    DataLoader workers share a process's rows. With `cache_dir`, the results are kept under a key made of the data
+    files (path, size, modification time), the image folder, the processor (tokenizer, chat template, image
+    settings), the settings and this module's code: a restart or resume with the same inputs reads them back in
+    seconds instead of checking again. (Image files are not re-read then: one deleted since fails when loaded.)
     """
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | list,
         processor,
         image_folder: str | Path | None = None,
         max_length: int = 2048,
@@ -585,7 +602,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         split: str = "train",
         allow_outside_images: bool = False,
         progress: bool = False,
-        cache_text: bool | None = None,
+        num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        gather=None,
+        cache_dir: str | Path | None = None,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -602,60 +622,42 @@ class SupervisedDataset(torch.utils.data.Dataset):
         folder = Path(image_folder) if image_folder is not None else None
         if folder is not None and not folder.is_dir():
             raise DataError(f"image_folder {str(folder)!r} is not a directory")
-
-        rows = ((str(p), index, row) for p in paths for index, row in read_rows(p, split))
-        if progress:
-            from tqdm.auto import tqdm
-
-            rows = tqdm(rows, desc=f"checking {self.source}", unit="row")
+        rows = [(str(p), index, row) for p in paths for index, row in read_rows(p, split)]
+        checker = RowChecker(processor, folder, allow_outside_images, max_length, self.image_ids,
+                             on_image_truncation)
+        key = data_check_key(paths, folder, processor, split=split, max_length=max_length,
+                             on_image_truncation=on_image_truncation, allow_outside_images=allow_outside_images)
+        cache = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
+        outcomes = read_data_checks(cache, len(rows))
+        self.summary.cached = outcomes is not None
+        if outcomes is None:
+            outcomes = check_rows(rows, checker, num_workers, shard, gather, progress, self.source)
+            self.summary.checked_here = len(range(shard[0], len(rows), shard[1]))
+        # The outcomes in row order: the first bad row is the one reported, whichever process checked it.
         self.samples: list[Sample] = []
         self.lengths: list[int] = []
-        # Rendered text per sample (a few hundred bytes each): chat templates then render once, not every epoch.
-        # cache_text None: only up to MAX_CACHED samples (beyond, it would cost gigabytes per process); True: always.
-        self._rendered: list[RenderedText | None] = []
-        for source, index, row in rows:
+        for (source, index, row), (length, truncated, problem) in zip(rows, outcomes):
             self.summary.rows += 1
-            try:
-                sample = parse_row(row, index, source, folder, allow_outside_images)
-                rendered = render_text(processor, sample) if sample.messages is not None else None
-                length, truncated = self._check_length(sample, rendered, on_image_truncation)
-            except BadSample as e:
-                if on_bad_sample == "error" and not isinstance(e, TooLong):
-                    raise
-                self.summary.skipped[e.kind] += 1
-                log.debug("skipping: %s", e)
+            if problem is not None:
+                skippable = isinstance(problem, TooLong) or isinstance(problem, BadSample) and on_bad_sample == "skip"
+                if not skippable:
+                    raise problem
+                self.summary.skipped[problem.kind] += 1
                 continue
+            sample = parse_row(row, index, source, folder, allow_outside_images, check_files=False)
             self.samples.append(sample)
             self.lengths.append(length)
-            if cache_text or (cache_text is None and len(self.samples) <= MAX_CACHED):
-                self._rendered.append(rendered)
             self.summary.truncated += truncated
             self.summary.with_images += sample.has_images
             self.summary.text_only += not sample.has_images
         self.summary.samples = len(self.samples)
-        if len(self._rendered) != len(self.samples):  # over the cap: cache all or nothing
-            self._rendered = []
         if not self.samples:
             raise DataError(f"{self.source}: no usable samples ({self.summary})")
-
-    def _check_length(self, sample: Sample, rendered: RenderedText | None, policy: str) -> tuple[int, bool]:
-        # Text tokenisation + image-token counts from header sizes: exact lengths without decoding pixels.
-        tok = tokenise_sample(self.processor, sample, rendered=rendered)
-        n = len(tok.input_ids)
-        if n <= self.max_length:
-            return n, False
-        if any(end > self.max_length for _, end in image_token_spans(tok.input_ids, self.image_ids)):
-            if policy == "error":
-                raise DataError(
-                    f"{sample.source}: row {sample.row} (id={sample.id!r}): {n} tokens exceed max_length="
-                    f"{self.max_length} and truncation would cut through image tokens"
-                )
-            raise TooLong(sample.source, sample.row, sample.id,
-                          f"truncation to {self.max_length} would cut image tokens", "too long (image cut)")
-        if all(label == IGNORE_INDEX for label in tok.labels[: self.max_length]):
-            raise TooLong(sample.source, sample.row, sample.id,
-                          f"no assistant tokens within max_length={self.max_length}", "too long (no answer left)")
-        return self.max_length, True
+        if cache is not None and not self.summary.cached and shard[0] == 0:
+            write_data_checks(cache, key, outcomes)
+        # Rendered text per sample (a few kB each), kept for the first MAX_CACHED samples so templates render once:
+        # past that the rest render on every use, a cost that grows with the rows instead of a cliff.
+        self._rendered: dict[int, RenderedText] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -663,7 +665,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
         images = [load_image(img) for img in sample.images]
-        rendered = self._rendered[i] if self._rendered else None
+        rendered = self._rendered.get(i)
+        if rendered is None and sample.messages is not None:
+            rendered = render_text(self.processor, sample)
+            if len(self._rendered) < MAX_CACHED:
+                self._rendered[i] = rendered
         tok = tokenise_sample(self.processor, sample, images, rendered=rendered)
         n = min(len(tok.input_ids), self.max_length)
         item = {
@@ -675,6 +681,157 @@ class SupervisedDataset(torch.utils.data.Dataset):
         item.update({k: torch.tensor(v[:n]) for k, v in tok.extra.items()})
         item.update(tok.vision)
         return item
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking rows: split across processes and workers, kept in a cache
+# ---------------------------------------------------------------------------------------------------------
+
+DATA_CHECK_FORMAT = "midtune-data-check/1"
+# (length, truncated, problem): a usable row's tokens (capped at max_length) and whether it was truncated, or
+# the BadSample/DataError that leaves it out (length 0).
+Outcome = tuple[int, bool, "DataError | None"]
+
+
+@dataclass
+class RowChecker:
+    """Checks one row: its structure and images, and its length (text tokenised, image tokens counted from the
+    images' header sizes: exact lengths without decoding pixels). Picklable, for DataLoader workers."""
+
+    processor: Any
+    image_folder: Path | None
+    allow_outside_images: bool
+    max_length: int
+    image_ids: set[int]
+    on_image_truncation: str
+
+    def __call__(self, item: tuple[str, int, Any]) -> Outcome:
+        source, index, row = item
+        try:
+            sample = parse_row(row, index, source, self.image_folder, self.allow_outside_images)
+            return (*self.length(sample), None)
+        except DataError as e:
+            return 0, False, e
+
+    def length(self, sample: Sample) -> tuple[int, bool]:
+        tok = tokenise_sample(self.processor, sample)
+        n = len(tok.input_ids)
+        if n <= self.max_length:
+            return n, False
+        if any(end > self.max_length for _, end in image_token_spans(tok.input_ids, self.image_ids)):
+            if self.on_image_truncation == "error":
+                raise DataError(
+                    f"{sample.source}: row {sample.row} (id={sample.id!r}): {n} tokens exceed max_length="
+                    f"{self.max_length} and truncation would cut through image tokens"
+                )
+            raise TooLong(sample.source, sample.row, sample.id,
+                          f"truncation to {self.max_length} would cut image tokens", "too long (image cut)")
+        if all(label == IGNORE_INDEX for label in tok.labels[: self.max_length]):
+            raise TooLong(sample.source, sample.row, sample.id,
+                          f"no assistant tokens within max_length={self.max_length}", "too long (no answer left)")
+        return self.max_length, True
+
+
+class _Shard(torch.utils.data.Dataset):
+    """This process's rows (every world_size-th), in chunks, each checked by whichever worker takes it."""
+
+    def __init__(self, rows: list, positions: range, checker: RowChecker, chunk: int = 64):
+        self.rows, self.checker = rows, checker
+        self.chunks = [positions[i:i + chunk] for i in range(0, len(positions), chunk)]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> list[tuple[int, Outcome]]:
+        return [(i, self.checker(self.rows[i])) for i in self.chunks[k]]
+
+
+def _as_is(chunk):
+    return chunk
+
+
+def check_rows(rows: list, checker: RowChecker, num_workers: int = 0, shard: tuple[int, int] = (0, 1),
+               gather=None, progress: bool = False, source: str = "") -> list[Outcome]:
+    """Every row's outcome, in row order. This process checks rows rank, rank + world_size, ... (with
+    `num_workers` DataLoader workers); `gather` (accelerate.utils.gather_object) brings the other processes'."""
+    rank, world = shard
+    positions = range(rank, len(rows), world)
+    loader = torch.utils.data.DataLoader(_Shard(rows, positions, checker), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_as_is)
+    mine: list[tuple[int, Outcome]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(positions), desc=f"checking {source}" + (f" (1/{world} of the rows)" if world > 1
+                                                                        else ""), unit="row")
+    for chunk in loader:
+        mine += chunk
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    everything = gather(mine) if gather is not None and world > 1 else mine
+    outcomes: list[Outcome | None] = [None] * len(rows)
+    for i, outcome in everything:
+        outcomes[i] = outcome
+    missing = sum(o is None for o in outcomes)
+    if missing:  # a gather that lost rows would silently train on less
+        raise DataError(f"{source}: {missing} of {len(rows)} rows were not checked by any process")
+    return outcomes
+
+
+def _file_identity(path: Path) -> list:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def data_check_key(paths: list[Path], image_folder: Path | None, processor, **settings) -> str:
+    """What a row check depends on: the data files, the image folder, the processor, the settings and the code
+    that checks. The data files are identified by path, size and modification time (hashing a 665k-row file on
+    every start would cost what the cache saves)."""
+    import hashlib
+
+    tokenizer = _tokenizer(processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    image_processor = getattr(processor, "image_processor", None)
+    parts = {
+        "format": DATA_CHECK_FORMAT,
+        "files": [_file_identity(p) for p in paths],
+        "image_folder": str(image_folder.resolve()) if image_folder is not None else None,
+        "processor": type(processor).__name__,
+        "tokenizer": backend.to_str() if backend is not None else [type(tokenizer).__name__, len(tokenizer)],
+        "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
+        "image_processor": image_processor.to_json_string() if image_processor is not None else None,
+        "settings": settings,
+        "code": [Path(__file__).read_text(), (Path(__file__).parent / "adapters.py").read_text()],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def read_data_checks(path: Path | None, n_rows: int) -> list[Outcome] | None:
+    """The cached outcomes, or None (no cache, none written yet, or not for these rows)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: checked again and rewritten
+    if doc.get("format") != DATA_CHECK_FORMAT or len(doc.get("outcomes", ())) != n_rows:
+        return None
+    kinds = {"BadSample": BadSample, "TooLong": TooLong}
+    return [(length, truncated, None if problem is None else kinds[problem[0]](*problem[1:]))
+            for length, truncated, problem in doc["outcomes"]]
+
+
+def write_data_checks(path: Path, key: str, outcomes: list[Outcome]) -> None:
+    """Only runs that got this far (every problem a skipped BadSample) are cached."""
+    from midtune.files import write_json
+
+    write_json(path, {"format": DATA_CHECK_FORMAT, "key": key,
+                      "outcomes": [[length, truncated, None if problem is None else
+                                    [type(problem).__name__, *problem.fields]]
+                                   for length, truncated, problem in outcomes]}, indent=None)
 
 
 @dataclass
@@ -718,3 +875,67 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
             pad += [0, shape[d - 1] - t.shape[d]]
         padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
     return torch.cat(padded, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching by length
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """An order of sample indices whose consecutive `batch_size` runs hold samples of one modality (image or
+    text-only) and similar length, the batches themselves in random order: LLaVA's group_by_modality_length. A
+    batch is then padded to a length close to each of its samples', not to a random long one's.
+
+    Per epoch: each modality's indices are shuffled and cut into megabatches of `megabatch` batches; a megabatch is
+    sorted by length and cut into batches; the full batches of both modalities are shuffled together; what does not
+    fill a batch is gathered at the end (sorted by length, the one short batch last), so every batch the DataLoader
+    cuts from this order is one of them. The order depends only on (seed, epoch, lengths): every process of a run
+    builds the same one (accelerate hands each its batches), and a resumed run skips into the same order."""
+
+    def __init__(self, lengths: list[int], has_images: list[bool], batch_size: int, seed: int = 0,
+                 megabatch: int = 32):
+        if len(lengths) != len(has_images):
+            raise ValueError("lengths and has_images must be of the same size")
+        self.lengths = torch.as_tensor(lengths, dtype=torch.long)
+        self.has_images = torch.as_tensor(has_images, dtype=torch.bool)
+        self.batch_size, self.seed, self.megabatch = batch_size, seed, megabatch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        size = self.batch_size
+        batches: list[torch.Tensor] = []
+        rest: list[torch.Tensor] = []
+        for modality in (True, False):
+            idx = self.has_images.eq(modality).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            for mega in idx.split(size * self.megabatch):
+                mega = mega[self.lengths[mega].argsort(descending=True, stable=True)]
+                full = len(mega) // size * size
+                batches += list(mega[:full].split(size))
+                rest.append(mega[full:])
+        order = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        tail = torch.cat(rest) if rest else torch.empty(0, dtype=torch.long)
+        order.append(tail[self.lengths[tail].argsort(descending=True, stable=True)])
+        return torch.cat(order) if order else torch.empty(0, dtype=torch.long)
+
+
+def padding_fraction(lengths: list[int], order: Iterable[int], batch_size: int) -> float:
+    """The fraction of a padded batch's positions that are padding, over all batches cut from `order`."""
+    lengths_in_order = [lengths[i] for i in order]
+    padded = real = 0
+    for s in range(0, len(lengths_in_order), batch_size):
+        chunk = lengths_in_order[s:s + batch_size]
+        padded += max(chunk) * len(chunk)
+        real += sum(chunk)
+    return 1 - real / padded if padded else 0.0

@@ -104,6 +104,13 @@ def save_figure(fig, target: str | Path, **savefig_kwargs) -> None:
         fig.savefig(tmp, format=Path(target).suffix.lstrip(".") or "png", **savefig_kwargs)
 
 
+def cache_dir(*parts: str) -> Path:
+    """Where midtune keeps what it can rebuild but would rather not, between runs: $MIDTUNE_CACHE/<parts>
+    (default ~/.cache/midtune/<parts>): the canonical shapes world, data checks, the benchmarks' models."""
+    root = os.environ.get("MIDTUNE_CACHE") or Path.home() / ".cache" / "midtune"
+    return Path(root).joinpath(*parts)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reading JSONL
 # ---------------------------------------------------------------------------------------------------------

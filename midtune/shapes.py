@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from midtune.files import read_jsonl
+from midtune.files import cache_dir, read_jsonl
 
 try:  # a progress bar is nice to have, never required
     from tqdm import tqdm as _tqdm
@@ -695,8 +695,7 @@ def ensure_canonical_world(data_dir: str | Path, progress: bool = True) -> Path:
 def default_world_dir() -> Path:
     """Where tools that need the canonical world and are given none keep it: $MIDTUNE_CACHE/shapes-canonical
     (default ~/.cache/midtune). The eval tasks keep their own copy beside their YAMLs."""
-    root = os.environ.get("MIDTUNE_CACHE") or Path.home() / ".cache" / "midtune"
-    return Path(root) / "shapes-canonical"
+    return cache_dir("shapes-canonical")
 
 
 # ---------------------------------------------------------------------------------------

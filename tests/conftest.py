@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# What midtune caches between runs (data checks, the canonical world, benchmark models) stays in this session's
+# own directory: a test neither reads a cache an earlier session left in ~/.cache nor leaves one there.
+os.environ.setdefault("MIDTUNE_CACHE", tempfile.mkdtemp(prefix="midtune-test-cache-"))
 
 FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, vision_layers=2, vision_hidden=32, vision_heads=4)

@@ -75,3 +75,28 @@ def test_workers_run_in_fresh_processes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[1/1] round 1 midtune" in printed
     assert "| midtune: block 1-2 | non-reentrant, block and above |" in printed
+
+
+def test_the_papers_blocks_scale_to_the_real_llm():
+    """LLaVA-7B's layers 6-16 of 32 and OneVision-4B's 8-25 of 36, at the same fraction and position of depth in
+    SmolLM2-135M's 30 layers; the head costs only the labelled positions there, logits everywhere cost more."""
+    from train.bench import analytic, scaled_block
+
+    assert scaled_block(6, 16, 32, 30) == "6-15" and scaled_block(8, 25, 36, 30) == "7-21"
+    llava, onevision = PRESETS["smollm2-llava"], PRESETS["smollm2-onevision"]
+    assert block_layers(llava) == range(6, 16) and block_layers(onevision) == range(7, 22)
+    assert flop_weights(llava).head < flop_weights(llava, all_logits=True).head
+    assert analytic(llava, SETUPS["full-all-logits"], "full", 8) > 1 > analytic(llava, SETUPS["midtune"], "full", 8)
+
+
+@pytest.mark.slow
+def test_benchmark_on_the_real_llm(tmp_path, capsys, monkeypatch):
+    """The real-LLM preset end to end (composed once into $MIDTUNE_CACHE), one step per configuration."""
+    monkeypatch.setenv("MIDTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "BENCH.md"
+    main(["--preset", "smollm2-llava", "--rounds", "1", "--steps", "1", "--warmup", "1", "--batch", "2",
+          "--threads", "1", "--in-process", "--configs", "full,full-all-logits,midtune", "--output", str(out)])
+    text = out.read_text()
+    assert "smollm2-135m-instruct (pretrained, 30×576" in text
+    assert "| midtune: block 6-15 |" in text and "| full fine-tuning, logits everywhere |" in text
+    assert "logits at labels / logits everywhere" in text and "vs the paper" in text

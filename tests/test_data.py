@@ -203,3 +203,113 @@ def test_unreadable_files_name_the_file_and_row(tiny_dir, tmp_path):
     obj = write_json(tmp_path / "obj.json", {"id": "a"})
     with pytest.raises(DataError, match="expected a JSON list"):
         SupervisedDataset(obj, processor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching by length
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_length_grouped_batches_are_one_modality_and_a_seeded_permutation():
+    from midtune.data import LengthGroupedSampler
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 700, (203,), generator=g).tolist()
+    has_images = (torch.rand(203, generator=g) < 0.7).tolist()
+    sampler = LengthGroupedSampler(lengths, has_images, batch_size=4, seed=3, megabatch=8)
+    first = list(sampler)
+    assert sorted(first) == list(range(203))  # every sample once per epoch
+    assert list(sampler) == first == list(LengthGroupedSampler(lengths, has_images, 4, seed=3, megabatch=8))
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # a new order each epoch, the same one on every process and on resume
+    assert list(LengthGroupedSampler(lengths, has_images, 4, seed=4, megabatch=8)) != first
+    batches = [first[s:s + 4] for s in range(0, len(first), 4)]
+    mixed = [b for b in batches if len({has_images[i] for i in b}) > 1]
+    assert len(mixed) <= 1 and (not mixed or mixed[0] in batches[-2:])  # only the gathered leftovers mix
+    assert len(batches[-1]) == 203 % 4  # the one short batch comes last
+
+
+def test_grouping_by_length_at_least_halves_the_padding_of_random_batches():
+    from midtune.data import LengthGroupedSampler, padding_fraction
+
+    g = torch.Generator().manual_seed(1)
+    # LLaVA-like: image samples of 576 image tokens + 20-400 text tokens, text-only samples of 20-600 tokens
+    has_images = (torch.rand(2000, generator=g) < 0.8).tolist()
+    lengths = [(576 if img else 0) + int(torch.randint(20, 600 if not img else 400, (1,), generator=g))
+               for img in has_images]
+    shuffled = torch.randperm(2000, generator=g).tolist()
+    grouped = list(LengthGroupedSampler(lengths, has_images, batch_size=8, seed=0))
+    assert padding_fraction(lengths, grouped, 8) <= 0.5 * padding_fraction(lengths, shuffled, 8)
+    assert padding_fraction([5, 5, 3, 1], [0, 1, 2, 3], 2) == pytest.approx(1 - 14 / 16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking rows at scale: shards, workers, the cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def dataset_view(ds):
+    return [(s.id, s.row, s.source) for s in ds.samples], ds.lengths, ds.summary.to_dict()
+
+
+def test_row_checks_split_across_processes_and_workers_give_the_same_dataset(world, tiny_dir):
+    """Two 'processes' (threads meeting in a gather, as accelerate's gather_object does), each checking every
+    other row with a DataLoader worker: each row is checked once in total and both build the single-process
+    dataset."""
+    import threading
+
+    processor = processor_of(tiny_dir, "llava")
+    data = [world / "train.json", world / "captions_train.json"]
+    alone = SupervisedDataset(data, processor, image_folder=world / "images")
+    barrier, parts, built = threading.Barrier(2), {}, {}
+
+    def gather(local):
+        parts[threading.current_thread().name] = local
+        barrier.wait()
+        return [item for name in sorted(parts) for item in parts[name]]
+
+    def rank(r):
+        built[r] = SupervisedDataset(data, processor, image_folder=world / "images", shard=(r, 2), gather=gather,
+                                     num_workers=1 if r == 0 else 0)
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(2):
+        samples, lengths, summary = dataset_view(built[r])
+        assert (samples, lengths) == dataset_view(alone)[:2]
+        assert summary["rows"] == alone.summary.rows
+    checked = [built[r].summary.checked_here for r in range(2)]
+    assert sum(checked) == alone.summary.rows and min(checked) >= alone.summary.rows // 2
+
+
+def test_row_checks_are_cached_by_data_processor_and_settings(world, tiny_dir, tmp_path, monkeypatch):
+    processor = processor_of(tiny_dir, "llava")
+    rows = json.loads((world / "train.json").read_text())
+    rows[3]["image"] = "nowhere.png"  # a bad row, skipped: the cache must skip it again
+    data = write_json(tmp_path / "train.json", rows)
+    make = dict(image_folder=world / "images", on_bad_sample="skip", cache_dir=tmp_path / "cache")
+    cold = SupervisedDataset(data, processor, **make)
+    assert not cold.summary.cached and cold.summary.skipped == {"missing image file": 1}
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+    import PIL.Image
+
+    def no_image_reads(*args, **kwargs):
+        raise AssertionError("a cached check read an image file")
+
+    monkeypatch.setattr(PIL.Image, "open", no_image_reads)
+    warm = SupervisedDataset(data, processor, **make)
+    assert warm.summary.cached
+    assert dataset_view(warm)[:2] == dataset_view(cold)[:2] and warm.summary.skipped == cold.summary.skipped
+    monkeypatch.undo()
+
+    # another max_length, or a changed data file: checked again
+    assert not SupervisedDataset(data, processor, max_length=1024, **make).summary.cached
+    write_json(data, rows[:10])
+    again = SupervisedDataset(data, processor, **make)
+    assert not again.summary.cached and again.summary.rows == 10
+    # without a cache_dir nothing is kept
+    assert not SupervisedDataset(data, processor, image_folder=world / "images", on_bad_sample="skip").summary.cached

@@ -66,6 +66,23 @@ def test_only_the_selected_tensors_change(world, tiny_dir, tmp_path):
     assert all({"loss", "lr", "grad_norm", "step_time"} <= set(m) for m in lines)
 
 
+def test_padding_is_measured_and_grouping_by_length_lowers_it(world, tiny_dir, tmp_path):
+    """run.json and every metrics line report the fraction of padded positions; the same data batched at random
+    (group_by_length=false) pads more. Captions and questions mixed: lengths that differ."""
+    both = f"[{world / 'train.json'},{world / 'captions_train.json'}]"
+    padding = {}
+    for grouped in (True, False):
+        out = tmp_path / str(grouped)
+        run(world, tiny_dir("llava"), out, data=both, max_steps=6, group_by_length=grouped,
+            **{"trainable.layers": "1"})
+        summary = json.loads((out / "run.json").read_text())
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all(0 <= m["padding"] < 1 for m in lines)
+        assert summary["config"]["group_by_length"] is grouped
+        padding[grouped] = summary["padding_fraction"]
+    assert padding[True] < padding[False]
+
+
 def test_tensorboard_tracks_the_run(world, tiny_dir, tmp_path):
     run(world, tiny_dir("llava"), tmp_path / "run", report_to="[tensorboard]", max_steps=2, **{"trainable.layers": "1"})
     events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))

@@ -82,6 +82,14 @@ class Preset:
     warmup: int  # untimed steps first (the first one allocates the AdamW state)
     device: str = "cpu"  # cpu, cuda, or auto: cuda where available
     dtype: str = "fp32"  # fp32, bf16, or auto: bf16 on cuda, fp32 on cpu
+    block: str = "middle:0.5"  # the trained block of the block configurations (a layer spec)
+    paper_ratio: float | None = None  # the paper's time ratio for this block (its Table 1), a goal to beat
+    # The loss as train computes it: the LM head only at labelled positions (train's default); false: the model's
+    # own loss, logits everywhere (the random-init presets, as first measured).
+    logits_at_labels: bool = False
+    # A packaged pretrained LLM (midtune.compose's PACKAGED_LLMS) composed with a random-init CLIP tower of the
+    # vision_* sizes; the LLM fields above must then describe that LLM (they feed the analytic model).
+    llm: str | None = None
 
     def resolved(self) -> Preset:
         import torch
@@ -101,11 +109,23 @@ class Preset:
         return self.image_tokens + self.text_len
 
     def describe(self) -> str:
+        if self.llm:
+            return (f"{self.llm} (pretrained, {self.layers}×{self.hidden}, vocab {self.vocab}) composed with a "
+                    f"random-init CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
+                    f"{self.patch_size}) into a LLaVA; batch {self.batch} × {self.seq_len} tokens "
+                    f"({self.image_tokens} image + {self.text_len} text), loss from logits at "
+                    f"{'labelled positions' if self.logits_at_labels else 'every position'}, {self.dtype} on "
+                    f"{self.device}")
         return (f"random-init LLaVA: CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
                 f"{self.patch_size}, feature layer {self.vision_feature_layer}) → MLP projector → Llama "
                 f"{self.layers}×{self.hidden} (intermediate {self.intermediate}, {self.heads} heads / "
                 f"{self.kv_heads} KV, vocab {self.vocab}); batch {self.batch} × {self.seq_len} tokens "
                 f"({self.image_tokens} image + {self.text_len} text), {self.dtype} on {self.device}")
+
+
+def scaled_block(lo: int, hi: int, of: int, layers: int) -> str:
+    """Layers lo-hi of an `of`-layer LLM, at the same fraction and position of depth in a `layers`-layer one."""
+    return f"{round(lo / of * layers)}-{round((hi + 1) / of * layers) - 1}"
 
 
 PRESETS: dict[str, Preset] = {
@@ -128,12 +148,20 @@ PRESETS: dict[str, Preset] = {
                vision_layers=24, vision_hidden=1024, vision_heads=16, image_size=336, patch_size=14,
                vision_feature_layer=-2, batch=4, text_len=128, rounds=4, steps=10, warmup=3, device="auto",
                dtype="auto"),
+        # The real pretrained LLM (SmolLM2-135M-Instruct, 30 layers, the demo's) and the paper's blocks at the same
+        # fraction and position of depth: LLaVA-7B trained layers 6-16 of 32 (98.8 % of full's score in 86.1 % of
+        # its time), OneVision-4B layers 8-25 of 36 (100.4 % in 75.7 %). Batch 8 × (64 image + 40 text) tokens.
+        *(Preset(f"smollm2-{paper}", f"SmolLM2-135M in a LLaVA; the paper's {paper} block {lo}-{hi} of {of} as "
+                 f"{scaled_block(lo, hi, of, 30)} of 30", layers=30, hidden=576, heads=9, kv_heads=3,
+                 intermediate=1536, vocab=49152, vision_layers=4, vision_hidden=192, vision_heads=4, image_size=64,
+                 patch_size=8, vision_feature_layer=-2, batch=8, text_len=40, rounds=3, steps=4, warmup=2,
+                 device="auto", dtype="auto", block=scaled_block(lo, hi, of, 30), paper_ratio=ratio,
+                 logits_at_labels=True, llm="smollm2-135m-instruct")
+          for paper, lo, hi, of, ratio in (("llava", 6, 16, 32, 0.861), ("onevision", 8, 25, 36, 0.757))),
     ]
 }
 
-BLOCK = "middle:0.5"
 FULL_SPEC = {"layers": "all", "projector": True, "embeddings": True, "norm": True, "lm_head": True}
-BLOCK_SPEC = {"layers": BLOCK}
 
 
 @dataclass(frozen=True)
@@ -142,6 +170,7 @@ class Setup:
     label: str
     mode: str  # full | midtune | naive | lora (the rows of step_units)
     checkpointing: bool
+    all_logits: bool = False  # the LM head at every position, whatever the preset's loss
 
 
 SETUPS: dict[str, Setup] = {
@@ -154,6 +183,7 @@ SETUPS: dict[str, Setup] = {
         Setup("full-nockpt", "full fine-tuning", "full", False),
         Setup("midtune-nockpt", "midtune: block", "midtune", False),
         Setup("naive-nockpt", "naive: block", "naive", False),
+        Setup("full-all-logits", "full fine-tuning, logits everywhere", "full", True, all_logits=True),
     ]
 }
 DEFAULT_SETUPS = ("full", "midtune", "naive", "lora", "full-nockpt", "midtune-nockpt")
@@ -227,12 +257,13 @@ def step_units(mode: str, checkpointing: bool, num_layers: int, block: range, w:
 def block_layers(preset: Preset) -> range:
     from midtune.spec import resolve_layers
 
-    layers = resolve_layers(BLOCK, preset.layers)
+    layers = resolve_layers(preset.block, preset.layers)
     return range(layers[0], layers[-1] + 1)
 
 
-def flop_weights(p: Preset, lora_r: int | None = None) -> Weights:
-    """`Weights` of a preset: matmul multiply-adds per step of each part over those of one decoder layer."""
+def flop_weights(p: Preset, lora_r: int | None = None, all_logits: bool = False) -> Weights:
+    """`Weights` of a preset: matmul multiply-adds per step of each part over those of one decoder layer. The LM
+    head runs at the labelled positions only when the preset's loss computes logits there (and not `all_logits`)."""
     head_dim = p.hidden // p.heads
     q, kv = p.heads * head_dim, p.kv_heads * head_dim
     linears = {"q_proj": (p.hidden, q), "k_proj": (p.hidden, kv), "v_proj": (p.hidden, kv), "o_proj": (q, p.hidden),
@@ -248,17 +279,24 @@ def flop_weights(p: Preset, lora_r: int | None = None) -> Weights:
     lora = 0.0
     if lora_r:
         lora = sum(lora_r * (i + o) for i, o in linears.values()) / per_token
-    return Weights(head=p.hidden * p.vocab * p.batch * p.seq_len / layer,
+    head_positions = labelled_positions(p) if p.logits_at_labels and not all_logits else p.seq_len
+    return Weights(head=p.hidden * p.vocab * p.batch * head_positions / layer,
                    vision=p.vision_layers * vision_layer / layer, vision_used=used * vision_layer / layer,
                    projector=projector / layer, lora=lora)
 
 
 def analytic(preset: Preset, setup: Setup, baseline: str, lora_r: int) -> float:
-    """Analytic step-time ratio of `setup` over `baseline` (full or naive) with the same checkpointing."""
-    w = flop_weights(preset, lora_r)
+    """Analytic step-time ratio of `setup` over `baseline` (full or naive, the preset's loss) with the same
+    checkpointing."""
     block = block_layers(preset)
-    return (step_units(setup.mode, setup.checkpointing, preset.layers, block, w)
-            / step_units(baseline, setup.checkpointing, preset.layers, block, w))
+    return (step_units(setup.mode, setup.checkpointing, preset.layers, block,
+                       flop_weights(preset, lora_r, setup.all_logits))
+            / step_units(baseline, setup.checkpointing, preset.layers, block, flop_weights(preset, lora_r)))
+
+
+def labelled_positions(p: Preset) -> int:
+    """Positions per sample whose next token carries a label in make_batch's batch (the text after the image)."""
+    return p.text_len - min(4, p.text_len)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -266,9 +304,44 @@ def analytic(preset: Preset, setup: Setup, baseline: str, lora_r: int) -> float:
 # -------------------------------------------------------------------------------------------------------------
 
 
+def composed_dir(preset: Preset) -> Path:
+    """Where the real-LLM presets keep their composed LLaVA ($MIDTUNE_CACHE/bench/...), built once."""
+    from midtune.files import cache_dir
+
+    tower = f"clip{preset.vision_layers}x{preset.vision_hidden}-{preset.image_size}px{preset.patch_size}"
+    return cache_dir("bench", f"{preset.llm}+{tower}-layer{preset.vision_feature_layer}")
+
+
+def ensure_composed(preset: Preset, seed: int = 0) -> Path:
+    """The preset's LLM composed (midtune.compose) with a random-init CLIP tower; built on first use. Timings do
+    not depend on the tower's weights, and the LLM is the real one."""
+    import tempfile
+
+    from midtune.compose import compose
+    from midtune.tiny import build_vision_tower
+
+    out = composed_dir(preset)
+    if (out / "config.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        build_vision_tower(Path(tmp) / "tower", image_size=preset.image_size, patch_size=preset.patch_size,
+                           layers=preset.vision_layers, hidden=preset.vision_hidden, heads=preset.vision_heads,
+                           seed=seed)
+        compose(Path(tmp) / "tower", preset.llm, out, vision_feature_layer=preset.vision_feature_layer, seed=seed,
+                overwrite=True, verbose=False)
+    return out
+
+
 def build_model(preset: Preset, seed: int):
     import torch
     from transformers import LlavaForConditionalGeneration
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[preset.dtype]
+    if preset.llm:
+        from midtune.checkpoint import load_pretrained
+
+        model, _ = load_pretrained(str(ensure_composed(preset)), dtype="float32")
+        return model.to(device=preset.device, dtype=dtype), dtype
 
     from midtune.adapters import TinySize, family_of
 
@@ -283,18 +356,16 @@ def build_model(preset: Preset, seed: int):
     torch.manual_seed(seed)
     with torch.device(preset.device):
         model = LlavaForConditionalGeneration(config)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[preset.dtype]
     return model.to(dtype), dtype
 
 
-def make_batch(preset: Preset, seed: int, dtype) -> dict:
+def make_batch(preset: Preset, seed: int, dtype, image_id: int) -> dict:
     """A fixed synthetic batch: a few text tokens, the image's run of image tokens, then text; labels on text."""
     import torch
 
     g = torch.Generator().manual_seed(seed + 1)
-    image_id = preset.vocab - 1
     lead = min(4, preset.text_len)
-    text = torch.randint(0, preset.vocab - 1, (preset.batch, preset.text_len), generator=g)
+    text = torch.randint(0, min(image_id, preset.vocab - 1), (preset.batch, preset.text_len), generator=g)
     images = torch.full((preset.batch, preset.image_tokens), image_id)
     input_ids = torch.cat([text[:, :lead], images, text[:, lead:]], dim=1)
     labels = input_ids.clone()
@@ -314,12 +385,16 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
     from train.activation_checkpointing import setup_checkpointing, setup_naive_checkpointing
     from train.config import LoraConfig, OptimConfig
     from train.lora import add_lora
+    from train.loss import causal_lm_loss
     from train.optimizer import build_optimizer, keep_trainable_in
 
     memory = Memory(preset.device)
     model, dtype = build_model(preset, seed)
     config = SimpleNamespace(optim=OptimConfig(), lora=LoraConfig())
-    spec = TrainableSpec.from_dict(FULL_SPEC if setup.mode == "full" else BLOCK_SPEC)
+    full = dict(FULL_SPEC)
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        full["lm_head"] = False  # tied to the embeddings (SmolLM2): trained with them
+    spec = TrainableSpec.from_dict(full if setup.mode == "full" else {"layers": preset.block})
     if setup.mode == "lora":
         torch.manual_seed(seed)
         model = add_lora(model, spec, config)
@@ -341,13 +416,14 @@ def run_worker(setup: Setup, preset: Preset, seed: int) -> dict:
     model.train()
     optimizer = build_optimizer(model, plan, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batch = make_batch(preset, seed, dtype)
+    batch = make_batch(preset, seed, dtype, image_id=model.config.image_token_id)
+    at_labels = preset.logits_at_labels and not setup.all_logits
     parts = family_of(model).parts(model)
     memory.mark()
 
     def step():
         with autocast:
-            loss = model(**batch, use_cache=False).loss
+            loss = causal_lm_loss(model, batch, at_labels)  # as train computes it
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -471,7 +547,7 @@ def summarize(preset: Preset, runs: dict[str, list[dict]], lora_r: int) -> list[
             "vision0_forwards": first["vision0_forwards"], "llm0_graph": first["llm0_graph"], "block": first["block"],
             "losses": first["losses"], "fused_adamw": first["fused_adamw"],
         })
-    by = {(r["mode"], r["checkpointing"]): r for r in rows}
+    by = {(r["mode"], r["checkpointing"]): r for r in rows if not SETUPS[r["setup"]].all_logits}
     for r in rows:
         setup = SETUPS[r["setup"]]
         for base in ("full", "naive"):
@@ -529,6 +605,13 @@ def goals(rows: list[dict], preset: Preset) -> list[str]:
     if m and f:
         line("step time midtune / full", m["vs_full"], 1.05 * m["analytic_vs_full"],
              f"goal 1.05 × analytic {m['analytic_vs_full']:.3f}, both with checkpointing")
+    if m and f and preset.paper_ratio:
+        line("step time midtune / full vs the paper", m["vs_full"], preset.paper_ratio,
+             f"the paper's time ratio for this block (Table 1): {preset.paper_ratio:.3f}")
+    a = by.get("full-all-logits")
+    if a and f:
+        line("full step, logits at labels / logits everywhere", f["median_s"] / a["median_s"], 0.80,
+             f"goal: at least 20 % cut; analytic {1 / a['analytic_vs_full']:.3f}")
     if m and n:
         line("step time midtune / naive", m["vs_naive"], 0.86,
              f"analytic {m['analytic_vs_naive']:.3f}, both with checkpointing (a prototype measured 0.82)")
@@ -578,8 +661,8 @@ def record(path: Path, preset: Preset, rows: list[dict], goal_lines: list[str], 
 ## train: layer-restricted step time and peak memory, preset {preset.name}, {when}
 
 - model: {preset.describe()}; {params_line(rows)}
-- configurations: block = LLM layers {block.start}-{block.stop - 1} (`{BLOCK}`); full = the whole LLM + projector,
-  vision tower frozen (LLaVA-1.5 stage 2); naive = the block frozen with `requires_grad=False` +
+- configurations: block = LLM layers {block.start}-{block.stop - 1} (`{preset.block}`); full = the whole LLM +
+  projector, vision tower frozen (LLaVA-1.5 stage 2); naive = the block frozen with `requires_grad=False` +
   `enable_input_require_grads()` (+ reentrant checkpointing on every layer: LLaVA, ms-swift, PEFT; on
   transformers' Llava this also hooks the CLIP patch embedding, so the vision tower is recomputed and
   back-propagated too); LoRA = `train`'s `lora.*` defaults on the block, midtune cut
@@ -661,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
 
     lora_r = LoraConfig().r
     print(f"preset {preset.name}: {preset.describe()}; block {block.start}-{block.stop - 1}", flush=True)
+    if preset.llm:
+        print(f"composed model: {ensure_composed(preset, args.seed)}", flush=True)  # once, before the workers
     print(f"machine: {info}", flush=True)
 
     started = time.time()

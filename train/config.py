@@ -104,6 +104,12 @@ class TrainConfig:
     split: str = "train"  # for datasets directories
     num_workers: int = 0
     seed: int = 42
+    # Batches of one modality (image or text-only) and similar length, in random order (LLaVA's
+    # group_by_modality_length): far less padding than random batches. false: a plain shuffle.
+    group_by_length: bool = True
+    # Keep the row checks (structure, images, lengths) in $MIDTUNE_CACHE/data-checks, keyed by the data files,
+    # the processor and these settings: a restart or resume with the same inputs skips checking every row.
+    data_check_cache: bool = True
 
     # Autocast precision. auto: follows `dtype` (bfloat16 → bf16, float16 → fp16); float32 weights → bf16 on a GPU
     # that has it, none on the CPU. `no` as on accelerate's command line (YAML's `no` is read as that, not false).

@@ -29,8 +29,8 @@ import torch
 
 from midtune.adapters import set_image_pixels
 from midtune.checkpoint import attn_implementations, load_pretrained
-from midtune.data import Collator, SupervisedDataset
-from midtune.files import write_json
+from midtune.data import Collator, LengthGroupedSampler, SupervisedDataset
+from midtune.files import cache_dir, write_json
 from midtune.spec import TrainableSpec, numel, resolve_plan
 from train.activation_checkpointing import setup_checkpointing
 from train.checkpoints import (
@@ -88,7 +88,8 @@ class TrainState:
     saved_step: int | None = None  # the step of the newest checkpoint
     losses: list[float] = field(default_factory=list)  # this session's, per optimizer step
     step_times: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # real (attention-mask) tokens this session
+    positions: int = 0  # padded batch positions this session: 1 - tokens / positions is the padding fraction
 
 
 @dataclass
@@ -232,18 +233,29 @@ class Recipe:
 
     def setup_data(self) -> None:
         c = self.config
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
         self.dataset = SupervisedDataset(
             plain(c.data), self.processor, image_folder=c.image_folder, max_length=c.max_length,
             on_bad_sample=c.on_bad_sample, on_image_truncation=c.on_image_truncation, split=c.split,
             allow_outside_images=c.allow_outside_images, progress=self.main_process,
+            # each process checks 1/world_size of the rows, with its DataLoader workers; the results are shared
+            num_workers=c.num_workers, shard=(acc.process_index, acc.num_processes), gather=gather_object,
+            cache_dir=cache_dir("data-checks") if c.data_check_cache else None,
         )
         self.say(f"data: {self.dataset.summary}")
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if c.group_by_length:  # batches of one modality and similar length: little padding
+            order = {"sampler": LengthGroupedSampler(self.dataset.lengths,
+                                                     [sample.has_images for sample in self.dataset.samples],
+                                                     c.batch_size, seed=c.seed)}
+        else:
+            order = {"shuffle": True, "generator": torch.Generator().manual_seed(c.seed)}
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=c.batch_size, shuffle=True, collate_fn=Collator(pad_id),
-            num_workers=c.num_workers, generator=torch.Generator().manual_seed(c.seed),
-            worker_init_fn=ignore_stop_signals,
+            self.dataset, batch_size=c.batch_size, collate_fn=Collator(pad_id), num_workers=c.num_workers,
+            worker_init_fn=ignore_stop_signals, **order,
         )
 
     def setup_optimizer(self) -> None:
@@ -309,7 +321,8 @@ class Recipe:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_scaled = self.accelerator.mixed_precision == "fp16"  # a GradScaler or DeepSpeed's loss scaler
         self.window: list[tuple[list[str], torch.Tensor]] = []  # this step's micro-batches: sample ids, loss
-        self.window_tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
+        # this step's real tokens and padded positions, summed over its micro-batches (one reduce per step)
+        self.window_tokens = torch.zeros(2, device=self.accelerator.device, dtype=torch.long)
         self.progress = tqdm(total=self.total_steps, initial=s.step, disable=not self.main_process, desc="train",
                              unit="step")
         memory = Memory(str(self.accelerator.device))
@@ -354,7 +367,8 @@ class Recipe:
                 raise nonfinite_error(acc, self.config, self.dataset, self.window, self.state.step, self.output_dir,
                                       self.state.skipped_steps)
             acc.backward(loss)
-            self.window_tokens += batch["attention_mask"].sum()
+            mask = batch["attention_mask"]
+            self.window_tokens += torch.stack([mask.sum(), torch.tensor(mask.numel(), device=mask.device)])
             return self.optimizer_step() if acc.sync_gradients else None
 
     def optimizer_step(self) -> Update:
@@ -394,7 +408,7 @@ class Recipe:
             s.overflow_steps += 1
         else:
             self.scheduler.step()
-        tokens = int(acc.reduce(self.window_tokens, "sum").item())
+        tokens, positions = acc.reduce(self.window_tokens, "sum").tolist()
         sample_ids = [i for ids, _ in self.window for i in ids]
         self.window = []
         self.window_tokens.zero_()
@@ -404,19 +418,22 @@ class Recipe:
         s.step_times.append(now - self.step_start)
         self.step_start = now
         s.tokens += tokens
+        s.positions += positions
         s.losses.append(update.loss)
-        self.log_step(update, lr, tokens, sample_ids)
+        padding = 1 - tokens / positions
+        self.log_step(update, lr, tokens, padding, sample_ids)
         self.progress.update(1)
-        self.progress.set_postfix(loss=f"{update.loss:.4f}", lr=f"{lr:.2e}")
+        self.progress.set_postfix(loss=f"{update.loss:.4f}", lr=f"{lr:.2e}", pad=f"{padding:.0%}",
+                                  tok_s=f"{s.tokens / sum(s.step_times):.0f}")
         self.analysis.poll(acc)  # log finished profiles (non-blocking)
         if c.save_steps and s.step % c.save_steps == 0 and s.step < self.total_steps:
             self.analysis.on_save(s.step, self.checkpoint(), acc)
 
-    def log_step(self, update: Update, lr: float, tokens: int, sample_ids: list[str]) -> None:
+    def log_step(self, update: Update, lr: float, tokens: int, padding: float, sample_ids: list[str]) -> None:
         """metrics.jsonl every logging_steps (and the last step), the trackers, and the samples log."""
         c, s, acc = self.config, self.state, self.accelerator
         record = {"step": s.step, "loss": update.loss, "lr": lr, "grad_norm": update.grad_norm,
-                  "step_time": s.step_times[-1], "tokens": tokens, "epoch": s.epoch}
+                  "step_time": s.step_times[-1], "tokens": tokens, "padding": padding, "epoch": s.epoch}
         if self.loss_scaled:
             record.update(loss_scale=loss_scale(acc), skipped_by_scaler=update.overflow)
         if self.metrics_file and (s.step % c.logging_steps == 0 or s.step == self.total_steps):
@@ -481,6 +498,8 @@ class Recipe:
             "wall_time_s": time.time() - self.started,
             "median_step_time_s": statistics.median(s.step_times) if s.step_times else None,
             "tokens_per_s": s.tokens / sum(s.step_times) if s.step_times else None,
+            # of the padded batch positions this session, the fraction that was padding
+            "padding_fraction": 1 - s.tokens / s.positions if s.positions else None,
             "peak_memory_mb": peak_memory_mb(),
             "peak_training_memory_mb": self.training_memory_mb,  # peak above the loaded model, during the loop
             "final": str(final),
