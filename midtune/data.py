@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,8 @@ def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad
         if not img:
             raise bad("image entry has neither bytes nor a path", "malformed image field")
     folder = image_folder or Path(".")
+    if not check_files:  # a check has passed this row already: only the path (a str: pathlib costs more than this)
+        return os.path.normpath(os.path.join(folder, img))  # `folder` is absolute here
     path = (folder / img).resolve()
     if not allow_outside and not path.is_relative_to(folder.resolve()):
         raise bad(
@@ -623,6 +626,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if folder is not None and not folder.is_dir():
             raise DataError(f"image_folder {str(folder)!r} is not a directory")
         rows = [(str(p), index, row) for p in paths for index, row in read_rows(p, split)]
+        absolute = Path(os.path.abspath(folder if folder is not None else "."))  # once, not per image
         checker = RowChecker(processor, folder, allow_outside_images, max_length, self.image_ids,
                              on_image_truncation)
         key = data_check_key(paths, folder, processor, split=split, max_length=max_length,
@@ -644,7 +648,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     raise problem
                 self.summary.skipped[problem.kind] += 1
                 continue
-            sample = parse_row(row, index, source, folder, allow_outside_images, check_files=False)
+            sample = parse_row(row, index, source, absolute, allow_outside_images, check_files=False)
             self.samples.append(sample)
             self.lengths.append(length)
             self.summary.truncated += truncated
