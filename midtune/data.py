@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator, Literal
 import torch
 from PIL import Image
 
-from midtune.files import read_jsonl
+from midtune.files import read_jsonl, write_json
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,6 @@ def _resolve_image(img: Any, image_folder: Path | None, allow_outside: bool, bad
             f"image path {img!r} escapes the image folder {str(folder)!r} (set allow_outside_images to permit)",
             "image outside image folder",
         )
-    if not check_files:
-        return path
     if not path.is_file():
         raise bad(f"image file not found: {path}", "missing image file")
     try:
@@ -830,8 +828,6 @@ def read_data_checks(path: Path | None, n_rows: int) -> list[Outcome] | None:
 
 def write_data_checks(path: Path, key: str, outcomes: list[Outcome]) -> None:
     """Only runs that got this far (every problem a skipped BadSample) are cached."""
-    from midtune.files import write_json
-
     write_json(path, {"format": DATA_CHECK_FORMAT, "key": key,
                       "outcomes": [[length, truncated, None if problem is None else
                                     [type(problem).__name__, *problem.fields]]
@@ -929,9 +925,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
                 batches += list(mega[:full].split(size))
                 rest.append(mega[full:])
         order = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        tail = torch.cat(rest) if rest else torch.empty(0, dtype=torch.long)
+        tail = torch.cat(rest)  # one remainder per modality, possibly empty
         order.append(tail[self.lengths[tail].argsort(descending=True, stable=True)])
-        return torch.cat(order) if order else torch.empty(0, dtype=torch.long)
+        return torch.cat(order)
 
 
 def padding_fraction(lengths: list[int], order: Iterable[int], batch_size: int) -> float:
