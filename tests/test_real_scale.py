@@ -339,13 +339,20 @@ def test_loss_from_logits_at_labels_equals_the_models_own(world, tiny_dir, famil
     ds = SupervisedDataset(world / "train.json", processor, image_folder=world / "images")
     batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(4)])
     batch.pop("sample_ids")
-    grads = []
+    grads, head_positions = [], []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _out: head_positions.append(args[0].shape[:-1].numel()))
     for at_labels in (False, True):
         model.zero_grad()
         loss = causal_lm_loss(model, batch, at_labels)
         loss.backward()
         grads.append((loss.detach(), model.get_input_embeddings().weight.grad.clone()))
+    hook.remove()
     (full, g_full), (kept, g_kept) = grads
+    # the head ran at every position, then at exactly the labelled ones: fewer than the union over rows
+    labelled = batch["labels"][:, 1:] != -100
+    assert head_positions == [batch["input_ids"].numel(), labelled.sum()]
+    assert labelled.sum() < labelled.any(dim=0).sum() * len(labelled)
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_kept, g_full, rtol=1e-4, atol=1e-7)
 
