@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
@@ -139,7 +140,7 @@ def parse_row(
 
     if not isinstance(row, dict):
         raise bad(f"expected an object, got {type(row).__name__}", "malformed row")
-    sample_id = str(row.get("id", index))
+    sample_id = row_id(row, index)
 
     if "conversations" not in row and isinstance(row.get("text"), str):
         if not row["text"].strip():
@@ -186,6 +187,16 @@ def parse_row(
             raise bad(f"the row has an image but no {IMAGE_PLACEHOLDER} in any human turn", "image without <image>")
         raise bad(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(resolved)} images", "image count mismatch")
     return Sample(sample_id, index, messages, None, resolved, source)
+
+
+def row_id(row: dict, index: int) -> str:
+    """A sample's id: the row's `id`, else its row number."""
+    return str(row.get("id", index))
+
+
+def _has_images(row: dict) -> bool:
+    """Whether a row that passed parse_row's checks makes a sample with images (without parsing it again)."""
+    return "conversations" in row and bool(_row_images(row, bad=None))
 
 
 def _row_images(row: dict, bad) -> list[Any]:
@@ -576,6 +587,27 @@ class DataSummary:
         return {**{k: getattr(self, k) for k in keys}, "skipped": dict(self.skipped)}
 
 
+class CheckedSamples(Sequence):
+    """Rows that passed their checks, turned into Samples on access (image files not re-checked)."""
+
+    def __init__(self, rows: list[tuple[str, int, Any]], image_folder: Path, allow_outside_images: bool):
+        self.rows, self.image_folder, self.allow_outside_images = rows, image_folder, allow_outside_images
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]  (no slices: nothing here needs them)
+        source, index, row = self.rows[i]
+        return parse_row(row, index, source, self.image_folder, self.allow_outside_images, check_files=False)
+
+    def locations(self) -> dict[str, str]:
+        """Sample id → "file row N", for error messages (without parsing every row)."""
+        where: dict[str, str] = {}
+        for source, index, row in self.rows:
+            where.setdefault(row_id(row, index), f"{source} row {index}")
+        return where
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Validated, tokenised-on-demand visual instruction samples.
 
@@ -636,9 +668,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
             outcomes = check_rows(rows, checker, num_workers, shard, gather, progress, self.source)
             self.summary.checked_here = len(range(shard[0], len(rows), shard[1]))
         # The outcomes in row order: the first bad row is the one reported, whichever process checked it.
-        self.samples: list[Sample] = []
+        usable: list[tuple[str, int, Any]] = []
         self.lengths: list[int] = []
-        for (source, index, row), (length, truncated, problem) in zip(rows, outcomes):
+        self.has_images: list[bool] = []  # per sample, for the modality-grouped sampler
+        for item, (length, truncated, problem) in zip(rows, outcomes):
             self.summary.rows += 1
             if problem is not None:
                 skippable = isinstance(problem, TooLong) or isinstance(problem, BadSample) and on_bad_sample == "skip"
@@ -646,12 +679,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
                     raise problem
                 self.summary.skipped[problem.kind] += 1
                 continue
-            sample = parse_row(row, index, source, absolute, allow_outside_images, check_files=False)
-            self.samples.append(sample)
+            usable.append(item)
             self.lengths.append(length)
+            self.has_images.append(_has_images(item[2]))
             self.summary.truncated += truncated
-            self.summary.with_images += sample.has_images
-            self.summary.text_only += not sample.has_images
+        self.summary.with_images = sum(self.has_images)
+        self.summary.text_only = len(usable) - self.summary.with_images
+        # Rows become Samples when used, not here: parsing all of them again would cost a warm start (every check
+        # read back from the cache) seconds per 100k rows.
+        self.samples = CheckedSamples(usable, absolute, allow_outside_images)
         self.summary.samples = len(self.samples)
         if not self.samples:
             raise DataError(f"{self.source}: no usable samples ({self.summary})")

@@ -99,7 +99,7 @@ def padding(dataset, batch_size: int, seed: int = 0) -> tuple[float, float]:
     from midtune.data import LengthGroupedSampler, padding_fraction
 
     shuffled = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    grouped = list(LengthGroupedSampler(dataset.lengths, [s.has_images for s in dataset.samples], batch_size,
+    grouped = list(LengthGroupedSampler(dataset.lengths, dataset.has_images, batch_size,
                                         seed=seed))
     return (padding_fraction(dataset.lengths, shuffled, batch_size),
             padding_fraction(dataset.lengths, grouped, batch_size))

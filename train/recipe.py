@@ -248,8 +248,7 @@ class Recipe:
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if c.group_by_length:  # batches of one modality and similar length: little padding
-            order = {"sampler": LengthGroupedSampler(self.dataset.lengths,
-                                                     [sample.has_images for sample in self.dataset.samples],
+            order = {"sampler": LengthGroupedSampler(self.dataset.lengths, self.dataset.has_images,
                                                      c.batch_size, seed=c.seed)}
         else:
             order = {"shuffle": True, "generator": torch.Generator().manual_seed(c.seed)}

@@ -110,8 +110,6 @@ def offending_samples(accelerator, window) -> tuple[list[str], str]:
 
 
 def describe_samples(dataset, ids: list[str], limit: int = 8) -> str:
-    where = {}
-    for sample in dataset.samples:
-        where.setdefault(sample.id, f"{sample.source} row {sample.row}")
+    where = dataset.samples.locations()
     shown = [f"{i!r} ({where[i]})" if i in where else repr(i) for i in ids[:limit]]
     return ", ".join(shown) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
