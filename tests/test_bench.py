@@ -100,3 +100,23 @@ def test_benchmark_on_the_real_llm(tmp_path, capsys, monkeypatch):
     assert "smollm2-135m-instruct (pretrained, 30×576" in text
     assert "| midtune: block 6-15 |" in text and "| full fine-tuning, logits everywhere |" in text
     assert "logits at labels / logits everywhere" in text and "vs the paper" in text
+
+
+def test_text_only_batches_with_short_answers(tmp_path, capsys):
+    """--text-only --answer-len: no image tokens or pixels, labels on the last tokens only; the logits goal is
+    measured on that mix too."""
+    from dataclasses import replace
+
+    from train.bench import labelled_positions, make_batch
+
+    preset = replace(PRESETS["smoke"], images=False, answer_len=3)
+    batch = make_batch(preset, 0, None, image_id=preset.vocab - 1)
+    assert "pixel_values" not in batch and batch["input_ids"].shape == (preset.batch, preset.text_len)
+    assert labelled_positions(preset) == 3 and (batch["labels"] != -100).sum(dim=1).tolist() == [3] * preset.batch
+    assert (batch["labels"][:, -3:] == batch["input_ids"][:, -3:]).all()
+    assert flop_weights(preset).vision == 0 and flop_weights(preset).projector == 0
+    main(["--preset", "smoke", "--text-only", "--answer-len", "3", "--rounds", "1", "--steps", "1", "--warmup", "1",
+          "--threads", "1", "--in-process", "--configs", "full,full-all-logits", "--no-record"])
+    assert "logits at labels / logits everywhere" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--preset", "smoke", "--answer-len", "0", "--no-record"])

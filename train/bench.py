@@ -90,6 +90,9 @@ class Preset:
     # A packaged pretrained LLM (midtune.compose's PACKAGED_LLMS) composed with a random-init CLIP tower of the
     # vision_* sizes; the LLM fields above must then describe that LLM (they feed the analytic model).
     llm: str | None = None
+    images: bool = True  # false: text-only samples (no image tokens, the vision tower idle)
+    answer_len: int | None = None  # labelled tokens per sample, the last ones; None: all text after the first 4
+
 
     def resolved(self) -> Preset:
         import torch
@@ -102,7 +105,7 @@ class Preset:
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return (self.image_size // self.patch_size) ** 2 if self.images else 0
 
     @property
     def seq_len(self) -> int:
@@ -113,7 +116,8 @@ class Preset:
             return (f"{self.llm} (pretrained, {self.layers}×{self.hidden}, vocab {self.vocab}) composed with a "
                     f"random-init CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
                     f"{self.patch_size}) into a LLaVA; batch {self.batch} × {self.seq_len} tokens "
-                    f"({self.image_tokens} image + {self.text_len} text), loss from logits at "
+                    f"({self.image_tokens} image + {self.text_len} text, {labelled_positions(self)} labelled), "
+                    f"loss from logits at "
                     f"{'labelled positions' if self.logits_at_labels else 'every position'}, {self.dtype} on "
                     f"{self.device}")
         return (f"random-init LLaVA: CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
@@ -271,7 +275,7 @@ def flop_weights(p: Preset, lora_r: int | None = None, all_logits: bool = False)
                "down_proj": (p.intermediate, p.hidden)}
     per_token = sum(i * o for i, o in linears.values())
     layer = per_token * p.batch * p.seq_len
-    vision_tokens = p.batch * (p.image_tokens + 1)  # + CLS
+    vision_tokens = p.batch * (p.image_tokens + 1) if p.images else 0  # + CLS
     vh = p.vision_hidden
     vision_layer = (4 * vh * vh + 2 * vh * 4 * vh) * vision_tokens
     used = p.vision_layers + 1 + p.vision_feature_layer if p.vision_feature_layer < 0 else p.vision_feature_layer
@@ -296,7 +300,7 @@ def analytic(preset: Preset, setup: Setup, baseline: str, lora_r: int) -> float:
 
 def labelled_positions(p: Preset) -> int:
     """Positions per sample whose next token carries a label in make_batch's batch (the text after the image)."""
-    return p.text_len - min(4, p.text_len)
+    return p.answer_len if p.answer_len is not None else p.text_len - min(4, p.text_len)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -368,11 +372,13 @@ def make_batch(preset: Preset, seed: int, dtype, image_id: int) -> dict:
     text = torch.randint(0, min(image_id, preset.vocab - 1), (preset.batch, preset.text_len), generator=g)
     images = torch.full((preset.batch, preset.image_tokens), image_id)
     input_ids = torch.cat([text[:, :lead], images, text[:, lead:]], dim=1)
-    labels = input_ids.clone()
-    labels[:, : lead + preset.image_tokens] = -100
-    pixel_values = torch.randn(preset.batch, 3, preset.image_size, preset.image_size, generator=g)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-             "pixel_values": pixel_values.to(dtype)}
+    labels = torch.full_like(input_ids, -100)
+    labelled = labelled_positions(preset)
+    labels[:, input_ids.shape[1] - labelled:] = input_ids[:, input_ids.shape[1] - labelled:]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    if preset.images:
+        pixel_values = torch.randn(preset.batch, 3, preset.image_size, preset.image_size, generator=g)
+        batch["pixel_values"] = pixel_values.to(dtype)
     return {k: v.to(preset.device) for k, v in batch.items()}
 
 
@@ -698,6 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, help="untimed steps per worker first; preset default")
     ap.add_argument("--batch", type=int, help="samples per step; preset default")
     ap.add_argument("--text-len", type=int, help="text tokens per sample; preset default")
+    ap.add_argument("--answer-len", type=int, help="labelled tokens per sample (the last ones); default: all text "
+                    "after the first 4")
+    ap.add_argument("--text-only", action="store_true", help="samples without an image (the vision tower idle)")
     ap.add_argument("--device", help="cpu, cuda or auto; preset default (tiny: cpu, 1b: auto)")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"),
                     help="weight dtype (auto: bf16 on cuda); preset default (tiny: fp32, 1b: auto)")
@@ -721,11 +730,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     given = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
-             "text_len": args.text_len, "device": args.device, "dtype": args.dtype}
+             "text_len": args.text_len, "device": args.device, "dtype": args.dtype, "answer_len": args.answer_len,
+             "images": False if args.text_only else None}
     overrides = {k: v for k, v in given.items() if v is not None}
     preset = replace(PRESETS[args.preset], **overrides).resolved()
     if preset.warmup < 1 or preset.steps < 1 or preset.rounds < 1:
         ap.error("--rounds, --steps and --warmup must be at least 1")
+    if not 1 <= labelled_positions(preset) < preset.seq_len:
+        ap.error(f"--answer-len must be between 1 and the {preset.seq_len - 1} tokens after the first")
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETUPS]
     if unknown or not names:
