@@ -155,7 +155,7 @@ def test_checkpointing_refuses_input_require_grads(tiny_dir):
     model, _ = load_pretrained(str(tiny_dir("llava")))
     plan = resolve_plan(model, {"layers": "2-3"})
     plan.apply(model)
-    model.gradient_checkpointing_enable()  # transformers 5 calls enable_input_require_grads() inside
+    model.activation_checkpointing_enable()  # transformers 5 calls enable_input_require_grads() inside
     with pytest.raises(RuntimeError, match="enable_input_require_grads"):
         setup_checkpointing(model, plan, enabled=True)
 

@@ -5,7 +5,7 @@ layers under the block) and no input marked as requiring grad, autograd records 
 runs once, like inference, and its activations are freed as soon as the next layer has consumed them.
 
 Two things commonly break this, and both are avoided here:
-  * `enable_input_require_grads()` (which transformers 5's `gradient_checkpointing_enable()` calls itself)
+  * `enable_input_require_grads()` (which transformers 5's `activation_checkpointing_enable()` calls itself)
     makes the embedding output require grad, so the whole frozen prefix builds a graph, is recomputed under
     checkpointing and is back-propagated through for nothing;
   * reentrant checkpointing, which drops every gradient when a checkpointed block's inputs do not require
@@ -66,5 +66,5 @@ def setup_naive_checkpointing(model: torch.nn.Module) -> None:
     """What LLaVA, ms-swift and PEFT do (for the benchmark only): reentrant checkpointing on every layer plus
     `enable_input_require_grads()`, so frozen layers are recomputed and back-propagated through."""
     inner = unwrap(model)
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     inner.enable_input_require_grads()
