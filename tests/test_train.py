@@ -458,3 +458,16 @@ def test_demo_middle_block_config_learns(world, tiny_dir, tmp_path):
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, (first, last)  # observed: 5.81 → 5.30 (a random-init 4 × 64 LLM, 2 layers training)
+
+
+def test_processes_outside_one_group_are_refused():
+    """torchrun on a machine without GPUs, accelerate not told to use the CPU: every process would train alone and
+    write the same output_dir. The launch is refused, saying what to set."""
+    from train.distributed import check_process_group
+    from train.stopping import UserError
+
+    with pytest.raises(UserError, match="ACCELERATE_USE_CPU=true"):
+        check_process_group(1, {"WORLD_SIZE": "2"})
+    check_process_group(2, {"WORLD_SIZE": "2"})
+    check_process_group(1, {})
+    check_process_group(1, {"WORLD_SIZE": "1"})

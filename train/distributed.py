@@ -9,6 +9,20 @@ import torch
 from midtune.adapters import family_of, unwrap
 
 
+def check_process_group(num_processes: int, env=os.environ) -> None:
+    """Refuse a launch whose processes accelerate did not join into one group: torchrun on a machine without GPUs,
+    accelerate not told to use the CPU. Each process would train alone on all the data and write the same
+    output_dir, racing on its checkpoints."""
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and num_processes == 1:
+        from train.stopping import UserError  # not at the top: stopping → checkpoints → this module
+
+        raise UserError(f"launched as {world} processes (WORLD_SIZE={world}) but accelerate formed no process group, "
+                        "so each would train alone and write the same output_dir. Without GPUs set "
+                        "ACCELERATE_USE_CPU=true (or use `accelerate launch --cpu`); with GPUs, check that CUDA is "
+                        "visible to every process")
+
+
 def cpu_deepspeed_kwargs() -> list:
     """DeepSpeed on a machine without GPUs: accelerate finds no process-group backend for DeepSpeed's CPU
     accelerator and then counts one process, while DeepSpeed itself forms the full world (each of 2 ranks

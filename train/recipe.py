@@ -42,6 +42,7 @@ from train.checkpoints import (
 )
 from train.config import ConfigError, TrainConfig, plain, to_dict
 from train.distributed import (
+    check_process_group,
     cpu_deepspeed_kwargs,
     name_fsdp_wrap_classes,
     weights_checksum,
@@ -198,6 +199,7 @@ class Recipe:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=image_only_trains),
                              *cpu_deepspeed_kwargs()],
         )
+        check_process_group(self.accelerator.num_processes)
         self.deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
         check_precision(self.accelerator, c)
         if self.deepspeed and c.on_nan_loss == "skip":
