@@ -80,13 +80,17 @@ def test_workers_run_in_fresh_processes(tmp_path, capsys):
 def test_the_papers_blocks_scale_to_the_real_llm():
     """LLaVA-7B's layers 6-16 of 32 and OneVision-4B's 8-25 of 36, at the same fraction and position of depth in
     SmolLM2-135M's 30 layers; the head costs only the labelled positions there, logits everywhere cost more."""
-    from train.bench import analytic, scaled_block
+    from train.bench import analytic, labelled_positions, scaled_block
 
     assert scaled_block(6, 16, 32, 30) == "6-15" and scaled_block(8, 25, 36, 30) == "7-21"
     llava, onevision = PRESETS["smollm2-llava"], PRESETS["smollm2-onevision"]
     assert block_layers(llava) == range(6, 16) and block_layers(onevision) == range(7, 22)
     assert flop_weights(llava).head < flop_weights(llava, all_logits=True).head
     assert analytic(llava, SETUPS["full-all-logits"], "full", 8) > 1 > analytic(llava, SETUPS["midtune"], "full", 8)
+    # with Qwen2.5-VL's vocabulary and a short answer after a long prompt, the head everywhere dominates the step
+    qwen = PRESETS["qwen-vocab"]
+    assert qwen.seq_len == 1088 and labelled_positions(qwen) == 128
+    assert analytic(qwen, SETUPS["full-all-logits"], "full", 8) > 3
 
 
 @pytest.mark.slow

@@ -124,7 +124,9 @@ class Preset:
                 f"{self.patch_size}, feature layer {self.vision_feature_layer}) → MLP projector → Llama "
                 f"{self.layers}×{self.hidden} (intermediate {self.intermediate}, {self.heads} heads / "
                 f"{self.kv_heads} KV, vocab {self.vocab}); batch {self.batch} × {self.seq_len} tokens "
-                f"({self.image_tokens} image + {self.text_len} text), {self.dtype} on {self.device}")
+                f"({self.image_tokens} image + {self.text_len} text, {labelled_positions(self)} labelled), loss from "
+                f"logits at {'labelled positions' if self.logits_at_labels else 'every position'}, {self.dtype} on "
+                f"{self.device}")
 
 
 def scaled_block(lo: int, hi: int, of: int, layers: int) -> str:
@@ -152,6 +154,13 @@ PRESETS: dict[str, Preset] = {
                vision_layers=24, vision_hidden=1024, vision_heads=16, image_size=336, patch_size=14,
                vision_feature_layer=-2, batch=4, text_len=128, rounds=4, steps=10, warmup=3, device="auto",
                dtype="auto"),
+        # Qwen2.5-VL's vocabulary (151,936) on a small random-init LLaVA, one long sample with a short answer (the
+        # shape of a 7B VLM's batch: image and prompt tokens, then an answer): what logits everywhere cost in
+        # memory, a [tokens × vocabulary] fp32 tensor (here 1088 × 151,936 × 4 B = 661 MB) and its gradient.
+        Preset("qwen-vocab", "Qwen2.5-VL's 152k vocabulary; logits' memory (--configs full,full-all-logits)",
+               layers=4, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=151936, vision_layers=2,
+               vision_hidden=64, vision_heads=4, image_size=64, patch_size=8, vision_feature_layer=-1, batch=1,
+               text_len=1024, rounds=2, steps=3, warmup=2, logits_at_labels=True, answer_len=128),
         # The real pretrained LLM (SmolLM2-135M-Instruct, 30 layers, the demo's) and the paper's blocks at the same
         # fraction and position of depth: LLaVA-7B trained layers 6-16 of 32 (98.8 % of full's score in 86.1 % of
         # its time), OneVision-4B layers 8-25 of 36 (100.4 % in 75.7 %). Batch 8 × (64 image + 40 text) tokens.
