@@ -243,7 +243,7 @@ def step_bench(ctx: Context, name: str = "bench", args: list | None = None) -> d
         ctx.out / "logs" / f"{name}.log", ctx.left())
     data = json.loads(result.read_text())
     preset = data["preset"]
-    tokens = preset["batch"] * ((preset["image_size"] // preset["patch_size"]) ** 2 + preset["text_len"])
+    tokens = preset["batch"] * preset["seq_len"]
     rows = []
     for r in data["rows"]:
         rows.append({

@@ -91,8 +91,7 @@ class Preset:
     # vision_* sizes; the LLM fields above must then describe that LLM (they feed the analytic model).
     llm: str | None = None
     images: bool = True  # false: text-only samples (no image tokens, the vision tower idle)
-    answer_len: int | None = None  # labelled tokens per sample, the last ones; None: all text after the first 4
-
+    answer_len: int | None = None  # labelled tokens per sample, the last ones; None: all text after the lead
 
     def resolved(self) -> Preset:
         import torch
@@ -113,19 +112,17 @@ class Preset:
 
     def describe(self) -> str:
         if self.llm:
-            return (f"{self.llm} (pretrained, {self.layers}×{self.hidden}, vocab {self.vocab}) composed with a "
-                    f"random-init CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
-                    f"{self.patch_size}) into a LLaVA; batch {self.batch} × {self.seq_len} tokens "
-                    f"({self.image_tokens} image + {self.text_len} text, {labelled_positions(self)} labelled), "
-                    f"loss from logits at "
-                    f"{'labelled positions' if self.logits_at_labels else 'every position'}, {self.dtype} on "
-                    f"{self.device}")
-        return (f"random-init LLaVA: CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
-                f"{self.patch_size}, feature layer {self.vision_feature_layer}) → MLP projector → Llama "
-                f"{self.layers}×{self.hidden} (intermediate {self.intermediate}, {self.heads} heads / "
-                f"{self.kv_heads} KV, vocab {self.vocab}); batch {self.batch} × {self.seq_len} tokens "
-                f"({self.image_tokens} image + {self.text_len} text, {labelled_positions(self)} labelled), loss from "
-                f"logits at {'labelled positions' if self.logits_at_labels else 'every position'}, {self.dtype} on "
+            model = (f"{self.llm} (pretrained, {self.layers}×{self.hidden}, vocab {self.vocab}) composed with a "
+                     f"random-init CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
+                     f"{self.patch_size}) into a LLaVA")
+        else:
+            model = (f"random-init LLaVA: CLIP {self.vision_layers}×{self.vision_hidden} ({self.image_size}px/"
+                     f"{self.patch_size}, feature layer {self.vision_feature_layer}) → MLP projector → Llama "
+                     f"{self.layers}×{self.hidden} (intermediate {self.intermediate}, {self.heads} heads / "
+                     f"{self.kv_heads} KV, vocab {self.vocab})")
+        return (f"{model}; batch {self.batch} × {self.seq_len} tokens ({self.image_tokens} image + {self.text_len} "
+                f"text, {labelled_positions(self)} labelled), loss from logits at "
+                f"{'labelled positions' if self.logits_at_labels else 'every position'}, {self.dtype} on "
                 f"{self.device}")
 
 
@@ -307,9 +304,12 @@ def analytic(preset: Preset, setup: Setup, baseline: str, lora_r: int) -> float:
             / step_units(baseline, setup.checkpointing, preset.layers, block, flop_weights(preset, lora_r)))
 
 
+LEAD_TOKENS = 4  # make_batch's text tokens before the image
+
+
 def labelled_positions(p: Preset) -> int:
     """Positions per sample whose next token carries a label in make_batch's batch (the text after the image)."""
-    return p.answer_len if p.answer_len is not None else p.text_len - min(4, p.text_len)
+    return p.answer_len if p.answer_len is not None else p.text_len - min(LEAD_TOKENS, p.text_len)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def make_batch(preset: Preset, seed: int, dtype, image_id: int) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(seed + 1)
-    lead = min(4, preset.text_len)
+    lead = min(LEAD_TOKENS, preset.text_len)
     text = torch.randint(0, min(image_id, preset.vocab - 1), (preset.batch, preset.text_len), generator=g)
     images = torch.full((preset.batch, preset.image_tokens), image_id)
     input_ids = torch.cat([text[:, :lead], images, text[:, lead:]], dim=1)
@@ -806,8 +806,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(goal_lines))
     print(f"\nmodel: {params_line(rows)}; wall time {wall / 60:.1f} min")
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": asdict(preset), "machine": info, "rows": rows,
-                                               "runs": runs, "goals": goal_lines}, indent=1))
+        preset_json = {**asdict(preset), "seq_len": preset.seq_len}  # tokens per sample, image tokens included
+        Path(args.json).write_text(json.dumps({"preset": preset_json, "machine": info, "rows": rows, "runs": runs,
+                                               "goals": goal_lines}, indent=1))
     if not args.no_record:
         command = "python -m train.bench" + ("" if not (argv if argv is not None else sys.argv[1:]) else
                                              " " + shlex.join(argv if argv is not None else sys.argv[1:]))
