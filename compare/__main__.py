@@ -133,15 +133,18 @@ def named(exp: Experiment, only: list[str] | None) -> set[str]:
     by_name = {s.name: s for s in exp.stages}
     wanted: set[str] = set()
     for name in only:
-        if name not in by_name:
+        # a run's name selects the training of each of its seeds
+        seeds = list((exp.trainings.get(name) or {}).get("seeds", {}).values())
+        if name not in by_name and not seeds:
             import difflib
 
             close = difflib.get_close_matches(name, list(by_name), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f" (stages: {', '.join(by_name)})"
             raise ExperimentError(f"--only: no stage {name!r}{hint}")
-        wanted.add(name)
-        if f"eval/{name}" in by_name:
-            wanted.add(f"eval/{name}")
+        for stage in {name, *seeds} & set(by_name):
+            wanted.add(stage)
+            if f"eval/{stage}" in by_name:
+                wanted.add(f"eval/{stage}")
     return wanted
 
 

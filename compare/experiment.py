@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import re
+import shlex
 import string
 import sys
 from dataclasses import dataclass, field
@@ -27,15 +28,18 @@ import yaml
 from midtune.spec import SpecError, TrainableSpec
 
 TOP_KEYS = ("name", "description", "hardware", "output_dir", "vars", "prepare", "base", "stages", "config", "data",
-            "image_folder", "train_overrides", "runs", "sweep", "launch", "eval", "analysis", "reference", "report")
+            "image_folder", "train_overrides", "runs", "sweep", "seeds", "launch", "eval", "analysis", "reference",
+            "report")
 PREPARE_KEYS = ("command", "watch")
 COMPOSE_KEYS = ("vision", "llm", "projector", "vision_feature_layer", "image_token", "chat_template", "dtype", "seed",
                 "trust_remote_code")
 SWEEP_KEYS = ("config", "width", "stride", "num_layers", "overrides")
 LAUNCH_KEYS = ("with", "config_file", "num_processes", "args")
 EVAL_KEYS = ("tasks", "limit", "include_path", "batch_size", "dtype", "args")
-ANALYSIS_KEYS = ("pairs", "image_folder", "dtype", "batch_size", "args", "lens", "lens_args")
-REPORT_KEYS = ("keeps", "clear_gain", "cheaper", "chance", "metrics")
+ANALYSIS_KEYS = ("pairs", "image_folder", "dtype", "batch_size", "args", "lens", "lens_args", "seeds")
+REPORT_KEYS = ("margin", "cost_margin", "chance", "metrics", "cluster_by", "cost_probe", "n_boot")
+COST_PROBE_KEYS = ("warmup", "steps")
+COST_PROBE_DEFAULTS = {"warmup": 2, "steps": 10}
 # Names the report and the output layout use for themselves.
 RESERVED = ("base", "pretrained", "eval", "analysis", "lens", "report", "out", "output_dir")
 PYTHON = "python"  # the first word of a command: replaced by this interpreter when compare runs it
@@ -51,7 +55,7 @@ class Stage:
     """One command and where it writes. `params` (with the markers of the stages in `after`) decide reuse."""
 
     name: str
-    kind: str  # prepare | compose | train | eval | eval-table | analysis | lens
+    kind: str  # prepare | compose | train | eval | eval-table | analysis | lens | cost
     out: Path
     command: list[str]
     params: dict
@@ -74,12 +78,15 @@ class Experiment:
     hardware: str
     output_dir: Path
     stages: list[Stage]
-    models: dict[str, str]  # name → model path, in report order: [pretrained,] base, runs..., sweep blocks...
-    trainings: dict[str, dict]  # stage/run name → {"role": stage|run|sweep, "block": [lo, hi] | None}
+    models: dict[str, str]  # name → model path, in report order: [pretrained,] base, runs (each seed)..., sweep...
+    # stage/run name → {"role": stage|run|sweep, "block": [lo, hi] | None, "seeds": {seed: training stage name}}
+    trainings: dict[str, dict]
     reference: str
     eval: dict
     analysis: dict | None
     report: dict
+    cost_probes: dict[str, str] = field(default_factory=dict)  # run → its cost probe's directory
+    cost_probe_skipped: str | None = None  # why there is no cost probe, when there is none
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,9 +220,10 @@ def _num_layers(model: str) -> int | None:
 
 
 def _names_path(command: list[str], path: Path) -> bool:
-    """Whether a word of `command` is `path` or lies under it (also after `key=` and inside a `[a,b]` list)."""
+    """Whether a word of `command` is `path` or lies under it (also after `key=`, inside a `[a,b]` list, and in a
+    word that holds a whole command line, as the cost probe's `--run NAME "ARGS"` does)."""
     pattern = re.compile(r"(^|[=,\[])" + re.escape(str(path)) + r"(/|$|,|\])")
-    return any(pattern.search(word) for word in command)
+    return any(pattern.search(part) for word in command for part in word.split())
 
 
 def _watched(item: str, file: Path, where: str) -> Path:
@@ -251,13 +259,14 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     plan.trainings()
     plan.evals()
     plan.analyses()
-    report = _fill(_mapping(raw.get("report"), "report", file), plan.names, file, "report")
-    _unknown(report, REPORT_KEYS, "report.", file)
+    report = plan.report()
+    plan.cost_probes(report.get("cost_probe", True))
     plan.link_dependencies()
     return Experiment(path=file, name=str(raw.get("name") or file.stem), description=str(raw.get("description") or ""),
                       hardware=str(raw.get("hardware") or ""), output_dir=plan.output_dir, stages=plan.stages,
                       models=plan.models, trainings=plan.roles, reference=plan.reference,
-                      eval={"tasks": plan.tasks, **plan.eval_settings}, analysis=plan.analysis, report=report)
+                      eval={"tasks": plan.tasks, **plan.eval_settings}, analysis=plan.analysis, report=report,
+                      cost_probes=plan.probes, cost_probe_skipped=plan.probe_skipped)
 
 
 def _apply_settings(raw: dict, settings: list[str], file: Path) -> None:
@@ -374,6 +383,7 @@ class _Planner:
         _unknown(launch, LAUNCH_KEYS, "launch.", file)
         launcher = launch.get("with", "python")
         self.launch_files: list[Path] = []  # their contents are inputs of every training (a DeepSpeed stage, ...)
+        self.one_process = _one_process(launch, file)  # None, or why the cost probe cannot share this launch
         if launcher == "python":
             if set(launch) - {"with", "args"}:
                 raise ExperimentError(f"{file}: launch: config_file and num_processes need `with: accelerate`")
@@ -445,17 +455,54 @@ class _Planner:
         if raw.get("stages"):
             self.models["pretrained"] = self.pretrained
         self.models["base"] = self.start
+        self.default_seeds = _seed_list(raw.get("seeds"), file, "seeds")
         for name, spec in runs.items():
-            spec = _mapping(spec, f"runs.{name}", file)
+            spec = dict(_mapping(spec, f"runs.{name}", file))
             self.add_name(name, f"runs.{name}")
-            self.stages.append(self.training(name, spec, self.start, data, image_folder, f"runs.{name}"))
-            self.roles[name] = {"role": "run", "block": None}
-            self.models[name] = str(self.output_dir / name / "final")
+            seeds = _seed_list(spec.pop("seeds"), file, f"runs.{name}.seeds") if "seeds" in spec else None
+            self.add_seeded(name, spec, data, image_folder, f"runs.{name}", {"role": "run", "block": None},
+                            seeds or self.default_seeds)
         if raw.get("sweep") is not None:
             self.sweep(_mapping(raw["sweep"], "sweep", file), data, image_folder)
         self.reference = raw.get("reference") or ("full" if "full" in runs else next(iter(runs), None))
         if self.reference is None or self.reference not in runs:
             raise ExperimentError(f"{file}: reference: {self.reference!r} is not one of the runs ({', '.join(runs)})")
+
+    def add_seeded(self, name: str, spec: dict, data, image_folder, where: str, role: dict,
+                   seeds: list[int] | None) -> None:
+        """A run trained once per seed. The seed its config already sets is the run itself (its name and directory,
+        no override, so adding seeds later reuses it); every other seed s is a training of its own, NAME-seedS,
+        with `seed=s`: the seed sets the initialisation of what is new and the data order, the same for every run
+        (a paired design)."""
+        configured = self.configured_seed(spec, where)
+        names: dict = {}
+        for seed in seeds if seeds is not None else [configured]:
+            own = seeds is None or seed == configured
+            stage_name = name if own else f"{name}-seed{seed}"
+            if not own:
+                self.add_name(stage_name, where)
+            self.stages.append(self.training(stage_name, spec if own else {**spec, "seed": seed}, self.start, data,
+                                             image_folder, where if own else f"{where} (seed {seed})"))
+            self.models[stage_name] = str(self.output_dir / stage_name / "final")
+            names[seed] = stage_name
+        self.roles[name] = {**role, "seeds": names}
+
+    def configured_seed(self, spec: dict, where: str) -> int | None:
+        """The seed a run trains with before any seeds list: its own override, the experiment's, its config's."""
+        flat = {**_flatten(_mapping(self.raw.get("train_overrides"), "train_overrides", self.file)), **_flatten(spec)}
+        if "seed" in flat:
+            return flat["seed"] if isinstance(flat["seed"], int) else None
+        config = spec.get("config") or self.raw.get("config")
+        if not config:
+            return None
+        loaded = _load_train_config(Path(self.fill(str(config), f"{where}.config")), self.file, where)
+        return loaded.get("seed") if isinstance(loaded.get("seed"), int) else None
+
+    def primary(self, name: str) -> str:
+        """The model that stands for a run where one seed is enough (geometry, the cost probe): the run's own
+        seed, else its first."""
+        seeds = self.roles[name]["seeds"]
+        return name if name in seeds.values() else next(iter(seeds.values()))
 
     def sweep(self, sweep: dict, data, image_folder) -> None:
         """sweep: a run per block of `width` layers, every `stride` layers, named layers_LO-HI."""
@@ -478,10 +525,8 @@ class _Planner:
             hi = lo + width - 1
             name = f"layers_{lo}-{hi}"
             self.add_name(name, "sweep")
-            self.stages.append(self.training(name, {**spec, "trainable.layers": f"{lo}-{hi}"}, self.start, data,
-                                             image_folder, f"sweep ({name})"))
-            self.roles[name] = {"role": "sweep", "block": [lo, hi], "num_layers": n}
-            self.models[name] = str(self.output_dir / name / "final")
+            self.add_seeded(name, {**spec, "trainable.layers": f"{lo}-{hi}"}, data, image_folder, f"sweep ({name})",
+                            {"role": "sweep", "block": [lo, hi], "num_layers": n}, self.default_seeds)
 
     def evals(self) -> None:
         """eval: one stage per model (each its own job for a scheduler), then the table over all of them."""
@@ -529,20 +574,75 @@ class _Planner:
         if an.get("image_folder"):
             options += ["--image-folder", str(an["image_folder"])]
         options += ["--dtype", str(an.get("dtype", "float32")), "--batch-size", str(an.get("batch_size", 8))]
+        which = an.get("seeds", "first")
+        if which not in ("first", "all"):
+            raise ExperimentError(f"{file}: analysis.seeds: {which!r} is not 'first' (each run's own seed) or 'all'")
+        profiled = self.models if which == "all" else {m: p for m, p in self.models.items() if m in (
+            "pretrained", "base") or m in {self.primary(r) for r in self.roles if self.roles[r]["role"] != "stage"}}
         out = self.output_dir / "analysis"
-        command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in self.models.items()),
+        command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in profiled.items()),
                    *options, *map(str, _list(an.get("args"))), "--out", str(out)]
         # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/<model>/,
         # fingerprinted by the weight files, so adding one run to a sweep extracts only that run's model.
         self.stages.append(Stage("analysis", "analysis", out, command, {"command": command},
                                  done=["profiles.json"], clear=False))
         if an.get("lens"):
-            lens_models = {m: p for m, p in self.models.items() if m != "pretrained"}
+            lens_models = {m: p for m, p in profiled.items() if m != "pretrained"}
             out = self.output_dir / "lens"
             command = [PYTHON, "-m", "analysis", "logit-lens", *(f"--model={m}={p}" for m, p in lens_models.items()),
                        *options, *map(str, _list(an.get("lens_args"))), "--out", str(out)]
             self.stages.append(Stage("lens", "lens", out, command, {"command": command}, done=["lens.json"]))
         self.analysis = an
+
+    def report(self) -> dict:
+        """report: the margins the verdicts are judged against (fixed before the runs), chance, metrics, ..."""
+        file = self.file
+        report = self.fill(_mapping(self.raw.get("report"), "report", file), "report")
+        _unknown(report, REPORT_KEYS, "report.", file)
+        for key in ("margin", "cost_margin"):
+            value = report.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ExperimentError(f"{file}: report.{key} must be a number ≥ 0, got {value!r}")
+        if report.get("cluster_by") is not None and not isinstance(report["cluster_by"], str):
+            raise ExperimentError(f"{file}: report.cluster_by must be 'image', 'question' or a document field")
+        return report
+
+    def cost_probes(self, setting) -> None:
+        """cost/<run>: each run's configuration beside the reference's in one process, steps alternated on the same
+        batches (python -m train.probe); what the report's cost verdicts come from."""
+        file = self.file
+        self.probes: dict[str, str] = {}
+        self.probe_skipped = None
+        if setting is False:
+            self.probe_skipped = "report.cost_probe is false"
+            return
+        probe = {**COST_PROBE_DEFAULTS, **_mapping(None if setting is True else setting, "report.cost_probe", file)}
+        _unknown(probe, COST_PROBE_KEYS, "report.cost_probe.", file)
+        for key, value in probe.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "steps" else 0):
+                raise ExperimentError(f"{file}: report.cost_probe.{key} must be an integer ≥ "
+                                      f"{2 if key == 'steps' else 0}, got {value!r}")
+        if self.one_process is not None:
+            self.probe_skipped = self.one_process
+            return
+        by_name = {s.name: s for s in self.stages}
+        reference = self.primary(self.reference)
+        for name, role in self.roles.items():
+            if role["role"] == "stage" or name == self.reference:
+                continue
+            out = self.output_dir / "cost" / name
+            command = [PYTHON, "-m", "train.probe", "--out", str(out), "--warmup", str(probe["warmup"]), "--steps",
+                       str(probe["steps"])]
+            for label, stage in ((self.reference, by_name[reference]), (name, by_name[self.primary(name)])):
+                # the probe writes nothing under output_dir; pointing it at the probe's own directory keeps the
+                # probe independent of the trainings (it needs only their start model and data)
+                args = [w for w in _train_args(stage.command) if not w.startswith("output_dir=")]
+                command += ["--run", label, shlex.join([*args, f"output_dir={out / label}"])]
+            self.stages.append(Stage(f"cost/{name}", "cost", out, command,
+                                     {"command": command, "config": by_name[self.primary(name)].params["config"],
+                                      "reference_config": by_name[reference].params["config"]},
+                                     done=["probe.json"]))
+            self.probes[name] = str(out)
 
     def link_dependencies(self) -> None:
         """A stage reads every earlier stage whose directory its command names: the model it starts from or
@@ -551,6 +651,39 @@ class _Planner:
             for earlier in self.stages[:i]:
                 if earlier.name not in s.after and _names_path(s.command, earlier.out):
                     s.after.append(earlier.name)
+
+
+def _seed_list(value, file: Path, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    seeds = _list(value)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ExperimentError(f"{file}: {where} must be a list of distinct integers (e.g. [0, 1, 2]), got {value!r}")
+    return seeds
+
+
+def _train_args(command: list[str]) -> list[str]:
+    """A training command's words after `-m train`: its --config and overrides."""
+    at = next(i for i in range(len(command) - 1) if command[i] == "-m" and command[i + 1] == "train")
+    return command[at + 2:]
+
+
+def _one_process(launch: dict, file: Path) -> str | None:
+    """None when trainings run in one process (the cost probe then runs as they do); else why the probe, which
+    holds two configurations in one process, cannot run like them."""
+    if launch.get("with", "python") == "python":
+        return None
+    if launch.get("num_processes") not in (None, 1):
+        return (f"the trainings launch {launch['num_processes']} processes; the cost probe holds both "
+                f"configurations in one process (set report.cost_probe: false to silence this)")
+    config_file = launch.get("config_file")
+    settings = _read_yaml(Path(str(config_file)), f"{file}: launch.config_file") if config_file else {}
+    settings = settings if isinstance(settings, dict) else {}
+    if str(settings.get("distributed_type", "")).upper() == "DEEPSPEED":
+        return "the trainings run under DeepSpeed, whose engine takes one model per process"
+    if settings.get("num_processes") not in (None, 1) and launch.get("num_processes") is None:
+        return f"the trainings launch {settings['num_processes']} processes ({config_file})"
+    return None
 
 
 def executable(command: list[str]) -> list[str]:

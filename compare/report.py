@@ -1,11 +1,11 @@
 """The experiment's report: every run's scores, cost and geometry beside the reference run, from their own files.
 
-Reads what the stages wrote — each training's run.json, lmms-eval's comparison.csv (python -m eval), the
-geometry profiles.json and lens.json (python -m analysis) — and writes `report.md`, `report.json`, `scores.csv`,
-`cost.csv`, `summary.txt` and the PNGs next to them. Every number and every verdict is computed here from those
-files; where a claim does not hold, the verdict says so plainly. The thresholds (`report:` in the experiment file
-overrides them) were set before the first run; one rule changed after it, and says why in `id_answers`: expansion
-is measured from the lowest ID before the peak, no longer from the embeddings' ID.
+Reads what the stages wrote — each training's run.json, lmms-eval's comparison.csv and per-question sample logs
+(python -m eval), the cost probes' probe.json (python -m train.probe), the geometry profiles.json and lens.json
+(python -m analysis) — and writes `report.md`, `report.json`, `scores.csv`, `cost.csv`, `summary.txt` and the PNGs
+next to them. Every score, difference and cost ratio carries a 95 % interval (compare/stats.py) and every verdict
+comes from an interval and a margin fixed in the experiment file (`report.margin`, `report.cost_margin`), never
+from a point estimate. The method: docs/compare.md, "How the verdicts are reached".
 """
 
 from __future__ import annotations
@@ -14,17 +14,20 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from compare import plots, stats
 from compare.experiment import Experiment
-from midtune.files import copy_file, save_figure, write_json, write_text
+from compare.geometry import id_answers, lens_answers, overlap_answers
+from compare.scores import PerQuestion, check_against_lmms_eval
+from compare.stats import Estimate, Resampler
+from midtune.files import write_json, write_text
 
-CLEAR_GAIN = 10.0  # points: "clearly beats" means at least this much better (and this much above chance, if known)
-KEEPS_ACCURACY = 2.0  # points: a block "keeps the reference's score" within this many points
-EXPANSION = 1.25  # the ID peak is at least this many times the lowest ID before it ...
-CONTRACTION = 0.8  # ... and a later minimum at most this fraction of the peak: Valeriani et al.'s shape
-OVERLAP_RISE = 0.02  # mean change in overlap (a fraction of k neighbours) that counts as a rise
-CHEAPER = 0.95  # a run's median step at most this fraction of the reference's: cheaper beyond timing noise (±5 %)
+MARGIN = 2.0  # points: a run "keeps" the reference's score when its interval's low end is at most this far below
+COST_MARGIN = 0.05  # a step-time ratio is "the same" when its interval lies within 1 ± this
+# What a cost comparison needs to hold fixed: the same backend, device count and batch shape.
+COMPARABLE = ("distributed_type", "world_size", "device", "mixed_precision", "batch_size", "grad_accum", "max_length")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,15 +37,20 @@ CHEAPER = 0.95  # a run's median step at most this fraction of the reference's: 
 
 def load_run(run_dir: Path) -> dict:
     run = json.loads((run_dir / "run.json").read_text())
+    config = run["config"]
     # A resumed run's timings cover only its last session: marked, and left out of the cost ratios.
     return {"wall_s": run["wall_time_s"], "step_s": run["median_step_time_s"], "tokens_s": run.get("tokens_per_s"),
             "resumed": bool(run.get("resumed_from")),
             "peak_mb": run["peak_training_memory_mb"], "trainable": run["parameters"]["trainable"],
             "total": run["parameters"]["total"], "steps": run["steps"],
             "layers": run["plan"]["trainable_layers"], "num_layers": run["plan"]["num_layers"],
-            "components": [k for k, v in run["config"]["trainable"].items() if k != "layers" and v is True],
-            "batch_size": run["config"]["batch_size"], "lr": run["config"]["optim"]["lr"],
-            "precision": run.get("precision", {}).get("line", "")}
+            "components": [k for k, v in config["trainable"].items() if k != "layers" and v is True],
+            "batch_size": config["batch_size"], "lr": config["optim"]["lr"], "seed": config.get("seed"),
+            "precision": run.get("precision", {}).get("line", ""),
+            "setup": {"distributed_type": run.get("distributed_type"), "world_size": run.get("world_size"),
+                      "device": run.get("device"), "mixed_precision": run.get("mixed_precision"),
+                      "batch_size": config["batch_size"], "grad_accum": config.get("grad_accum"),
+                      "max_length": config.get("max_length")}}
 
 
 def read_scores(path: Path, models: list[str]) -> list[dict]:
@@ -94,10 +102,6 @@ def read_chance(setting, tasks: list[str]) -> dict[str, float]:
     return {t: v for t, v in out.items() if t in tasks}
 
 
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1f}"
-
-
 def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
@@ -123,84 +127,223 @@ def trained(run: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scores
+# The evidence: per-question results, resampled once for every comparison
 # ---------------------------------------------------------------------------------------------------------
 
 
-def score_table(rows: list[dict], models: list[str], reference: str, chance: dict[str, float]) -> str:
-    others = [m for m in models if m != reference]
-    head = ["task", "metric", "n", *(["chance"] if chance else []), *models, *(f"Δ {m} − {reference}" for m in others)]
+@dataclass
+class Evidence:
+    """Every configuration's models by seed, the score rows, and the resampler over the rows that have
+    per-question results (`why[key]` says why a row has none)."""
+
+    configs: dict[str, dict]  # configuration → {seed: model}; "base" is {None: "base"}
+    rows: list[dict]
+    resampler: Resampler | None
+    why: dict[str, str]
+    clustering: dict[str, str]
+    n_boot: int
+
+    def key(self, row: dict) -> str:
+        return f"{row['task']}/{row['metric']}"
+
+    def has(self, key: str) -> bool:
+        return self.resampler is not None and key not in self.why and key in self.resampler.tasks
+
+    def score(self, config: str, keys: list[str]) -> Estimate:
+        return stats.score(self.resampler, list(self.configs[config].values()), keys)
+
+    def difference(self, config: str, reference: str, keys: list[str]) -> Estimate:
+        return stats.difference(self.resampler, self.configs[config], self.configs[reference], keys)
+
+    def point(self, row: dict, config: str) -> float | None:
+        """A row's plain score (mean over the configuration's seeds) where there is no interval."""
+        values = [row["values"].get(m) for m in self.configs[config].values()]
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def gather_evidence(exp: Experiment, rows: list[dict], configs: dict[str, dict], settings: dict) -> Evidence:
+    per_question = PerQuestion(exp.output_dir / "eval", str(settings.get("cluster_by") or "image"))
+    models = [m for seeds in configs.values() for m in seeds.values()]
+    found, why, clustering = [], {}, {}
+    for row in rows:
+        key = f"{row['task']}/{row['metric']}"
+        if not row["leaf"]:
+            why[key] = "a group's aggregate (its tasks are reported one by one)"
+            continue
+        got = per_question.task_results(row["task"], row["metric"], models, 100.0 if row["unit"] == "points" else 1.0)
+        if isinstance(got, str):
+            why[key] = got
+        else:
+            found.append((row, got))
+            clustering[key] = per_question.clustering(row["task"], models)
+    n_boot = int(settings.get("n_boot") or stats.N_BOOT)
+    resampler = Resampler([t for _, t in found], n_boot=n_boot, seed=0) if found else None
+    for row, t in found:  # the per-question results must be what lmms-eval's score was computed from
+        mismatch = check_against_lmms_eval(t, row["values"], resampler)
+        if mismatch:
+            why[t.key] = mismatch
+    return Evidence(configs, rows, resampler, why, clustering, n_boot)
+
+
+def configurations(exp: Experiment) -> dict[str, dict]:
+    """base, then every run and sweep block: {seed: model} (a training of one seed whose seed is unknown: None)."""
+    out = {"base": {None: "base"}}
+    for name, role in exp.trainings.items():
+        if role["role"] != "stage":
+            out[name] = dict(role["seeds"])
+    return out
+
+
+def _fmt(e: Estimate | None, point: float | None = None, signed: bool = False) -> str:
+    if e is None:
+        return "—" if point is None else (f"{point:+.1f}" if signed else f"{point:.1f}") + " (no interval)"
+    half = (e.ci[1] - e.ci[0]) / 2
+    return (f"{e.estimate:+.1f}" if signed else f"{e.estimate:.1f}") + f" ± {half:.1f}"
+
+
+def _ci(e: Estimate) -> str:
+    return f"[{e.ci[0]:+.1f}, {e.ci[1]:+.1f}]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scores: every configuration, every row, with its interval
+# ---------------------------------------------------------------------------------------------------------
+
+
+def score_rows(ev: Evidence, reference: str, margin: float) -> list[dict]:
+    """For report.json and the tables: each row's score per configuration and each run's paired difference from
+    the reference, with the interval, n, method and verdict (0–1 scores; or why there is none)."""
+    out = []
+    for row in ev.rows:
+        key = ev.key(row)
+        entry = {"task": row["task"], "metric": row["metric"], "unit": row["unit"], "n": row["n"], "leaf": row["leaf"],
+                 "scores": {}, "differences": {}}
+        if not ev.has(key):
+            entry["no_interval"] = ev.why.get(key, "no per-question results")
+        for config in ev.configs:
+            if ev.has(key):
+                entry["scores"][config] = ev.score(config, [key]).to_dict()
+            else:
+                entry["scores"][config] = {"estimate": ev.point(row, config), "ci": None}
+        for config in ev.configs:
+            if config in ("base", reference) or not ev.has(key):
+                continue
+            d = ev.difference(config, reference, [key])
+            verdict = stats.verdict(d.ci, margin) if row["unit"] == "points" else None
+            entry["differences"][config] = {**d.to_dict(), "verdict": verdict,
+                                            "hint": stats.size_hint(d, margin) if verdict else None}
+        out.append(entry)
+    return out
+
+
+def score_table(entries: list[dict], configs: dict[str, dict], reference: str, chance: dict[str, float]) -> str:
+    others = [c for c in configs if c not in ("base", reference)]
+    head = ["task", "metric", "n", *(["chance"] if chance else []),
+            *(f"{c}" + (f" ({len(configs[c])} seeds)" if len(configs[c]) > 1 else "") for c in configs),
+            *(f"Δ {c} − {reference}" for c in others)]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
-    seen: set[str] = set()
-    for r in rows:
-        first_metric = r["task"] not in seen  # chance is that of the task's main metric
-        seen.add(r["task"])
-        v = r["values"]
-        ref = v.get(reference)
-        deltas = [None if v.get(m) is None or ref is None else v[m] - ref for m in others]
-        metric = r["metric"] + ("" if r["unit"] == "points" else " (value)")
-        first = [r["task"], metric, str(r["n"] or "—")]
+    for e in entries:
+        first = [e["task"], e["metric"] + ("" if e["unit"] == "points" else " (value)"), str(e["n"] or "—")]
         if chance:
-            first.append(_pct(chance.get(r["task"]) if first_metric else None))
-        lines.append("| " + " | ".join([*first, *(_pct(v.get(m)) for m in models),
-                                         *("—" if d is None else f"{d:+.1f}" for d in deltas)]) + " |")
+            first.append(f"{chance[e['task']]:.1f}" if e["task"] in chance else "—")
+        cells = [_cell(e["scores"][c], signed=False) for c in configs]
+        deltas = []
+        for c in others:
+            d = e["differences"].get(c)
+            verdict = f" **{d['verdict']}**" if d and d["verdict"] else ""
+            deltas.append("—" if d is None else _cell(d, signed=True) + verdict)
+        lines.append("| " + " | ".join([*first, *cells, *deltas]) + " |")
     return "\n".join(lines)
 
 
-def learned_tasks(scores: dict[str, dict], reference: str, chance: dict[str, float], clear_gain: float) -> list[str]:
-    """Tasks on which the reference run clearly beats the base (and chance, where known): what it learned."""
-    out = []
-    for task, r in scores.items():
-        v = r["values"]
-        if v.get(reference) is None or v.get("base") is None:
-            continue
-        floor = max(v["base"], chance.get(task, -math.inf))
-        if v[reference] - floor >= clear_gain:
-            out.append(task)
-    return out
+def _cell(d: dict, signed: bool) -> str:
+    if d.get("estimate") is None:
+        return "—"
+    value = f"{d['estimate']:+.1f}" if signed else f"{d['estimate']:.1f}"
+    if d.get("ci") is None:
+        return value + "†"
+    return f"{value} ± {(d['ci'][1] - d['ci'][0]) / 2:.1f}"
 
 
-def score_verdicts(scores: dict[str, dict], reference: str, others: list[str], runs: dict[str, dict],
-                   chance: dict[str, float], keeps: float = KEEPS_ACCURACY,
-                   clear_gain: float = CLEAR_GAIN) -> list[str]:
-    """Did the reference run learn (vs the base), and does each other run keep what it learned, at what cost?"""
-    tasks = [t for t, r in scores.items() if r["values"].get(reference) is not None]
-    learned = learned_tasks(scores, reference, chance, clear_gain)
-    gains = ", ".join(f"{t} {scores[t]['values'][reference] - scores[t]['values']['base']:+.1f}" for t in tasks
-                      if scores[t]["values"].get("base") is not None)
-    over = "both the base and chance" if chance else "the base"
-    out = [f"{reference} clearly beats the base (≥ {clear_gain:.0f} points over {over}) on {len(learned)} of "
-           f"{len(tasks)} tasks" + (f" ({', '.join(learned)})" if learned else "")
-           + f"; points over the base: {gains}."]
-    if not learned:
-        out.append(f"Whether the other runs keep {reference}'s score cannot be judged: {reference} is ≥ "
-                   f"{clear_gain:.0f} points above {over} on no task.")
-        return out
+def learned_answers(ev: Evidence, leaves: list[str], reference: str, chance: dict[str, float]) -> tuple[list, dict]:
+    """What the reference learned: its gain over the base has an interval above 0 and (where chance is known) its
+    score's interval lies above chance. Information only: the comparisons with the reference do not depend on it."""
+    result, learned = {}, []
+    for key in leaves:
+        task = key.split("/")[0]
+        gain, own = ev.difference(reference, "base", [key]), ev.score(reference, [key])
+        above_chance = task not in chance or own.ci[0] > chance[task]
+        ok = gain.ci[0] > 0 and above_chance
+        result[key] = {"gain": gain.to_dict(), "score": own.to_dict(), "chance": chance.get(task), "learned": ok}
+        if ok:
+            learned.append(task)
+    over = "the base and chance" if chance else "the base"
+    gains = "; ".join(f"{k.split('/')[0]} {result[k]['gain']['estimate']:+.1f} {_ci_of(result[k]['gain'])}"
+                      for k in leaves)
+    line = (f"{reference} learned (its gain over {over} has a 95 % interval above 0) on {len(learned)} of "
+            f"{len(leaves)} tasks" + (f" ({', '.join(learned)})" if learned else "")
+            + f"; gain over the base: {gains}.")
+    return [line], result
+
+
+def _ci_of(d: dict) -> str:
+    return f"[{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]"
+
+
+def comparison_answers(ev: Evidence, leaves: list[str], reference: str, others: list[str],
+                       margin: float) -> tuple[list[str], dict]:
+    """Each run against the reference: the paired difference on every headline task and on their mean, its verdict
+    against the margin, and for `worse`/`inconclusive` how much more data would decide."""
+    lines, result = [], {}
     for name in others:
-        pairs = [(t, scores[t]["values"].get(name)) for t in learned]
-        if any(v is None for _, v in pairs):
-            out.append(f"{name}: no score on every task {reference} learned.")
-            continue
-        deltas = {t: v - scores[t]["values"][reference] for t, v in pairs}
-        delta = sum(deltas.values()) / len(deltas)
-        worst = min(deltas, key=deltas.get)
-        cost = ""
-        if name in runs and reference in runs and timed_whole(runs[name]) and timed_whole(runs[reference]):
-            cost = (f" at {runs[name]['wall_s'] / runs[reference]['wall_s']:.2f}× the wall time and "
-                    f"{runs[name]['step_s'] / runs[reference]['step_s']:.2f}× the step time")
-        detail = (f"mean over the {len(learned)} tasks {reference} learned; largest gap: {worst} "
-                  f"{deltas[worst]:+.1f}")
-        if delta >= -keeps:
-            out.append(f"{name}: {delta:+.1f} points vs {reference}{cost} ({detail}) — keeps {reference}'s score "
-                       f"on the mean (at most {keeps:g} points below).")
+        per_task = {}
+        for key in leaves:
+            d = ev.difference(name, reference, [key])
+            per_task[key] = {**d.to_dict(), "verdict": stats.verdict(d.ci, margin), "hint": stats.size_hint(d, margin)}
+        mean = ev.difference(name, reference, leaves)
+        verdict = stats.verdict(mean.ci, margin)
+        hint = stats.size_hint(mean, margin)
+        result[name] = {"mean": {**mean.to_dict(), "verdict": verdict, "hint": hint, "tasks": leaves},
+                        "tasks": per_task}
+        counts = {v: sum(t["verdict"] == v for t in per_task.values()) for v in stats.VERDICTS}
+        worst = min(per_task, key=lambda k: per_task[k]["estimate"])
+        seeds = (f"{mean.n_seeds} seeds" if mean.var_seeds is not None else "one seed: seed variation not measured")
+        lines.append(
+            f"{name} vs {reference}, mean over the {len(leaves)} tasks: {mean.estimate:+.1f} points, 95 % interval "
+            f"{_ci(mean)} (paired on {mean.n_questions} questions, {seeds}) — **{verdict}** "
+            f"({_verdict_words(verdict, margin, reference)}). Per task: "
+            + ", ".join(f"{v} {n}" for v, n in counts.items() if n)
+            + f"; largest gap {worst.split('/')[0]} {per_task[worst]['estimate']:+.1f} {_ci_of(per_task[worst])}."
+            + (f" {hint['text'][0].upper()}{hint['text'][1:]}." if hint else ""))
+    return lines, result
+
+
+def _verdict_words(verdict: str, margin: float, reference: str) -> str:
+    return {"better": f"above {reference}: the whole interval is above 0",
+            "keeps": f"no more than {margin:g} points below {reference}: the interval's low end is within the margin",
+            "worse": f"below {reference}, perhaps by more than the {margin:g}-point margin",
+            "loses": f"more than {margin:g} points below {reference}: the whole interval is below the margin",
+            "inconclusive": f"the interval spans both 0 and −{margin:g}: neither keeping nor losing is shown"}[verdict]
+
+
+def leaf_keys(ev: Evidence, settings: dict) -> tuple[list[str], list[str]]:
+    """The headline metric of every task where it is a 0–1 score with per-question results (what the verdicts
+    judge), and the tasks left out with why."""
+    heads = primary([r for r in ev.rows if r["leaf"]], settings.get("metrics"))
+    keys, left_out = [], []
+    for task, row in heads.items():
+        key = ev.key(row)
+        if row["unit"] != "points":
+            left_out.append(f"{task} ({row['metric']} is not a 0–1 score)")
+        elif not ev.has(key):
+            left_out.append(f"{task} ({ev.why.get(key, 'no per-question results')})")
         else:
-            out.append(f"{name}: {delta:+.1f} points vs {reference}{cost} ({detail}) — does NOT keep {reference}'s "
-                       f"score on the mean (more than {keeps:g} points below).")
-    return out
+            keys.append(key)
+    return keys, left_out
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Cost
+# Cost: run timings in the table; verdicts from the interleaved probe
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -213,238 +356,102 @@ def cost_table(runs: dict[str, dict]) -> str:
         step = "—" if r.get("step_s") is None else f"{r['step_s']:.2f}"
         lines.append("| " + " | ".join([
             name + (" (resumed)" if r.get("resumed") else ""), trained(r), str(r["steps"]), f"{r['wall_s']:.0f}", step,
-            tokens,
-            f"{r['peak_mb']:.0f}", f"{_params(r['trainable'])} ({100 * r['trainable'] / r['total']:.0f}%)"]) + " |")
+            tokens, f"{r['peak_mb']:.0f}", f"{_params(r['trainable'])} ({100 * r['trainable'] / r['total']:.0f}%)"])
+            + " |")
     return "\n".join(lines)
 
 
-def cost_verdicts(runs: dict[str, dict], reference: str, others: list[str], cheaper: float = CHEAPER) -> list[str]:
-    ref = runs[reference]
-    out = []
+def incomparable(a: dict, b: dict) -> list[str]:
+    """What differs between two trainings' set-ups that a cost ratio would confound (backend, GPUs, batch shape)."""
+    return [f"{k} {a['setup'].get(k)!r} vs {b['setup'].get(k)!r}" for k in COMPARABLE
+            if a["setup"].get(k) != b["setup"].get(k)]
+
+
+def cost_answers(exp: Experiment, runs: dict[str, dict], configs: dict[str, dict], others: list[str],
+                 margin: float) -> tuple[list[str], dict]:
+    """Per run: the probe's step-time ratio with its interval and verdict; the measured run ratios (memory,
+    parameters) beside it; refused where the trainings' set-ups differ."""
+    reference = exp.reference
+    ref_run = runs[_primary(configs, reference)]
+    lines, result = [], {}
     for name in others:
-        r = runs[name]
-        unusable = [n for n in (reference, name) if not timed_whole(runs[n])]
-        if unusable:
-            out.append(f"{name} vs {reference}: no cost comparison — the timings of {' and '.join(unusable)} cover "
-                       f"only part of the training (resumed, or no step timed).")
-            continue
-        step, wall = r["step_s"] / ref["step_s"], r["wall_s"] / ref["wall_s"]
-        mem, params = r["peak_mb"] / ref["peak_mb"], r["trainable"] / ref["trainable"]
-        line = (f"{name} vs {reference}: {step:.2f}× the median step time, {wall:.2f}× the wall time, {mem:.2f}× the "
-                f"training memory, {params:.2f}× the trainable parameters — ")
-        if step <= cheaper:
-            out.append(line + f"cheaper to train: {100 * (1 - step):.0f}% less time per step.")
+        run = runs[_primary(configs, name)]
+        entry: dict = {"memory_ratio": run["peak_mb"] / ref_run["peak_mb"],
+                       "parameters_ratio": run["trainable"] / ref_run["trainable"]}
+        differs = incomparable(run, ref_run)
+        measured = (f"training memory {entry['memory_ratio']:.2f}× (one measurement each), trainable parameters "
+                    f"{entry['parameters_ratio']:.2f}×")
+        if differs:
+            entry.update(verdict="refused", why="the trainings differ in " + "; ".join(differs))
+            lines.append(f"{name} vs {reference}: no cost comparison — {entry['why']}: their times measure the set-up, "
+                         f"not the layers trained. {measured}.")
+        elif name in exp.cost_probes:
+            lines.append(_probe_line(Path(exp.cost_probes[name]) / "probe.json", name, reference, margin, entry)
+                         + f" {measured}.")
         else:
-            out.append(line + f"NOT cheaper to train beyond timing noise (its step is {step:.2f}× {reference}'s; "
-                              f"needs ≤ {cheaper}×).")
-    return out
+            entry.update(verdict="not measured", why=f"no cost probe: {exp.cost_probe_skipped}")
+            lines.append(f"{name} vs {reference}: step time not judged ({entry['why']}); the runs' own timings are in "
+                         f"the table (one run each, no interval). {measured}.")
+        result[name] = entry
+    return lines, result
+
+
+def _probe_line(path: Path, name: str, reference: str, margin: float, entry: dict) -> str:
+    probe = json.loads(path.read_text())
+    times = {k: v["step_times"] for k, v in probe["runs"].items()}
+    ratio = stats.step_ratio(times[name], times[reference])
+    verdict = stats.cost_verdict(ratio.ci, margin)
+    hint = stats.pairs_hint(ratio, margin)
+    entry.update(step_ratio=ratio.to_dict(), verdict=verdict, hint=hint, probe=str(path),
+                 probe_settings=probe.get("settings"))
+    words = {"cheaper": "its whole interval is below 1", "costlier": "its whole interval is above 1",
+             "same": f"its interval lies within 1 ± {margin:g}",
+             "inconclusive": f"the interval holds 1 but reaches beyond 1 ± {margin:g}"}[verdict]
+    return (f"{name} vs {reference}: step time {ratio.estimate:.2f}×, 95 % interval [{ratio.ci[0]:.2f}, "
+            f"{ratio.ci[1]:.2f}] ({ratio.n_pairs} steps of each, alternated in one process on the same batches) — "
+            f"**{verdict}** ({words})." + (f" {hint[0].upper()}{hint[1:]}." if hint else ""))
+
+
+def _primary(configs: dict[str, dict], name: str) -> str:
+    models = list(configs[name].values())
+    return name if name in models else models[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sweep: which layers matter
+# Sweep: which layers matter, by the same rule
 # ---------------------------------------------------------------------------------------------------------
 
 
-def sweep_rows(scores: dict[str, dict], blocks: dict[str, list[int]], leaves: list[str]) -> list[dict]:
+def sweep_answers(ev: Evidence, leaves: list[str], blocks: dict[str, list[int]], reference: str, margin: float,
+                  comparisons: dict) -> tuple[list[str], list[dict]]:
+    """Each block's mean over the tasks with its interval and verdict; the best block with its interval, and the
+    blocks that cannot be told apart from it (their paired difference from it holds 0)."""
+    order = sorted(blocks, key=lambda n: blocks[n])
     rows = []
-    for name, (lo, hi) in sorted(blocks.items(), key=lambda kv: kv[1]):
-        values = {t: scores[t]["values"].get(name) for t in leaves}
-        present = [v for v in values.values() if v is not None]
-        rows.append({"run": name, "block": [lo, hi], "scores": values,
-                     "mean": sum(present) / len(present) if present else None})
-    return rows
+    for name in order:
+        e = ev.score(name, leaves)
+        rows.append({"run": name, "block": blocks[name], "mean": e.to_dict(),
+                     "vs_reference": comparisons[name]["mean"],
+                     "scores": {k: ev.score(name, [k]).to_dict() for k in leaves}})
+    best = max(rows, key=lambda r: r["mean"]["estimate"])
+    ties = [r["run"] for r in rows if r is not best
+            and ev.difference(r["run"], best["run"], leaves).ci[1] >= 0]
+    keep = [r for r in rows if r["vs_reference"]["verdict"] in ("keeps", "better")]
 
+    def span(r: dict) -> str:
+        return f"{r['block'][0]}–{r['block'][1]}"
 
-def sweep_answers(rows: list[dict], scores: dict[str, dict], leaves: list[str], reference: str,
-                  keeps: float = KEEPS_ACCURACY) -> list[str]:
-    means = {r["run"]: r["mean"] for r in rows if r["mean"] is not None}
-    if not means:
-        return ["Sweep: no block has scores."]
-    ref_values = [scores[t]["values"].get(reference) for t in leaves]
-    ref_mean = sum(ref_values) / len(ref_values) if all(v is not None for v in ref_values) else None
-    best = max(means, key=means.get)
-    block = {r["run"]: r["block"] for r in rows}
-    out = [f"Best block on the mean over the {len(leaves)} tasks: layers {block[best][0]}–{block[best][1]} "
-           f"({means[best]:.1f}" + (f", {means[best] - ref_mean:+.1f} vs {reference}" if ref_mean is not None else "")
-           + ")."]
-    for t in leaves:
-        per = {r["run"]: r["scores"][t] for r in rows if r["scores"][t] is not None}
-        if per:
-            top = max(per, key=per.get)
-            out.append(f"{t}: best block layers {block[top][0]}–{block[top][1]} ({per[top]:.1f}), worst "
-                       f"{min(per.values()):.1f}.")
-    if ref_mean is not None:
-        keep = [r for r in means if means[r] >= ref_mean - keeps]
-        out.append(f"Blocks within {keeps:g} points of {reference}'s mean ({ref_mean:.1f}): "
-                   + (", ".join(f"{block[r][0]}–{block[r][1]}" for r in keep) if keep else "none") + ".")
-    return out
-
-
-def plot_sweep(rows: list[dict], scores: dict[str, dict], leaves: list[str], reference: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = [(r["block"][0] + r["block"][1]) / 2 for r in rows]
-    for i, t in enumerate(leaves):
-        ax.plot(x, [r["scores"][t] if r["scores"][t] is not None else math.nan for r in rows], marker="o",
-                color=f"C{i}", label=t)
-        for name, style in ((reference, "--"), ("base", ":")):
-            v = scores[t]["values"].get(name)
-            if v is not None:
-                ax.axhline(v, color=f"C{i}", linestyle=style, alpha=0.5)
-    ax.set_xlabel("trained block (centre layer; dashed: " + reference + ", dotted: base)")
-    ax.set_ylabel("score (points)")
-    ax.set_title("Which layers matter: score vs the position of the trained block")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Geometry: ID profile, overlap, logit lens
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _finite(per_layer: dict[int, dict], metric: str) -> dict[int, float]:
-    return {layer: m[metric] for layer, m in per_layer.items() if math.isfinite(m.get(metric, math.nan))}
-
-
-def _where(layer: int, n_states: int) -> str:
-    """Which third of the depth a hidden-state index is in (0 = embeddings, n_states - 1 = last)."""
-    frac = layer / (n_states - 1)
-    return "early" if frac <= 1 / 3 else "late" if frac > 2 / 3 else "intermediate"
-
-
-def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretrained") -> list[str]:
-    """The shape of the starting LLM's ID profile on captions, and how each trained model changes it."""
-    ids = _finite(profiles[reference], "textual_id")
-    if len(ids) < 3:
-        return [f"ID profile: too few finite ID estimates ({len(ids)}) to describe its shape."]
-    layers = sorted(ids)
-    n_states = len(profiles[reference])
-    peak = max(layers, key=ids.get)
-    after = [layer for layer in layers if layer > peak]
-    low = min(after, key=ids.get) if after else None
-    # Expansion is measured from the lowest ID before the peak, not from the embeddings: the mean of a caption's
-    # token embeddings is no representation the network built (SmolLM2: 8.8 there, 7.3 two layers up, then 10.8).
-    before = min((layer for layer in layers if layer < peak), key=ids.get, default=peak)
-    text = (f"ID profile of {reference} on the captions (TwoNN, mean caption-token representation): ")
-    text += f"{ids[0]:.1f} at the embeddings, " if 0 in ids else ""
-    text += f"lowest {ids[before]:.1f} at hidden state {before} before the peak, " if before != peak else ""
-    text += f"peak {ids[peak]:.1f} at hidden state {peak} ({_where(peak, n_states)})"
-    if low is not None:
-        text += (f", then down to a minimum of {ids[low]:.1f} at hidden state {low} ({_where(low, n_states)}), "
-                 f"{ids[layers[-1]]:.1f} at the last")
-    expands = ids[peak] >= EXPANSION * ids[before]
-    contracts = low is not None and ids[low] <= CONTRACTION * ids[peak]
-    rule = f"peak ≥ {EXPANSION}× the lowest ID before it, later minimum ≤ {CONTRACTION}× the peak"
-    if expands and contracts:
-        shape = f"the expansion–contraction shape of Valeriani et al. 2023: reproduced ({rule})"
-    else:
-        missing = [w for w, ok in (("no expansion", expands), ("no contraction after the peak", contracts)) if not ok]
-        shape = (f"the expansion–contraction shape of Valeriani et al. 2023: NOT reproduced ({', '.join(missing)}; "
-                 f"{rule})")
-    out = [text + "; " + shape + "."]
-    for name, per_layer in profiles.items():
-        if name == reference:
-            continue
-        other = _finite(per_layer, "textual_id")
-        common = [layer for layer in layers if layer in other]
-        if not common:
-            continue
-        change = {layer: other[layer] - ids[layer] for layer in common}
-        top = max(common, key=lambda layer: abs(change[layer]))
-        if abs(change[top]) < 1e-6:
-            out.append(f"ID profile of {name}: identical to {reference}'s (the LLM did not change).")
-            continue
-        out.append(f"ID profile of {name}: largest change {change[top]:+.1f} at hidden state {top} "
-                   f"({_where(top, n_states)}); mean change over the layers {sum(change.values()) / len(change):+.1f}.")
-    return out
-
-
-def overlap_change(profiles: dict, after: str, before: str) -> dict | None:
-    """Per-third mean change of the visual↔textual overlap from `before` to `after`, and the layer of the largest
-    rise. Thirds of the hidden states 1..last (the embeddings, where image and text do not meet, left out)."""
-    a, b = _finite(profiles[after], "vt_overlap"), _finite(profiles[before], "vt_overlap")
-    n_states = len(profiles[before])
-    change = {layer: a[layer] - b[layer] for layer in sorted(set(a) & set(b)) if layer > 0}
-    if not change:
-        return None
-    thirds: dict[str, list[float]] = {"early": [], "intermediate": [], "late": []}
-    for layer, v in change.items():
-        thirds[_where(layer, n_states)].append(v)
-    means = {k: sum(v) / len(v) for k, v in thirds.items() if v}
-    top = max(change, key=change.get)
-
-    def peak(values: dict[int, float]) -> int:
-        return max((layer for layer in values if layer > 0), key=values.get)
-
-    return {"thirds": means, "top": top, "top_change": change[top], "top_where": _where(top, n_states),
-            "peak_before": peak(b), "peak_after": peak(a)}
-
-
-def overlap_answers(profiles: dict[str, dict[int, dict]], steps: list[tuple[str, str, str]]) -> list[str]:
-    """Does the overlap rise in the intermediate layers, for each (what, after, before) step (e.g. after the
-    alignment stage: base vs pretrained; after each run: the run vs base)?"""
-    out = []
-    for what, after, before in steps:
-        if after not in profiles or before not in profiles:
-            continue
-        c = overlap_change(profiles, after, before)
-        if c is None:
-            out.append(f"Visual↔textual overlap {what}: no finite values to compare.")
-            continue
-        t = c["thirds"]
-        mid = t.get("intermediate", math.nan)
-        rises = mid >= OVERLAP_RISE
-        most = rises and all(mid >= v for v in t.values())
-        verdict = ("rises in the intermediate layers, most there" if most else
-                   "rises in the intermediate layers, but more elsewhere" if rises else
-                   "does NOT rise in the intermediate layers")
-        out.append(f"Visual↔textual overlap {what} ({after} vs {before}): {verdict} (mean change per third of the "
-                   f"layers: " + ", ".join(f"{k} {v:+.3f}" for k, v in t.items())
-                   + f"; largest rise {c['top_change']:+.3f} at hidden state {c['top']} ({c['top_where']}); peak at "
-                   f"hidden state {c['peak_before']} before, {c['peak_after']} after).")
-    return out
-
-
-def lens_answers(doc: dict) -> list[str]:
-    """(e): where each model's image tokens decode to the depicted words (in the top k for half the pairs or more),
-    and whether they do in the intermediate third of the depth, where the paper places the abstraction."""
-    k = doc["settings"]["top_k"]
-    out, intermediate = [], []
-    for label in doc["settings"]["labels"]:
-        parts = []
-        for name, model in doc["models"].items():
-            n_states = model["num_layers"] + 1
-            middle = [i for i in range(n_states) if _where(i, n_states) == "intermediate"]
-            texts = []
-            for readout, text in (("mean_image", "mean image state"), ("best_image_token", "best image token")):
-                values = model["concepts"][label][readout]
-                first = values["first_top_k_layer"]
-                texts.append(f"{text} from hidden state {first}" if first is not None else f"{text} never")
-                ranks, share = values["median_rank"], values["top_k_fraction"]
-                at = min(middle, key=lambda i: (-share[i], ranks[i]))
-                intermediate.append((-share[at], ranks[at], name, label, readout, at, middle))
-            parts.append(f"{name}: {', '.join(texts)}")
-        out.append(f"{label}: the word is in the top {k} for half the images or more — " + "; ".join(parts) + ".")
-    neg_share, rank, name, label, readout, at, middle = min(intermediate)
-    span = f"hidden states {middle[0]}–{middle[-1]}"
-    where = f"{name}, {label}, {readout.replace('_', ' ')}, hidden state {at}"
-    if -neg_share >= 0.5:
-        out.append(f"Visual features readable as the words they depict in the intermediate layers ({span}): yes — "
-                   f"in the top {k} for {-neg_share:.0%} of the images ({where}; median rank {rank:.0f}).")
-    else:
-        out.append(f"Visual features readable as the words they depict in the intermediate layers ({span}): NOT "
-                   f"reproduced — at its best intermediate hidden state the word is in the top {k} for "
-                   f"{-neg_share:.0%} of the images (median rank {rank:.0f}: {where}); the words surface only in "
-                   f"the late layers, if at all.")
-    return out
+    ref = ev.score(reference, leaves)
+    lines = [f"Highest mean over the {len(leaves)} tasks: layers {span(best)}, {best['mean']['estimate']:.1f} "
+             f"{_ci_of(best['mean'])} ({reference}: {ref.estimate:.1f} {_ci(ref)}); "
+             + ("not told apart from it (paired difference's interval holds 0): "
+                + ", ".join(span(r) for r in rows if r["run"] in ties) if ties else
+                "every other block is below it (paired difference's interval below 0)") + ".",
+             f"Blocks that keep {reference}'s score (verdict keeps or better, margin {margin:g} points): "
+             + (", ".join(f"{span(r)} ({r['vs_reference']['verdict']})" for r in keep) if keep else "none") + "."]
+    for r in rows:
+        r["indistinguishable_from_best"] = r["run"] in ties
+    return lines, rows
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -458,125 +465,215 @@ def _bullets(lines: list[str]) -> list[str]:
 
 def write_report(exp: Experiment, total_time_s: float) -> Path:
     out = exp.output_dir
-    settings = {"keeps": KEEPS_ACCURACY, "clear_gain": CLEAR_GAIN, "cheaper": CHEAPER, **exp.report}
-    runs = {name: load_run(out / name) for name in exp.trainings}
+    settings = {"margin": MARGIN, "cost_margin": COST_MARGIN, **exp.report}
+    runs = {name: load_run(out / name) for name in _trainings(exp)}
+    configs = configurations(exp)
     reference = exp.reference
-    run_names = [n for n, t in exp.trainings.items() if t["role"] == "run"]
-    others = [n for n in run_names if n != reference]
+    others = [c for c in configs if c not in ("base", reference)]
     blocks = {n: t["block"] for n, t in exp.trainings.items() if t["role"] == "sweep"}
     evaluated = [m for m in exp.models if m != "pretrained"]
-
     rows = read_scores(out / "eval" / "comparison.csv", evaluated)
-    scores = primary(rows, settings.get("metrics"))
-    # Verdicts and the sweep use each task's headline metric where it is a 0-1 score shown in points: thresholds in
-    # points mean nothing for other scales.
-    leaves = [t for t, r in scores.items() if r["leaf"] and r["unit"] == "points"]
-    leaf_scores = {t: scores[t] for t in leaves}
-    chance = read_chance(settings.get("chance"), leaves)
-    answers = {"scores": score_verdicts(leaf_scores, reference, others + list(blocks), runs, chance,
-                                        settings["keeps"], settings["clear_gain"]),
-               "cost": cost_verdicts(runs, reference, others + list(blocks), settings["cheaper"])}
-    copy_file(out / "eval" / "comparison.png", out / "scores.png")
+    ev = gather_evidence(exp, rows, configs, settings)
+    leaves, left_out = leaf_keys(ev, settings)
+    chance = read_chance(settings.get("chance"), [k.split("/")[0] for k in leaves])
+    doc = {"experiment": str(exp.path), "reference": reference, "models": exp.models, "settings": settings,
+           "configurations": {c: {str(s): m for s, m in seeds.items()} for c, seeds in configs.items()},
+           "runs": runs, "verdict_tasks": leaves, "left_out": left_out, "clustering": ev.clustering}
+    answers: dict[str, list[str]] = {}
+    if leaves:
+        answers["learned"], doc["learned"] = learned_answers(ev, leaves, reference, chance)
+        answers["scores"], doc["comparisons"] = comparison_answers(ev, leaves, reference, others, settings["margin"])
+    else:
+        answers["scores"] = ["No verdict: no task has a 0–1 headline score with per-question results ("
+                             + "; ".join(left_out) + ")."]
+        doc["comparisons"] = {}
+    doc["scores"] = score_rows(ev, reference, settings["margin"])
+    answers["cost"], doc["cost"] = cost_answers(exp, runs, configs, others, settings["cost_margin"])
+    if blocks and leaves:
+        answers["sweep"], doc["sweep"] = sweep_answers(ev, leaves, blocks, reference, settings["margin"],
+                                                       doc["comparisons"])
+        doc["sweep_reference"] = ev.score(reference, leaves).to_dict()
+    geometry_section(exp, answers, doc)
+    plots.all_figures(doc, configs, reference, leaves, chance, out)
+    md = markdown(exp, doc, answers, configs, chance, runs, total_time_s)
+    report = out / "report.md"
+    write_text(report, md)
+    doc["verdicts"] = answers
+    write_json(out / "report.json", doc)
+    write_tables(out, doc, configs, runs)
+    summary = [_score_table_md(doc, configs, reference, chance), "", cost_table(runs), ""]
+    summary += [line for lines in answers.values() for line in lines]
+    write_text(out / "summary.txt", "\n".join(summary) + "\n")
+    return report
 
-    sweep = None
-    if blocks:
-        sweep = sweep_rows(scores, blocks, leaves)
-        answers["sweep"] = sweep_answers(sweep, scores, leaves, reference, settings["keeps"])
-        plot_sweep(sweep, scores, leaves, reference, out / "sweep.png")
 
-    geometry = lens = None
-    if exp.analysis is not None:
-        geometry = json.loads((out / "analysis" / "profiles.json").read_text())
-        profiles = {name: {int(layer): {m: math.nan if v is None else float(v) for m, v in metrics.items()}
-                           for layer, metrics in per_layer.items()} for name, per_layer in geometry["profiles"].items()}
-        start = "pretrained" if "pretrained" in profiles else "base"
-        steps = ([("after the stages", "base", "pretrained")] if start == "pretrained" else []) + \
-                [(f"after {name}", name, "base") for name in run_names]
-        answers["id"] = id_answers(profiles, reference=start)
-        answers["overlap"] = overlap_answers(profiles, steps)
-        copy_file(out / "analysis" / "profile.png", out / "geometry.png")
-        if (out / "lens" / "lens.json").exists():
-            lens = json.loads((out / "lens" / "lens.json").read_text())
-            answers["lens"] = lens_answers(lens)
-            copy_file(out / "lens" / "lens.png", out / "lens.png")
+def _trainings(exp: Experiment) -> list[str]:
+    """Every training stage: the stages, then each run's and block's seeds."""
+    out = []
+    for name, role in exp.trainings.items():
+        out += [name] if role["role"] == "stage" else list(role["seeds"].values())
+    return out
 
-    ref = runs[reference]
+
+def _score_table_md(doc: dict, configs: dict, reference: str, chance: dict) -> str:
+    return score_table(doc["scores"], configs, reference, chance)
+
+
+def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
+    """The geometry answers (point estimates from one sample of pairs) and the logit lens, where analysed."""
+    out = exp.output_dir
+    doc["geometry"] = doc["lens"] = None
+    if exp.analysis is None:
+        return
+    from midtune.files import copy_file
+
+    geometry = json.loads((out / "analysis" / "profiles.json").read_text())
+    profiles = {name: {int(layer): {m: math.nan if v is None else float(v) for m, v in metrics.items()}
+                       for layer, metrics in per_layer.items()} for name, per_layer in geometry["profiles"].items()}
+    start = "pretrained" if "pretrained" in profiles else "base"
+    runs = [n for n, t in exp.trainings.items() if t["role"] == "run" and n in profiles]
+    steps = ([("after the stages", "base", "pretrained")] if start == "pretrained" else []) + \
+            [(f"after {name}", name, "base") for name in runs]
+    answers["id"] = id_answers(profiles, reference=start)
+    answers["overlap"] = overlap_answers(profiles, steps)
+    copy_file(out / "analysis" / "profile.png", out / "geometry.png")
+    doc["geometry"] = {"settings": geometry["settings"]}
+    if (out / "lens" / "lens.json").exists():
+        lens = json.loads((out / "lens" / "lens.json").read_text())
+        answers["lens"] = lens_answers(lens)
+        copy_file(out / "lens" / "lens.png", out / "lens.png")
+        doc["lens"] = {"settings": lens["settings"],
+                       "n_pairs": next(iter(lens["models"].values()))["n_pairs"]}
+
+
+def setup_line(exp: Experiment, runs: dict[str, dict], configs: dict[str, dict]) -> str:
     setup = [f"**Base**: `{exp.models.get('pretrained', exp.models['base'])}`."]
     stage_names = [n for n, t in exp.trainings.items() if t["role"] == "stage"]
     if stage_names:
         setup.append("**Stages** (in order, each from the model the previous one made): "
                      + "; ".join(f"{n} (trains {trained(runs[n])}, {runs[n]['steps']} steps)" for n in stage_names)
                      + ". **base** below is the model they made; **pretrained** the model before them.")
+    names = [n for n, t in exp.trainings.items() if t["role"] == "run"]
+
+    def seeds(n: str) -> str:
+        s = [str(k) for k in configs[n]]
+        return f", seeds {', '.join(s)}" if len(s) > 1 else (f", seed {s[0]}" if s[0] != "None" else "")
+
     setup.append("**Runs**, all from base with the same data: " + "; ".join(
-        f"**{n}** trains {trained(runs[n])} ({runs[n]['steps']} steps, batch {runs[n]['batch_size']}, lr "
-        f"{runs[n]['lr']:g})" for n in run_names) + f". Reference: **{reference}**.")
+        f"**{n}** trains {trained(runs[_primary(configs, n)])} ({runs[_primary(configs, n)]['steps']} steps, batch "
+        f"{runs[_primary(configs, n)]['batch_size']}, lr {runs[_primary(configs, n)]['lr']:g}{seeds(n)})"
+        for n in names) + f". Reference: **{exp.reference}**.")
+    blocks = {n: t["block"] for n, t in exp.trainings.items() if t["role"] == "sweep"}
     if blocks:
         width = {b[1] - b[0] + 1 for b in blocks.values()}
         setup.append(f"**Sweep**: {len(blocks)} blocks of {', '.join(map(str, sorted(width)))} layers: "
                      + ", ".join(f"{b[0]}–{b[1]}" for b in sorted(blocks.values())) + ".")
-    setup.append(f"Precision ({reference}): {ref['precision'] or 'as configured'}."
+    ref = runs[_primary(configs, exp.reference)]
+    setup.append(f"Precision ({exp.reference}): {ref['precision'] or 'as configured'}."
                  + (f" Hardware expected: {exp.hardware}." if exp.hardware else ""))
+    return " ".join(setup)
 
-    scores_md, cost_md = score_table(rows, evaluated, reference, chance), cost_table(runs)
+
+def method_paragraph(doc: dict, configs: dict[str, dict]) -> str:
+    s = doc["settings"]
+    one_seed = all(len(v) == 1 for c, v in configs.items() if c != "base")
+    seeds = ("Every run trained with **one seed: seed-to-seed variation is not measured**, so the intervals cover "
+             "question sampling only (a second training of the same configuration can land outside them)."
+             if one_seed else
+             "Runs with several seeds: the intervals add the between-seed variance (a run and the reference with "
+             "the same seed saw the same data order: the difference is paired on seeds too).")
+    clustered = sorted(set(doc["clustering"].values()))
+    return (f"Every score is the mean of per-question results from lmms-eval's sample logs, with a 95 % interval "
+            f"(± half its width); every Δ is the *paired* difference on the same questions. Questions are resampled "
+            f"{' / '.join(clustered) or 'by image'} (a cluster bootstrap, {s.get('n_boot') or stats.N_BOOT} draws, "
+            f"shared by all models). {seeds} Verdicts come from the difference's interval [lo, hi] and the margin "
+            f"m = {s['margin']:g} points fixed in the experiment file: better (lo > 0), keeps (−m ≤ lo ≤ 0), worse "
+            f"(lo < −m ≤ hi < 0), loses (hi < −m), inconclusive (lo < −m, hi ≥ 0). † no interval (see report.json). "
+            f"Method: docs/compare.md.")
+
+
+def markdown(exp: Experiment, doc: dict, answers: dict, configs: dict, chance: dict, runs: dict,
+             total_time_s: float) -> str:
+    reference = exp.reference
     md = [f"# {exp.name}: layer blocks vs full fine-tuning", ""]
     if exp.description:
         md += [exp.description.strip(), ""]
-    md += [" ".join(setup), "",
-           "## Scores", "",
+    limit = f" Limit: {exp.eval['limit']} documents per task." if exp.eval.get("limit") else ""
+    md += [setup_line(exp, runs, configs), "", "## Scores", "",
            f"lmms-eval ({', '.join(exp.eval['tasks'])}) on base and every run, in points (metrics in [0, 1] × 100); "
-           f"Δ against {reference}." + (f" Limit: {exp.eval['limit']} documents per task." if exp.eval.get("limit")
-                                        else ""), "",
-           scores_md, "",
-           *_bullets(answers["scores"]), "",
-           "![scores per task](scores.png)", "",
+           f"Δ against {reference}.{limit} " + method_paragraph(doc, configs), "",
+           _score_table_md(doc, configs, reference, chance), "",
+           *_bullets(answers.get("learned", []) + answers["scores"]),
+           *([f"- Left out of the verdicts: {'; '.join(doc['left_out'])}."] if doc["left_out"] else []), "",
+           "![scores per task with 95 % intervals](scores.png)", "",
+           "![paired differences from the reference](differences.png)", "",
            "## Training cost", "",
-           "Measured in each run's own process: wall time (from the start of training: loading the model, the loop "
-           "and saving `final/`), median step time (over every step), tokens per second (non-padding tokens over "
-           "the steps' time) and training memory: the peak during the training loop above the loaded model "
-           "(gradients, optimizer state, activations; resident memory on CPU, allocated memory on GPU).", "",
-           cost_md, "",
-           *_bullets(answers["cost"]), ""]
-    if sweep is not None:
-        head = ["block", *leaves, "mean"]
-        table = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        table += ["| " + " | ".join([f"{r['block'][0]}–{r['block'][1]}", *(_pct(r["scores"][t]) for t in leaves),
-                                     _pct(r["mean"])]) + " |" for r in sweep]
-        md += ["## Which layers matter: the sweep", "", "\n".join(table), "", *_bullets(answers["sweep"]), "",
-               "![score vs block position](sweep.png)", ""]
-    if geometry is not None:
-        k, n_pairs = geometry["settings"]["k"], geometry["settings"]["n_pairs"]
+           "Each training's own measurements (one run each: no interval): wall time (loading the model, the loop and "
+           "saving `final/`), median step, tokens per second and training memory (the peak during the loop above "
+           "the loaded model). The step-time verdicts come from the cost probe instead: both configurations in one "
+           "process, steps alternated on the same batches, so the machine's drift cancels in each pair; a ratio's "
+           f"verdict is cheaper (hi < 1), costlier (lo > 1), same (within 1 ± {doc['settings']['cost_margin']:g}) or "
+           "inconclusive.", "",
+           cost_table(runs), "", *_bullets(answers["cost"]), ""]
+    if doc.get("sweep"):
+        md += sweep_markdown(doc, answers)
+    md += geometry_markdown(doc, answers)
+    md += ["## Files", "",
+           "Each training in its own directory (`run.json`, `metrics.jsonl`, `config.yaml`, `final/`) · `eval/` "
+           "lmms-eval results and per-question samples per model · `cost/` the cost probes"
+           + (" · `analysis/` geometry profiles" if doc["geometry"] else "")
+           + (" · `lens/` the logit lens" if doc["lens"] else "")
+           + " · `report.json` (every estimate with `ci`, n, method and verdict), `scores.csv`, `cost.csv`.", "",
+           f"This invocation took {total_time_s:.0f} s (reused stages cost nothing).", ""]
+    return "\n".join(md)
+
+
+def sweep_markdown(doc: dict, answers: dict) -> list[str]:
+    keys = doc["verdict_tasks"]
+    head = ["block", *(k.split("/")[0] for k in keys), "mean", "vs reference"]
+    table = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in doc["sweep"]:
+        vs = r["vs_reference"]
+        table.append("| " + " | ".join([f"{r['block'][0]}–{r['block'][1]}",
+                                        *(_cell(r["scores"][k], False) for k in keys), _cell(r["mean"], False),
+                                        f"{_cell(vs, True)} **{vs['verdict']}**"]) + " |")
+    return ["## Which layers matter: the sweep", "", "\n".join(table), "", *_bullets(answers["sweep"]), "",
+            "![score vs block position, with 95 % bands](sweep.png)", ""]
+
+
+def geometry_markdown(doc: dict, answers: dict) -> list[str]:
+    md = []
+    if doc["geometry"]:
+        k, n_pairs = doc["geometry"]["settings"]["k"], doc["geometry"]["settings"]["n_pairs"]
         md += ["## Geometry", "",
                f"Per hidden state (0 = embeddings), on {n_pairs} image/caption pairs: the intrinsic dimension (ID) "
                f"of the captions' and the images' representations, and the visual↔textual neighbourhood overlap — "
                f"the fraction of each image's {k} nearest images that are also among its caption's {k} nearest "
-               f"captions (chance about {k / n_pairs:.2f}).", "",
+               f"captions (chance about {k / n_pairs:.2f}). **Point estimates from one sample of pairs and each run's "
+               f"first seed, without an interval: descriptions, not verdicts.**", "",
                *_bullets(answers["id"] + answers["overlap"]), "", "![geometry](geometry.png)", ""]
-    if lens is not None:
-        n_lens = next(iter(lens["models"].values()))["n_pairs"]
+    if doc["lens"]:
+        labels = " and ".join(doc["lens"]["settings"]["labels"])
         md += ["## Logit lens on the image tokens", "",
                f"Each hidden state of the image prompt decoded through the model's own final norm and unembedding, "
-               f"over {n_lens} images: the rank of the image's {' and '.join(lens['settings']['labels'])} word, for "
-               f"the mean image-token state (solid) and the best single image token (dashed); median over the "
-               f"images, 1 = the top token.", "", *_bullets(answers["lens"]), "", "![logit lens](lens.png)", ""]
-    md += ["## Files", "",
-           "Each training in its own directory (`run.json`, `metrics.jsonl`, `config.yaml`, `final/`) · `eval/` "
-           "lmms-eval results and samples per model, `comparison.md/.csv/.png`"
-           + (" · `analysis/` geometry profiles (JSON, CSV, PNG)" if geometry is not None else "")
-           + (" · `lens/` the logit lens" if lens is not None else "")
-           + " · `report.json`, `scores.csv`, `cost.csv`: this report's numbers.", "",
-           f"This invocation took {total_time_s:.0f} s (reused stages cost nothing).", ""]
-    report = out / "report.md"
-    write_text(report, "\n".join(md))
+               f"over {doc['lens']['n_pairs']} images: the rank of the image's {labels} word, for the mean "
+               f"image-token state (solid) and the best single image token (dashed); median over the images, 1 = the "
+               f"top token. Point estimates, no interval.", "", *_bullets(answers["lens"]), "",
+               "![logit lens](lens.png)", ""]
+    return md
 
-    doc = {"experiment": str(exp.path), "reference": reference, "models": exp.models, "settings": settings,
-           "scores": rows, "runs": runs, "sweep": sweep, "verdicts": answers}
-    write_json(out / "report.json", doc)
+
+def write_tables(out: Path, doc: dict, configs: dict[str, dict], runs: dict[str, dict]) -> None:
+    """scores.csv (each row's estimate and interval per configuration) and cost.csv (each training's measurements)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task", "metric", "n", "unit", *evaluated])
-    for r in rows:
-        w.writerow([r["task"], r["metric"], r["n"] or "", r["unit"], *("" if r["values"][m] is None else
-                                                                       round(r["values"][m], 4) for m in evaluated)])
+    w.writerow(["task", "metric", "n", "unit", "configuration", "seeds", "estimate", "ci_low", "ci_high"])
+    for e in doc["scores"]:
+        for c, s in e["scores"].items():
+            ci = s.get("ci") or ["", ""]
+            w.writerow([e["task"], e["metric"], e["n"] or "", e["unit"], c, len(configs[c]),
+                        "" if s["estimate"] is None else round(s["estimate"], 4), *(
+                            x if x == "" else round(x, 4) for x in ci)])
     write_text(out / "scores.csv", buf.getvalue())
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -585,7 +682,3 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
     for name, r in runs.items():
         w.writerow([name, trained(r), *(r[k] for k in keys)])
     write_text(out / "cost.csv", buf.getvalue())
-    summary = [scores_md, "", cost_md, ""]
-    summary += [line for lines in answers.values() for line in lines]
-    write_text(out / "summary.txt", "\n".join(summary) + "\n")
-    return report

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compare import report
+from compare import geometry, report
 from compare.__main__ import main as compare_main
 from compare.experiment import ExperimentError, read_experiment
 from midtune.shapes import generate_world
@@ -20,48 +20,12 @@ TASKS = ("color", "shape", "count", "position", "exists")
 CHANCE = {"color": 20.0, "shape": 100 / 3, "count": 25.0, "position": 100 / 9, "exists": 50.0}
 
 
-def _scores(**models) -> dict[str, dict]:
-    """{task: {"values": {model: points}}} from model=[color, shape, count, position, exists]."""
-    return {t: {"values": {m: v[i] for m, v in models.items()}} for i, t in enumerate(TASKS)}
-
-
 def _run(step_s, wall_s, peak_mb, trainable):
     return {"step_s": step_s, "wall_s": wall_s, "peak_mb": peak_mb, "trainable": trainable, "total": 2_000_000,
             "steps": 150, "layers": [0, 1], "num_layers": 4, "components": [], "tokens_s": 1234.0}
 
 
 RUNS = {"full": _run(0.30, 50.0, 1000.0, 1_600_000), "middle": _run(0.21, 36.0, 900.0, 800_000)}
-
-
-def test_score_verdicts_report_a_run_that_keeps_the_reference_score():
-    s = _scores(base=[20, 30, 25, 25, 50], full=[90, 95, 80, 60, 85], middle=[89, 95, 79, 59, 85])
-    text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
-    assert "full clearly beats the base (≥ 10 points over both the base and chance) on 5 of 5 tasks" in text
-    assert "middle: -0.6 points vs full at 0.72× the wall time and 0.70× the step time (mean over the 5 tasks full " \
-           "learned; largest gap: color -1.0) — keeps full's score on the mean (at most 2 points below)" in text
-    assert "NOT" not in text
-
-
-def test_score_verdicts_say_plainly_when_a_run_does_not_keep_it():
-    s = _scores(base=[20, 30, 25, 25, 50], full=[90, 95, 80, 20, 85], middle=[70, 90, 60, 18, 80])
-    text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
-    assert "on 4 of 5 tasks (color, shape, count, exists)" in text
-    assert "middle: -12.5 points vs full" in text and "largest gap: color -20.0" in text
-    assert "does NOT keep full's score on the mean (more than 2 points below)" in text
-
-
-def test_beating_a_base_that_scores_zero_is_not_enough_where_chance_is_known():
-    s = _scores(base=[0, 0, 0, 0, 0], full=[18, 31, 46, 18, 50], middle=[18, 31, 51, 23, 50])
-    assert "on 1 of 5 tasks (count)" in "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
-    # without chance levels only the base is the floor
-    assert "on 5 of 5 tasks" in "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, {}))
-
-
-def test_nothing_is_judged_when_the_reference_learned_nothing():
-    s = _scores(**{m: [20, 33, 25, 11, 50] for m in ("base", "full", "middle")})
-    text = "\n".join(report.score_verdicts(s, "full", ["middle"], RUNS, CHANCE))
-    assert "cannot be judged: full is ≥ 10 points above both the base and chance on no task" in text
-    assert "keeps" not in text
 
 
 def test_chance_levels_come_from_the_worlds_choices(world, tmp_path):
@@ -75,30 +39,11 @@ def test_chance_levels_come_from_the_worlds_choices(world, tmp_path):
     assert report.read_chance({"my_task": 0.25}, ["my_task"]) == {"my_task": 25.0}
 
 
-def test_cost_verdicts_give_measured_ratios_and_say_when_a_run_is_not_cheaper():
-    text = "\n".join(report.cost_verdicts(RUNS, "full", ["middle"]))
-    assert "0.70× the median step time, 0.72× the wall time, 0.90× the training memory, 0.50× the trainable" in text
-    assert "cheaper to train: 30% less time per step" in text
-    noise = {"full": RUNS["full"], "middle": _run(0.29, 48.0, 1000.0, 800_000)}  # 0.97×: within timing noise
-    assert "NOT cheaper to train beyond timing noise (its step is 0.97× full's; needs ≤ 0.95×)" in \
-        "\n".join(report.cost_verdicts(noise, "full", ["middle"]))
+def test_the_cost_table_gives_each_trainings_own_measurements():
     table = report.cost_table({"align": {**_run(0.1, 9.0, 50.0, 300), "layers": [], "components": ["projector"]},
                                **RUNS})
     assert "| align | projector | 150 | 9 | 0.10 | 1234 | 50 | 0.3K (0%) |" in table
     assert "| middle | LLM layers 0–1 of 4 |" in table
-
-
-def test_sweep_answers_find_the_best_block_and_those_that_keep_the_reference():
-    scores = {"a": {"values": {"full": 80.0, "base": 10.0}}, "b": {"values": {"full": 60.0, "base": 10.0}}}
-    for name, (a, b) in {"layers_0-1": (40, 30), "layers_2-3": (79, 59), "layers_4-5": (70, 62)}.items():
-        scores["a"]["values"][name], scores["b"]["values"][name] = a, b
-    blocks = {"layers_4-5": [4, 5], "layers_0-1": [0, 1], "layers_2-3": [2, 3]}
-    rows = report.sweep_rows(scores, blocks, ["a", "b"])
-    assert [r["block"] for r in rows] == [[0, 1], [2, 3], [4, 5]]
-    lines = report.sweep_answers(rows, scores, ["a", "b"], "full")
-    assert lines[0] == "Best block on the mean over the 2 tasks: layers 2–3 (69.0, -1.0 vs full)."
-    assert lines[1] == "a: best block layers 2–3 (79.0), worst 40.0." and "b: best block layers 4–5 (62.0)" in lines[2]
-    assert lines[3] == "Blocks within 2 points of full's mean (70.0): 2–3."
 
 
 def _profile(values: list[float], metric: str) -> dict[int, dict[str, float]]:
@@ -110,7 +55,7 @@ def test_id_answer_finds_the_expansion_contraction_shape_and_its_minimum():
     ids = [6, 10, 14, 18, 15, 12, 10, 8, 7, 9, 11, 12, 12]
     profiles = {"pretrained": _profile(ids, "textual_id"), "base": _profile(ids, "textual_id"),
                 "full": _profile([v + (3 if i == 6 else 0) for i, v in enumerate(ids)], "textual_id")}
-    lines = report.id_answers(profiles)
+    lines = geometry.id_answers(profiles)
     assert "6.0 at the embeddings, lowest 6.0 at hidden state 0 before the peak, peak 18.0 at hidden state 3 (early)" \
         in lines[0]
     assert "minimum of 7.0 at hidden state 8 (intermediate)" in lines[0]
@@ -121,13 +66,13 @@ def test_id_answer_finds_the_expansion_contraction_shape_and_its_minimum():
 
 def test_id_answer_says_when_the_shape_is_not_there():
     flat = {"pretrained": _profile([10, 10.5, 11, 11, 11.2, 11.5, 12], "textual_id")}
-    line = report.id_answers(flat)[0]
+    line = geometry.id_answers(flat)[0]
     assert "NOT reproduced (no expansion, no contraction after the peak" in line
     rising = {"pretrained": _profile([5, 8, 11, 14, 17, 20, 23], "textual_id")}  # the peak is the last layer
-    assert "NOT reproduced (no contraction after the peak" in report.id_answers(rising)[0]
+    assert "NOT reproduced (no contraction after the peak" in geometry.id_answers(rising)[0]
     # SmolLM2's shape: the embeddings' ID above the next layers'; expansion counts from the dip after them
     dip = {"pretrained": _profile([8.8, 7.7, 7.3, 8.0, 9.0, 10.0, 10.8, 9.0, 7.0, 6.8, 6.9], "textual_id")}
-    line = report.id_answers(dip)[0]
+    line = geometry.id_answers(dip)[0]
     assert "lowest 7.3 at hidden state 2 before the peak, peak 10.8 at hidden state 6" in line
     assert "Valeriani et al. 2023: reproduced" in line
 
@@ -140,7 +85,7 @@ def test_overlap_answers_locate_the_rise_after_the_stages_and_after_each_run():
     middle = _profile([0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.2, 0.12, 0.1, 0.1], "vt_overlap")  # falls
     steps = [("after the stages", "base", "pretrained"), ("after full", "full", "base"),
              ("after middle", "middle", "base")]
-    lines = report.overlap_answers({"pretrained": pretrained, "base": base, "full": full, "middle": middle}, steps)
+    lines = geometry.overlap_answers({"pretrained": pretrained, "base": base, "full": full, "middle": middle}, steps)
     assert lines[0].startswith("Visual↔textual overlap after the stages (base vs pretrained): rises in the "
                                "intermediate layers, most there")
     assert "intermediate +0.233" in lines[0] and "largest rise +0.300 at hidden state 5 (intermediate)" in lines[0]
@@ -166,7 +111,7 @@ def _lens_doc(ranks: dict[str, list[float]], top_k: int = 10) -> dict:
 
 def test_lens_answers_say_where_the_words_surface():
     late = [900, 800, 700, 600, 500, 400, 300, 100, 16, 4]  # hidden states 0..9; intermediate = 4..6
-    lines = report.lens_answers(_lens_doc({"base": late, "middle": late}))
+    lines = geometry.lens_answers(_lens_doc({"base": late, "middle": late}))
     assert lines[0] == ("dominant_color: the word is in the top 10 for half the images or more — base: mean image "
                         "state from hidden state 9, best image token from hidden state 8; middle: mean image state "
                         "from hidden state 9, best image token from hidden state 8.")
@@ -174,7 +119,7 @@ def test_lens_answers_say_where_the_words_surface():
            "is in the top 10 for 20% of the images (median rank 150: base, dominant_color, best image token, " \
            "hidden state 6)" in lines[1]
     early = [900, 800, 700, 600, 30, 8, 6, 5, 4, 3]
-    lines = report.lens_answers(_lens_doc({"base": late, "middle": early}))
+    lines = geometry.lens_answers(_lens_doc({"base": late, "middle": early}))
     assert "intermediate layers (hidden states 4–6): yes — in the top 10 for 80% of the images (middle, " \
            "dominant_color, best image token, hidden state 6; median rank 3)" in lines[1]
     assert "middle: mean image state from hidden state 5" in lines[0]
@@ -223,6 +168,10 @@ def test_bad_experiment_files_get_one_clear_error_before_anything_runs(tiny_dir,
         ({"base": f"{model}@{model}"}, "training starts from a model directory or hub id, not a delta"),
         ({"runs": None, "sweep": {"width": 2, "stride": 2}}, "no runs: name at least the reference run"),
         ({"data": "{output_dir.x}/train.json"}, "not a plain {placeholder}"),
+        ({"seeds": [0, 0]}, "seeds must be a list of distinct integers"),
+        ({"runs": {"full": {"seeds": ["a"]}}}, "runs.full.seeds must be a list of distinct integers"),
+        ({"report": {"margin": -1}}, "report.margin must be a number ≥ 0"),
+        ({"report": {"keeps": 2}}, "unknown key report.'keeps'"),
     ]
     for change, message in cases:
         path = _experiment(tmp_path, model, world, **change)
@@ -282,11 +231,10 @@ def test_the_headline_metric_is_the_tasks_own_summary_or_the_one_named():
     assert report.primary(rows)["pope"]["metric"] == "accuracy"
 
 
-def test_a_resumed_run_gets_no_cost_ratio():
+def test_a_resumed_run_is_marked_in_the_cost_table():
     resumed = {"full": RUNS["full"], "middle": {**RUNS["middle"], "resumed": True}}
-    assert "no cost comparison — the timings of middle cover only part" in \
-        report.cost_verdicts(resumed, "full", ["middle"])[0]
     assert "| middle (resumed) |" in report.cost_table(resumed)
+    assert not report.timed_whole(resumed["middle"]) and report.timed_whole(resumed["full"])
 
 
 def test_print_commands_lists_every_stage_in_order_with_a_sweep_and_accelerate(tiny_dir, world, tmp_path, capsys):
@@ -302,7 +250,65 @@ def test_print_commands_lists_every_stage_in_order_with_a_sweep_and_accelerate(t
     assert "trainable.layers=2-3" in out and "trainable.layers=1-2" in out
     assert not (tmp_path / "out").exists()
     exp = read_experiment(path)
-    assert exp.trainings["layers_2-3"] == {"role": "sweep", "block": [2, 3], "num_layers": 4}
+    assert exp.trainings["layers_2-3"] == {"role": "sweep", "block": [2, 3], "num_layers": 4,
+                                           "seeds": {0: "layers_2-3"}}
+    assert not exp.cost_probes and "launch 2 processes" in exp.cost_probe_skipped
+
+
+def test_seeds_are_an_axis_each_seed_a_training_of_its_own(tiny_dir, world, tmp_path, monkeypatch, capsys):
+    """seeds: [0, 1] (the config's own seed is 0), middle with its own three: each (run, seed) trains and is
+    evaluated as a stage; the same seed gives both runs the same `seed=` (the same data order)."""
+    from compare import __main__ as runner
+
+    path = _experiment(tmp_path, tiny_dir("llava"), world, seeds=[0, 1],
+                       runs={"full": {}, "middle": {"trainable.layers": "1-2", "seeds": [0, 1, 2]}},
+                       analysis={"pairs": str(world / "pairs.jsonl")})
+    exp = read_experiment(path)
+    stages = {s.name: s for s in exp.stages}
+    assert [s.name for s in exp.stages if s.kind == "train"] == ["full", "full-seed1", "middle", "middle-seed1",
+                                                                 "middle-seed2"]
+    assert exp.trainings["full"]["seeds"] == {0: "full", 1: "full-seed1"}
+    assert not any(w.startswith("seed=") for w in stages["full"].command)  # the config's own seed: the run itself
+    assert "seed=1" in stages["full-seed1"].command and "seed=1" in stages["middle-seed1"].command
+    assert {"eval/full-seed1", "eval/middle-seed2", "cost/middle"} <= set(stages)
+    analysed = " ".join(stages["analysis"].command)
+    assert "--model=full=" in analysed and "seed1" not in analysed  # geometry: each run's own seed
+    assert compare_main([str(path), "--print-commands"]) == 0
+    assert "# [middle-seed2] to run" in capsys.readouterr().out
+    assert runner.named(exp, ["middle"]) == {"middle", "middle-seed1", "middle-seed2", "eval/middle",
+                                             "eval/middle-seed1", "eval/middle-seed2"}
+
+    calls = []
+
+    def fake_run(command):
+        calls.append(command)
+        return 1 if "seed=2" in command and len([c for c in calls if "seed=2" in c]) == 1 else 0
+
+    monkeypatch.setattr(runner, "run_command", fake_run)
+
+    def invocation() -> dict[str, str]:
+        exp = read_experiment(path)
+        out = {}
+        for s in exp.stages:
+            try:
+                out[s.name] = runner.run_stage(s, exp, force=False)
+            except runner.StageFailed:
+                out[s.name] = "failed"
+                (s.out / "checkpoint-1").mkdir()  # what the cut-short training had saved
+        return out
+
+    first = invocation()
+    assert first["middle-seed2"] == "failed" and first["full-seed1"] == "ran"
+    second = invocation()
+    assert second["middle-seed2"] == "resumed"
+    assert [c for c in calls if "seed=2" in c and "-m" in c and c[c.index("-m") + 1] == "train"][-1][-1] == \
+        "resume_from=latest"
+    assert second["full-seed1"] == "reused" and second["middle"] == "reused"
+    # a third seed for everything later: only its trainings, their evals and the table run
+    doc = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**doc, "seeds": [0, 1, 3]}, sort_keys=False))
+    third = invocation()
+    assert sorted(k for k, v in third.items() if v != "reused") == ["eval", "eval/full-seed3", "full-seed3"]
 
 
 def _task_dir(tmp_path: Path, world: Path) -> Path:
@@ -340,7 +346,7 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
     tasks = _task_dir(tmp_path, world)
     path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
                        eval={"tasks": ["my_colour", "midtune_shapes_color"], "limit": 3, "batch_size": 4,
-                             "include_path": str(tasks)})
+                             "include_path": str(tasks)}, report={"cost_probe": {"warmup": 1, "steps": 3}})
     out = tmp_path / "out"
     # "Interrupted" after the full run: only it (and its eval) ran.
     assert compare_main([str(path), "--only", "full"]) == 0
@@ -358,7 +364,7 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
         results = json.loads((out / "eval" / model / "results.json").read_text())["results"]
         for row in doc["scores"]:
             if row["metric"] == "accuracy" and row["task"] in results:
-                assert row["values"][model] == pytest.approx(100 * results[row["task"]]["accuracy,none"])
+                assert row["scores"][model]["estimate"] == pytest.approx(100 * results[row["task"]]["accuracy,none"])
     assert {r["task"] for r in doc["scores"]} == {"my_colour", "midtune_shapes_color"}
     for name in ("full", "middle", "layers_0-1", "layers_2-3"):
         run = json.loads((out / name / "run.json").read_text())
@@ -369,10 +375,18 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
     assert doc["runs"]["middle"]["layers"] == [1, 2] and doc["runs"]["layers_2-3"]["layers"] == [2, 3]
     assert [r["block"] for r in doc["sweep"]] == [[0, 1], [2, 3]]
     md = (out / "report.md").read_text()
-    wall = doc["runs"]["middle"]["wall_s"] / doc["runs"]["full"]["wall_s"]
-    assert f"at {wall:.2f}× the wall time" in md or "cannot be judged" in md
     assert "## Which layers matter: the sweep" in md and "## Geometry" not in md
-    for png in ("scores.png", "sweep.png"):
+    # every score with its interval from the sample logs, every comparison with a verdict, every cost ratio too
+    for row in doc["scores"]:
+        if row["leaf"] and row["task"] == "midtune_shapes_color":
+            assert all(s["ci"] is not None for s in row["scores"].values())
+    for name in ("middle", "layers_0-1", "layers_2-3"):
+        assert doc["comparisons"][name]["mean"]["verdict"] in ("better", "keeps", "worse", "loses", "inconclusive")
+        assert doc["cost"][name]["verdict"] in ("cheaper", "same", "costlier", "inconclusive")
+        probe = json.loads((out / "cost" / name / "probe.json").read_text())
+        assert len(probe["runs"][name]["step_times"]) == 3 and probe["settings"]["same_batches"]
+    assert "one seed: seed variation not measured" in md
+    for png in ("scores.png", "differences.png", "sweep.png"):
         assert (out / png).stat().st_size > 5_000
 
     stamps = _stamps(out)
@@ -394,7 +408,8 @@ def test_a_changed_run_redoes_only_itself_its_eval_and_the_table(tiny_dir, world
     assert set(invocation().values()) == {"ran"}
     assert set(invocation().values()) == {"reused"}
     path.write_text(path.read_text().replace("trainable.layers: 1-2", "trainable.layers: 1-3"))
-    assert sorted(k for k, v in invocation().items() if v == "ran") == ["analysis", "eval", "eval/middle", "middle"]
+    redone = sorted(k for k, v in invocation().items() if v == "ran")
+    assert redone == ["analysis", "cost/middle", "eval", "eval/middle", "middle"]
     path.write_text(path.read_text().replace("limit: 2", "limit: 3"))  # every eval, nothing trained
     assert sorted(k for k, v in invocation().items() if v == "ran") == [
         "eval", "eval/base", "eval/full", "eval/layers_0-1", "eval/layers_2-3", "eval/middle"]
@@ -469,7 +484,8 @@ def test_quick_demo_experiment_writes_the_report(tmp_path):
              "--set", "vars.n_test=60", "--set", "vars.vision_steps=5", "--set", "train_overrides.max_steps=2",
              "--set", "train_overrides.batch_size=2", "--set", "eval.limit=4",
              "--set", "analysis.args=[--no-idcorr, --k, 5, --max-pairs, 24]",
-             "--set", "analysis.lens_args=[--max-pairs, 8]"]
+             "--set", "analysis.lens_args=[--max-pairs, 8]",
+             "--set", "report.cost_probe={warmup: 0, steps: 2}"]
     assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0
     md = (out / "report.md").read_text()
     for model in ("base", "full", "middle"):
@@ -482,7 +498,8 @@ def test_quick_demo_experiment_writes_the_report(tmp_path):
     assert "overlap after the stages (base vs pretrained)" in md
     assert "| middle | LLM layers 7–21 of 30 |" in md and "| align | projector |" in md
     assert "| midtune_shapes_color | accuracy | 4 | 20.0 |" in md  # chance from the world's choices
-    for png in ("geometry.png", "scores.png", "lens.png"):
+    assert "middle vs full: step time" in md and "alternated in one process" in md
+    for png in ("geometry.png", "scores.png", "differences.png", "lens.png"):
         assert (out / png).stat().st_size > 10_000
     stamps = _stamps(out)
     assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0

@@ -316,14 +316,8 @@ class Recipe:
         """Until total_steps: forward and backward each micro-batch; every grad_accum of them, an optimizer step."""
         from tqdm.auto import tqdm
 
-        c, s = self.config, self.state
-        micro = (s.step + len(s.skipped_steps)) * c.grad_accum  # micro-batches this rank has consumed
-        s.epoch, skip = divmod(micro, self.micro_per_epoch)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.loss_scaled = self.accelerator.mixed_precision == "fp16"  # a GradScaler or DeepSpeed's loss scaler
-        self.window: list[tuple[list[str], torch.Tensor]] = []  # this step's micro-batches: sample ids, loss
-        # this step's real tokens and padded positions, summed over its micro-batches (one reduce per step)
-        self.window_tokens = torch.zeros(2, device=self.accelerator.device, dtype=torch.long)
+        s = self.state
+        skip = self.start_loop()
         self.progress = tqdm(total=self.total_steps, initial=s.step, disable=not self.main_process, desc="train",
                              unit="step")
         memory = Memory(str(self.accelerator.device))
@@ -355,6 +349,19 @@ class Recipe:
         if self.samples_file:
             checksum = weights_checksum(self.model, self.trainable_names, self.accelerator)
             self.samples_file.write(json.dumps({"final_weights": checksum}) + "\n")
+
+    def start_loop(self) -> int:
+        """The loop's per-session state: the epoch it starts in, what trains, an empty accumulation window. Returns
+        how many micro-batches of that epoch a resume skips. Also what train/probe.py calls to step a recipe by hand."""
+        c, s = self.config, self.state
+        micro = (s.step + len(s.skipped_steps)) * c.grad_accum  # micro-batches this rank has consumed
+        s.epoch, skip = divmod(micro, self.micro_per_epoch)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_scaled = self.accelerator.mixed_precision == "fp16"  # a GradScaler or DeepSpeed's loss scaler
+        self.window: list[tuple[list[str], torch.Tensor]] = []  # this step's micro-batches: sample ids, loss
+        # this step's real tokens and padded positions, summed over its micro-batches (one reduce per step)
+        self.window_tokens = torch.zeros(2, device=self.accelerator.device, dtype=torch.long)
+        return skip
 
     def micro_step(self, batch: dict) -> Update | None:
         """Forward and backward one micro-batch; the optimizer step once the accumulation window is full."""
@@ -403,6 +410,20 @@ class Recipe:
     def end_step(self, update: Update) -> None:
         """Count the step: schedule, log, progress, the analysis hook, and a checkpoint every save_steps."""
         c, s, acc = self.config, self.state, self.accelerator
+        lr, tokens, positions, sample_ids = self.close_step(update)
+        padding = 1 - tokens / positions
+        self.log_step(update, lr, tokens, padding, sample_ids)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{update.loss:.4f}", lr=f"{lr:.2e}", pad=f"{padding:.0%}",
+                                  tok_s=f"{s.tokens / sum(s.step_times):.0f}")
+        self.analysis.poll(acc)  # log finished profiles (non-blocking)
+        if c.save_steps and s.step % c.save_steps == 0 and s.step < self.total_steps:
+            self.analysis.on_save(s.step, self.checkpoint(), acc)
+
+    def close_step(self, update: Update) -> tuple[float, int, int, list[str]]:
+        """Count the step, move the schedule, empty the window and time the step: from `step_start` (the previous
+        step's end) to now, after a CUDA sync. Returns the step's lr, real tokens, padded positions, sample ids."""
+        s, acc = self.state, self.accelerator
         s.step += 1
         lr = self.scheduler.get_last_lr()[0]
         if update.overflow:  # the scaler skipped this update: the schedule waits for the next real one
@@ -421,14 +442,7 @@ class Recipe:
         s.tokens += tokens
         s.positions += positions
         s.losses.append(update.loss)
-        padding = 1 - tokens / positions
-        self.log_step(update, lr, tokens, padding, sample_ids)
-        self.progress.update(1)
-        self.progress.set_postfix(loss=f"{update.loss:.4f}", lr=f"{lr:.2e}", pad=f"{padding:.0%}",
-                                  tok_s=f"{s.tokens / sum(s.step_times):.0f}")
-        self.analysis.poll(acc)  # log finished profiles (non-blocking)
-        if c.save_steps and s.step % c.save_steps == 0 and s.step < self.total_steps:
-            self.analysis.on_save(s.step, self.checkpoint(), acc)
+        return lr, tokens, positions, sample_ids
 
     def log_step(self, update: Update, lr: float, tokens: int, padding: float, sample_ids: list[str]) -> None:
         """metrics.jsonl every logging_steps (and the last step), the trackers, and the samples log."""
