@@ -56,8 +56,10 @@ $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK) Makefile
 venv: $(STAMP)
 .venv: $(STAMP)
 
+# SEEDS=N trains every run of the demo with seeds 0 .. N-1 (seed 0 is the runs' own, so a finished demo is reused).
 demo: $(STAMP)
-	$(BIN)/python -m compare configs/experiments/demo.yaml $(if $(FORCE),--force,)
+	$(BIN)/python -m compare configs/experiments/demo.yaml $(if $(FORCE),--force,) \
+	  $(if $(SEEDS),--set "seeds=[$(shell seq -s, 0 $$(($(SEEDS) - 1)))]",)
 
 test: $(STAMP)
 	MIDTUNE_LOCK=$(abspath $(LOCK)) MIDTUNE_MODELS_LOCK=$(abspath $(MODELS_LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)

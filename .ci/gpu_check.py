@@ -22,7 +22,8 @@ fits the overall budget is skipped for time. The steps:
              (the plain run's merged model) must give the same answers and scores on two shapes tasks.
 4. analysis  `analysis profile` on CUDA against the same on the CPU (same values), and the exact neighbour
              search (analysis.geometry.knn) on CUDA against the CPU on 10k x 4096: same neighbours, the speed ratio.
-5. demo      `python -m compare configs/experiments/demo.yaml` (`make demo`) on CUDA, its wall time. It starts
+5. demo      the three-seed demo, `python -m compare configs/experiments/demo.yaml --set "seeds=[0, 1, 2]"`
+             (`make demo SEEDS=3`) on CUDA: its wall time and the report's verdicts with their intervals. It starts
              after the bench (whose timings it would disturb) and runs beside steps 2-4, within the overall budget.
 
 Results: <out>/gpu-check.json (every figure, each step's status: passed / failed with a one-line reason /
@@ -87,7 +88,7 @@ GPU = Sizes(
     tiny=["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vision-layers", "2",
           "--vision-hidden", "32", "--vision-heads", "4"],
     train_steps=4, eval_limit=40, knn_points=10_000, knn_dim=4096, profile_pairs=200,
-    demo=[], demo_min_s=90, jobs=4,
+    demo=["--set", "seeds=[0, 1, 2]"], demo_min_s=90, jobs=4,
 )
 SMOKE = Sizes(
     device="cpu", budget_s=240,

@@ -41,7 +41,7 @@ REPORT_KEYS = ("margin", "cost_margin", "chance", "metrics", "cluster_by", "cost
 COST_PROBE_KEYS = ("warmup", "steps")
 COST_PROBE_DEFAULTS = {"warmup": 2, "steps": 10}
 # Names the report and the output layout use for themselves.
-RESERVED = ("base", "pretrained", "eval", "analysis", "lens", "report", "out", "output_dir")
+RESERVED = ("base", "pretrained", "eval", "analysis", "lens", "report", "cost", "out", "output_dir", "fast_dtype")
 PYTHON = "python"  # the first word of a command: replaced by this interpreter when compare runs it
 MARKER = ".midtune-stage.json"
 
@@ -290,7 +290,8 @@ class _Planner:
         self.file, self.raw = file, raw
         self.output_dir = Path(str(raw.get("output_dir") or f"runs/{file.stem}"))
         variables = {k: str(v) for k, v in _mapping(raw.get("vars"), "vars", file).items()}
-        self.names = {"output_dir": str(self.output_dir), **variables}  # what placeholders stand for
+        # what placeholders stand for; {fast_dtype}: bfloat16 where this machine runs it natively, else float32
+        self.names = {"output_dir": str(self.output_dir), "fast_dtype": _fast_dtype(), **variables}
         self.stages: list[Stage] = []
         self.produced: list[str] = []  # output directories of stages so far: models under them need not exist yet
         self.models: dict[str, str] = {}  # evaluated and profiled: name → model directory
@@ -651,6 +652,12 @@ class _Planner:
             for earlier in self.stages[:i]:
                 if earlier.name not in s.after and _names_path(s.command, earlier.out):
                     s.after.append(earlier.name)
+
+
+def _fast_dtype() -> str:
+    from midtune.sources import fast_dtype
+
+    return fast_dtype()
 
 
 def _seed_list(value, file: Path, where: str) -> list[int] | None:
