@@ -50,13 +50,7 @@ def plot_scores(rows: list[dict], configs: list[str], chance: dict, path: Path) 
         if r["task"] in chance:
             ax.hlines(chance[r["task"]], j - 0.45, j + 0.45, colors="k", linestyles=":", linewidth=1)
     ax.set_xticks(range(len(rows)), [r["task"].removeprefix("midtune_shapes_") for r in rows], rotation=20)
-    ax.set_ylabel("score (points), 95 % interval")
-    ax.set_title("Scores per task (dotted: chance)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "score (points), 95 % interval", "Scores per task (dotted: chance)", "y")
 
 
 def plot_differences(doc: dict, reference: str, leaves: list[str], path: Path) -> None:
@@ -75,13 +69,8 @@ def plot_differences(doc: dict, reference: str, leaves: list[str], path: Path) -
     ax.axhline(0, color="k", linewidth=1)
     ax.axhline(-margin, color="r", linestyle="--", linewidth=1, label=f"−margin ({margin:g} points)")
     ax.set_xticks(range(len(labels)), labels, rotation=20)
-    ax.set_ylabel("paired difference (points), 95 % interval")
-    ax.set_title(f"Difference from {reference}: keeps when the interval's low end is above −margin")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "paired difference (points), 95 % interval",
+            f"Difference from {reference}: keeps when the interval's low end is above −margin", "y")
 
 
 def plot_sweep(doc: dict, reference: str, leaves: list[str], path: Path) -> None:
@@ -101,9 +90,14 @@ def plot_sweep(doc: dict, reference: str, leaves: list[str], path: Path) -> None
     ax.axhline(ref["estimate"], color="C3", linestyle="--", label=f"{reference} (mean, with its band)")
     ax.axhspan(ref["ci"][0], ref["ci"][1], color="C3", alpha=0.1)
     ax.set_xlabel("trained block (centre layer)")
-    ax.set_ylabel("score (points), 95 % band")
-    ax.set_title("Which layers matter: score vs the position of the trained block")
-    ax.grid(alpha=0.3)
+    _finish(plt, fig, ax, path, "score (points), 95 % band",
+            "Which layers matter: score vs the position of the trained block", "both")
+
+
+def _finish(plt, fig, ax, path: Path, ylabel: str, title: str, grid: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis=grid, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)

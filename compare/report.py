@@ -210,11 +210,14 @@ def _ci(e: Estimate) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def score_rows(ev: Evidence, reference: str, margin: float) -> list[dict]:
-    """For report.json and the tables: each row's score per configuration and each run's paired difference from
-    the reference, with the interval, n, method and verdict (0–1 scores; or why there is none)."""
+def score_rows(ev: Evidence, reference: str, margin: float, leaves: list[str]) -> list[dict]:
+    """For report.json and the tables: each task's row (a group's aggregate is left out: its tasks are the rows, and
+    their mean is the last row, with its interval) with the score per configuration and each run's paired
+    difference from the reference, with the interval, n, method and verdict (0–1 scores; or why there is none)."""
     out = []
     for row in ev.rows:
+        if not row["leaf"]:
+            continue
         key = ev.key(row)
         entry = {"task": row["task"], "metric": row["metric"], "unit": row["unit"], "n": row["n"], "leaf": row["leaf"],
                  "scores": {}, "differences": {}}
@@ -233,7 +236,22 @@ def score_rows(ev: Evidence, reference: str, margin: float) -> list[dict]:
             entry["differences"][config] = {**d.to_dict(), "verdict": verdict,
                                             "hint": stats.size_hint(d, margin) if verdict else None}
         out.append(entry)
+    if len(leaves) > 1:
+        out.append(mean_row(ev, reference, margin, leaves))
     return out
+
+
+def mean_row(ev: Evidence, reference: str, margin: float, leaves: list[str]) -> dict:
+    """The unweighted mean over the verdicts' tasks (each task counts once, as lmms-eval's groups do)."""
+    entry = {"task": f"mean over the {len(leaves)} tasks", "metric": "headline", "unit": "points",
+             "n": ev.resampler.questions(leaves), "leaf": False, "mean_of": leaves,
+             "scores": {c: ev.score(c, leaves).to_dict() for c in ev.configs}, "differences": {}}
+    for config in ev.configs:
+        if config not in ("base", reference):
+            d = ev.difference(config, reference, leaves)
+            entry["differences"][config] = {**d.to_dict(), "verdict": stats.verdict(d.ci, margin),
+                                            "hint": stats.size_hint(d, margin)}
+    return entry
 
 
 def score_table(entries: list[dict], configs: dict[str, dict], reference: str, chance: dict[str, float]) -> str:
@@ -487,7 +505,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
         answers["scores"] = ["No verdict: no task has a 0–1 headline score with per-question results ("
                              + "; ".join(left_out) + ")."]
         doc["comparisons"] = {}
-    doc["scores"] = score_rows(ev, reference, settings["margin"])
+    doc["scores"] = score_rows(ev, reference, settings["margin"], leaves)
     answers["cost"], doc["cost"] = cost_answers(exp, runs, configs, others, settings["cost_margin"])
     if blocks and leaves:
         answers["sweep"], doc["sweep"] = sweep_answers(ev, leaves, blocks, reference, settings["margin"],
@@ -531,9 +549,10 @@ def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
     profiles = {name: {int(layer): {m: math.nan if v is None else float(v) for m, v in metrics.items()}
                        for layer, metrics in per_layer.items()} for name, per_layer in geometry["profiles"].items()}
     start = "pretrained" if "pretrained" in profiles else "base"
-    runs = [n for n, t in exp.trainings.items() if t["role"] == "run" and n in profiles]
+    configs = configurations(exp)
+    runs = {n: _primary(configs, n) for n, t in exp.trainings.items() if t["role"] == "run"}  # each run's own seed
     steps = ([("after the stages", "base", "pretrained")] if start == "pretrained" else []) + \
-            [(f"after {name}", name, "base") for name in runs]
+            [(f"after {name}", model, "base") for name, model in runs.items() if model in profiles]
     answers["id"] = id_answers(profiles, reference=start)
     answers["overlap"] = overlap_answers(profiles, steps)
     copy_file(out / "analysis" / "profile.png", out / "geometry.png")

@@ -206,6 +206,23 @@ def test_stages_read_what_their_commands_name_and_overrides_merge_key_by_key(tin
     assert not any(w.startswith("data=") and w.endswith("train.json") for w in middle)
 
 
+def test_fast_dtype_is_bfloat16_only_where_the_machine_runs_it_natively(tiny_dir, world, tmp_path, monkeypatch):
+    import torch
+
+    from midtune import sources
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # AVX2 only: emulated bf16
+    assert sources.fast_dtype() == "float32"
+    path = _experiment(tmp_path, tiny_dir("llava"), world, train_overrides={"dtype": "{fast_dtype}"},
+                       eval={"tasks": ["midtune_shapes_color"], "dtype": "{fast_dtype}"})
+    stages = {s.name: s for s in read_experiment(path).stages}
+    assert "dtype=float32" in stages["full"].command and "float32" in stages["eval/base"].command
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # AMX / AVX512-BF16
+    assert sources.fast_dtype() == "bfloat16"
+    assert "dtype=bfloat16" in {s.name: s for s in read_experiment(path).stages}["full"].command
+
+
 def test_force_with_only_redoes_the_named_stages_and_invalidates_what_reads_them(tiny_dir, world, tmp_path,
                                                                                  monkeypatch):
     from compare import __main__ as runner

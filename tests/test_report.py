@@ -90,7 +90,7 @@ def test_scores_come_from_the_sample_logs_and_carry_intervals_and_n(tmp_path):
     answers = {m: {t: _answers(rng, 200, p) for t in TASKS} for m, p in (("base", 0.3), ("full", 0.6),
                                                                           ("middle", 0.6))}
     ev, configs = _evidence(tmp_path, answers, {"full": {0: "full"}, "middle": {0: "middle"}})
-    entries = report.score_rows(ev, "full", 2.0)
+    entries = report.score_rows(ev, "full", 2.0, ["color/accuracy", "shape/accuracy"])
     color = next(e for e in entries if e["task"] == "color")
     full = color["scores"]["full"]
     assert full["estimate"] == pytest.approx(100 * np.mean(answers["full"]["color"]))
@@ -100,6 +100,11 @@ def test_scores_come_from_the_sample_logs_and_carry_intervals_and_n(tmp_path):
     assert color["differences"]["middle"]["verdict"] in stats.VERDICTS
     table = report.score_table(entries, configs, "full", {})
     assert "| color | accuracy | 200 |" in table and " ± " in table
+    mean = entries[-1]
+    assert mean["task"] == "mean over the 2 tasks" and mean["n"] == 400
+    assert mean["scores"]["full"]["estimate"] == pytest.approx(
+        np.mean([e["scores"]["full"]["estimate"] for e in entries[:2]]))
+    assert mean["differences"]["middle"]["verdict"] in stats.VERDICTS
 
 
 def test_seeds_enter_the_interval_and_pair_with_the_reference(tmp_path):
@@ -117,7 +122,7 @@ def test_seeds_enter_the_interval_and_pair_with_the_reference(tmp_path):
     assert "same seed, same data order" in mean["method"]
     one = stats.difference(ev.resampler, {0: "middle-seed0"}, {0: "full-seed0"}, leaves)
     assert mean["ci"][1] - mean["ci"][0] > one.ci[1] - one.ci[0]  # the seeds' spread widens it
-    assert "(3 seeds)" in report.score_table(report.score_rows(ev, "full", 2.0), configs, "full", {})
+    assert "(3 seeds)" in report.score_table(report.score_rows(ev, "full", 2.0, leaves), configs, "full", {})
 
 
 def test_a_task_without_per_question_results_is_shown_without_an_interval_and_says_why(tmp_path):
@@ -132,7 +137,7 @@ def test_a_task_without_per_question_results_is_shown_without_an_interval_and_sa
     leaves, left_out = report.leaf_keys(ev, {})
     assert leaves == ["color/accuracy"]
     assert left_out == ["shape (no per-question results (no sample log of middle))"]
-    shape = next(e for e in report.score_rows(ev, "full", 2.0) if e["task"] == "shape")
+    shape = next(e for e in report.score_rows(ev, "full", 2.0, leaves) if e["task"] == "shape")
     assert shape["scores"]["middle"]["ci"] is None and "no sample log of middle" in shape["no_interval"]
     assert "| shape | accuracy | 50 | 50.0†" in report.score_table([shape], configs, "full", {}) or \
         "†" in report.score_table([shape], configs, "full", {})
