@@ -382,7 +382,7 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
         for row in doc["scores"]:
             if row["metric"] == "accuracy" and row["task"] in results:
                 assert row["scores"][model]["estimate"] == pytest.approx(100 * results[row["task"]]["accuracy,none"])
-    assert {r["task"] for r in doc["scores"]} == {"my_colour", "midtune_shapes_color"}
+    assert {r["task"] for r in doc["scores"]} == {"my_colour", "midtune_shapes_color", "mean over the 2 tasks"}
     for name in ("full", "middle", "layers_0-1", "layers_2-3"):
         run = json.loads((out / name / "run.json").read_text())
         assert doc["runs"][name]["wall_s"] == run["wall_time_s"]
