@@ -12,6 +12,7 @@ plain commands (the ones a user would type), so `--print-commands` can hand them
 
 from __future__ import annotations
 
+import ast
 import difflib
 import hashlib
 import json
@@ -139,10 +140,30 @@ def _fill(value, names: dict, file: Path, where: str):
 
 
 def fingerprint_files(*paths: Path) -> str:
+    """What a stage's inputs depend on in these files. A Python module counts by its code only (its syntax tree
+    without docstrings; comments never reach the tree), so fixing a comment does not redo a GPU-day of stages;
+    any other file counts byte for byte."""
     h = hashlib.sha256()
     for p in paths:
-        h.update(Path(p).read_bytes())
+        h.update(_code_of(Path(p)))
     return h.hexdigest()[:16]
+
+
+def _code_of(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if path.suffix != ".py":
+        return raw
+    try:
+        tree = ast.parse(raw)
+    except SyntaxError:
+        return raw
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
 
 
 def _override_value(value) -> str:
@@ -281,6 +302,13 @@ def _apply_settings(raw: dict, settings: list[str], file: Path) -> None:
             if not isinstance(node, dict):
                 raise ExperimentError(f"--set {item!r}: {part!r} is not a mapping in {file}")
         node[parts[-1]] = yaml.safe_load(value)
+
+
+def primary_model(name: str, seeds: dict) -> str:
+    """The (run, seed) model that stands for run `name` where one seed is enough (geometry, the cost probe, the
+    report's settings table): the run's own seed (the stage named like the run), else its first."""
+    models = list(seeds.values())
+    return name if name in models else models[0]
 
 
 class _Planner:
@@ -500,10 +528,7 @@ class _Planner:
         return loaded.get("seed") if isinstance(loaded.get("seed"), int) else None
 
     def primary(self, name: str) -> str:
-        """The model that stands for a run where one seed is enough (geometry, the cost probe): the run's own
-        seed, else its first."""
-        seeds = self.roles[name]["seeds"]
-        return name if name in seeds.values() else next(iter(seeds.values()))
+        return primary_model(name, self.roles[name]["seeds"])
 
     def sweep(self, sweep: dict, data, image_folder) -> None:
         """sweep: a run per block of `width` layers, every `stride` layers, named layers_LO-HI."""

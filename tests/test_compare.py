@@ -12,7 +12,7 @@ import yaml
 
 from compare import geometry, report
 from compare.__main__ import main as compare_main
-from compare.experiment import ExperimentError, read_experiment
+from compare.experiment import ExperimentError, fingerprint_files, read_experiment
 from midtune.shapes import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -534,3 +534,21 @@ def test_the_shipped_experiment_files_are_valid(monkeypatch, tmp_path, capsys):
         assert exp.stages and exp.reference in exp.trainings, f
         assert exp.hardware, f"{f}: says what hardware it expects"
 
+
+
+def test_a_watched_module_counts_by_its_code_not_its_comments(tmp_path):
+    """Fixing a docstring or a comment of a watched module (the world's generator, compose) must not redo every
+    stage after it; changing its code must."""
+    module = tmp_path / "gen.py"
+    module.write_text('"""Generator."""\n\ndef make(n):\n    """Make n."""\n    return n + 1  # one more\n')
+    before = fingerprint_files(module)
+    module.write_text('"""The generator,\nreworded."""\n\ndef make(n):\n    """Make n things."""\n'
+                      '    # why: one more\n    return n + 1\n')
+    assert fingerprint_files(module) == before
+    module.write_text('"""Generator."""\n\ndef make(n):\n    """Make n."""\n    return n + 2\n')
+    assert fingerprint_files(module) != before
+    data = tmp_path / "template.jinja"  # any other file counts byte for byte
+    data.write_text("{# a #}x")
+    kept = fingerprint_files(data)
+    data.write_text("{# b #}x")
+    assert fingerprint_files(data) != kept

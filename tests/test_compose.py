@@ -263,6 +263,27 @@ def test_chat_template_llava_style():
     assert text == "Be brief. USER: <image>\nDescribe. ASSISTANT: A red circle.</s>"
 
 
+def test_text_only_template_file_is_taught_image_parts(tmp_path):
+    """A template file written for string content (the demo's ChatML without SmolLM2's default system turn) gets
+    image parts the way the LLM's own template does; one that cannot show the image token is refused."""
+    from transformers import PreTrainedTokenizerFast
+
+    from midtune.compose import choose_chat_template
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), eos_token="</s>")
+    demo_file = Path(__file__).resolve().parents[1] / "configs/demo/chatml.jinja"
+    template, source = choose_chat_template(tok, "<image>", demo_file)
+    assert source.endswith("with image parts written as the image token")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    text = tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert text == "<|im_start|>user\n<image>\nwhat color?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+    blind = tmp_path / "blind.jinja"
+    blind.write_text("{% for m in messages %}{{ m['role'] }}{% endfor %}")  # never writes the content
+    with pytest.raises(ComposeError, match="does not produce the image token"):
+        choose_chat_template(tok, "<image>", blind)
+
+
 def _char_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
