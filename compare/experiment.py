@@ -397,8 +397,10 @@ class _Planner:
                 wheel = version(PACKAGED_LLMS[str(compose["llm"])][0].replace("_", "-"))
             except PackageNotFoundError:
                 wheel = "missing"
+        template = compose.get("chat_template")  # its content, not only its path: an edited template is a new model
+        template = fingerprint_files(Path(template)) if template and Path(template).is_file() else None
         self.stages.append(Stage("composed", "compose", out, command,
-                                 {"command": command, "wheel": wheel,
+                                 {"command": command, "wheel": wheel, "chat_template": template,
                                   "compose": fingerprint_files(Path(compose_module.__file__))},
                                  after=[s.name for s in self.stages], done=["config.json"]))
         self.names["composed"] = str(out)

@@ -552,3 +552,20 @@ def test_a_watched_module_counts_by_its_code_not_its_comments(tmp_path):
     kept = fingerprint_files(data)
     data.write_text("{# b #}x")
     assert fingerprint_files(data) != kept
+
+
+def test_an_edited_chat_template_file_redoes_compose(tmp_path):
+    """compose's chat template file is an input by its content: editing it makes a new composed model (and so
+    redoes what is trained from it), the path alone would not."""
+    template = tmp_path / "chatml.jinja"
+    template.write_text((ROOT / "configs/demo/chatml.jinja").read_text())
+    settings = [f"base.compose.chat_template={template}", f"output_dir={tmp_path / 'demo'}"]
+
+    def compose_inputs():
+        exp = read_experiment(ROOT / "configs/experiments/demo.yaml", settings)
+        return next(s for s in exp.stages if s.name == "composed").params
+
+    before = compose_inputs()
+    assert before["chat_template"] is not None
+    template.write_text(template.read_text().replace("<|im_end|>", "<|im_end|> "))
+    assert compose_inputs() != before
