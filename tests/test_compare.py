@@ -535,7 +535,6 @@ def test_the_shipped_experiment_files_are_valid(monkeypatch, tmp_path, capsys):
         assert exp.hardware, f"{f}: says what hardware it expects"
 
 
-
 def test_a_watched_module_counts_by_its_code_not_its_comments(tmp_path):
     """Fixing a docstring or a comment of a watched module (the world's generator, compose) must not redo every
     stage after it; changing its code must."""
