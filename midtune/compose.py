@@ -129,28 +129,34 @@ def _read_template(path: str | Path) -> str:
     return text
 
 
+_TAUGHT = ", with image parts written as the image token"
+
+
+def _image_ready(tokenizer, template: str, image_token: str) -> tuple[str, str] | None:
+    """(template, "" or _TAUGHT): as is if it renders image parts, else taught to (`with_image_parts`); None if
+    neither renders the image token."""
+    if _renders_images(tokenizer, template, image_token):
+        return template, ""
+    wrapped = with_image_parts(template, image_token + "\n")
+    return (wrapped, _TAUGHT) if _renders_images(tokenizer, wrapped, image_token) else None
+
+
 def choose_chat_template(tokenizer, image_token: str, chat_template: str | Path | None) -> tuple[str, str]:
     """(template, where it came from): the file's or the LLM tokenizer's own (as is if it renders image parts, else
     taught to, see `with_image_parts`); LLaVA-1.5's for an LLM without a template."""
     if chat_template is not None:
-        template = _read_template(chat_template)
-        if _renders_images(tokenizer, template, image_token):
-            return template, f"file {chat_template}"
-        wrapped = with_image_parts(template, image_token + "\n")  # a text-only template, as for the LLM's own
-        if not _renders_images(tokenizer, wrapped, image_token):
+        ready = _image_ready(tokenizer, _read_template(chat_template), image_token)
+        if ready is None:
             raise ComposeError(
                 f"--chat-template {chat_template}: rendering a user turn with an image part "
                 f"({{'type': 'image'}}) does not produce the image token {image_token!r}, neither as written nor "
                 "with image parts written as the image token"
             )
-        return wrapped, f"file {chat_template}, with image parts written as the image token"
+        return ready[0], f"file {chat_template}{ready[1]}"
     own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, str) and _renders_images(tokenizer, own, image_token):
-        return own, "the LLM tokenizer's"
-    if isinstance(own, str):
-        wrapped = with_image_parts(own, image_token + "\n")
-        if _renders_images(tokenizer, wrapped, image_token):
-            return wrapped, "the LLM tokenizer's, with image parts written as the image token"
+    ready = _image_ready(tokenizer, own, image_token) if isinstance(own, str) else None
+    if ready is not None:
+        return ready[0], f"the LLM tokenizer's{ready[1]}"
     return llava_chat_template(image_token, tokenizer.eos_token), "LLaVA-1.5 (vicuna v1)"
 
 
