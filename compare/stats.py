@@ -34,7 +34,9 @@ N_BOOT = 2000
 VERDICTS = ("better", "keeps", "worse", "loses", "inconclusive")
 COST_VERDICTS = ("cheaper", "same", "costlier", "inconclusive")
 
-Aggregate = Callable[[list, np.ndarray], float]  # (per-question records, weights) → the metric
+# (per-question records, weights) → the metric. The weights are one per question, or a matrix with one row per
+# resample: the metric is then one value per row (every resample in one matrix product, not a Python loop per draw).
+Aggregate = Callable[[list, np.ndarray], "float | np.ndarray"]
 
 
 @dataclass
@@ -120,7 +122,7 @@ class Resampler:
                     boot = (w @ x) / w.sum(axis=1)
             else:
                 point = float(t.aggregate(values, np.ones(len(values))))
-                boot = np.array([t.aggregate(values, w[b]) for b in range(self.n_boot)], dtype=np.float64)
+                boot = np.asarray(t.aggregate(values, w), dtype=np.float64)
             self._cache[key] = (t.scale * point, t.scale * boot)
         return self._cache[key]
 
@@ -374,41 +376,49 @@ def pairs_hint(r: Ratio, margin: float) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _yes_no(records: list, weights: np.ndarray) -> tuple[float, float, float, float]:
+def _yes_no(records: list, weights: np.ndarray) -> tuple[np.ndarray, ...]:
     """Weighted true positives, false positives, false negatives of "yes", and the weighted count of yes
-    predictions, from records holding a prediction and the answer (midtune's `answer`, POPE's `ground_truth`)."""
-    pred = np.array([str(r.get("prediction", "")).strip().lower() == "yes" for r in records])
-    gold = np.array([str(r.get("answer", r.get("ground_truth", ""))).strip().lower() == "yes" for r in records])
+    predictions, from records holding a prediction and the answer (midtune's `answer`, POPE's `ground_truth`).
+    `weights` is one weight per question, or one row of them per resample: each count is then one per row."""
+    pred = np.array([str(r.get("prediction", "")).strip().lower() == "yes" for r in records], dtype=np.float64)
+    gold = np.array([str(r.get("answer", r.get("ground_truth", ""))).strip().lower() == "yes" for r in records],
+                    dtype=np.float64)
     w = np.asarray(weights, float)
-    return (float(w[pred & gold].sum()), float(w[pred & ~gold].sum()), float(w[~pred & gold].sum()),
-            float(w[pred].sum()))
+    return w @ (pred * gold), w @ (pred * (1 - gold)), w @ ((1 - pred) * gold), w @ pred
 
 
-def weighted_precision(records: list, weights: np.ndarray) -> float:
+def _ratio(num: np.ndarray, den: np.ndarray, empty: float = 0.0) -> float | np.ndarray:
+    """num / den where den > 0, else `empty`; a float for one set of weights, an array for a row per resample."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), empty)
+    return float(out) if out.ndim == 0 else out
+
+
+def weighted_precision(records: list, weights: np.ndarray) -> float | np.ndarray:
     tp, fp, _, _ = _yes_no(records, weights)
-    return tp / (tp + fp) if tp + fp else 0.0
+    return _ratio(tp, tp + fp)
 
 
-def weighted_recall(records: list, weights: np.ndarray) -> float:
+def weighted_recall(records: list, weights: np.ndarray) -> float | np.ndarray:
     tp, _, fn, _ = _yes_no(records, weights)
-    return tp / (tp + fn) if tp + fn else 0.0
+    return _ratio(tp, tp + fn)
 
 
-def weighted_f1(records: list, weights: np.ndarray) -> float:
+def weighted_f1(records: list, weights: np.ndarray) -> float | np.ndarray:
     p, r = weighted_precision(records, weights), weighted_recall(records, weights)
-    return 2 * p * r / (p + r) if p + r else 0.0
+    return _ratio(2 * np.asarray(p) * np.asarray(r), np.asarray(p) + np.asarray(r))
 
 
-def weighted_yes_ratio(records: list, weights: np.ndarray) -> float:
-    total = float(np.asarray(weights, float).sum())
-    return _yes_no(records, weights)[3] / total if total else 0.0
+def weighted_yes_ratio(records: list, weights: np.ndarray) -> float | np.ndarray:
+    return _ratio(_yes_no(records, weights)[3], np.asarray(weights, float).sum(axis=-1))
 
 
-def weighted_score_mean(records: list, weights: np.ndarray) -> float:
+def weighted_score_mean(records: list, weights: np.ndarray) -> float | np.ndarray:
     """POPE's accuracy: records carrying a per-question `score`."""
     x = np.array([float(r["score"]) for r in records])
     w = np.asarray(weights, float)
-    return float(w @ x / w.sum()) if w.sum() else math.nan
+    return _ratio(w @ x, w.sum(axis=-1), empty=math.nan)
 
 
 # A task's aggregation function (by the name lmms-eval's results record for it) → its weighted re-aggregation.

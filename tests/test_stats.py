@@ -210,3 +210,19 @@ def test_step_ratio_of_alternated_steps_and_its_verdict():
     assert stats.cost_verdict(noisy.ci, 0.05) == "inconclusive" and "step pairs" in stats.pairs_hint(noisy, 0.05)
     with pytest.raises(ValueError, match="at least 2 pairs"):
         stats.step_ratio([1.0], [1.0])
+
+
+@pytest.mark.parametrize("aggregate", [stats.weighted_precision, stats.weighted_recall, stats.weighted_f1,
+                                       stats.weighted_yes_ratio])
+def test_a_re_aggregated_metric_gives_per_resample_what_it_gives_for_one_set_of_weights(aggregate):
+    """The report resamples with a weight matrix in one call; each row must equal the metric under that row's
+    weights alone, rows where no "yes" was drawn (precision's 0/0) included."""
+    records = [{"prediction": p, "answer": a} for p, a in
+               [("yes", "yes"), ("no", "no"), ("yes", "no"), ("no", "yes"), ("no", "no")]]
+    weights = np.array([[1, 1, 1, 1, 1], [0, 2, 0, 1, 2], [0, 3, 0, 0, 2], [2, 0, 3, 0, 0]], dtype=np.float64)
+    rows = aggregate(records, weights)
+    assert rows.shape == (4,)
+    for b in range(4):
+        one = aggregate(records, weights[b])
+        assert isinstance(one, float) and rows[b] == pytest.approx(one)
+    assert stats.weighted_precision(records, weights[2]) == 0.0  # nothing predicted "yes" in that draw
