@@ -406,8 +406,8 @@ def weighted_recall(records: list, weights: np.ndarray) -> float | np.ndarray:
 
 
 def weighted_f1(records: list, weights: np.ndarray) -> float | np.ndarray:
-    p, r = weighted_precision(records, weights), weighted_recall(records, weights)
-    return _ratio(2 * np.asarray(p) * np.asarray(r), np.asarray(p) + np.asarray(r))
+    tp, fp, fn, _ = _yes_no(records, weights)
+    return _ratio(2 * tp, 2 * tp + fp + fn)  # 2PR / (P + R), from one pass over the records
 
 
 def weighted_yes_ratio(records: list, weights: np.ndarray) -> float | np.ndarray:
