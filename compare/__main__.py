@@ -3,28 +3,23 @@ report them — each stage the command a user would type, run in its own process
 
 A stage is reused when an earlier invocation finished it with the same inputs (its command, the contents of the
 files it names, and the stages it reads), so an interrupted experiment continues where it stopped; a training
-cut short resumes from its last checkpoint. `--print-commands` writes every stage's command in order for a
-scheduler (SLURM, a job array, ...); afterwards `python -m compare EXPERIMENT.yaml` picks up what those jobs
-finished and writes the report. Schema and examples: docs/compare.md.
+cut short resumes from its last checkpoint. Stages run here (`--executor local`, up to `--jobs N` at once) or as
+Slurm jobs through submitit (`--executor slurm`), each with the stages it reads as dependencies; `--status` says
+where each stands, and running compare again submits only what is missing. The report is a stage too: it runs
+once every other stage is done. Schema and examples: docs/compare.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from compare.experiment import Experiment, ExperimentError, Stage, executable, read_experiment
-from midtune.files import write_text
-
-
-class StageFailed(RuntimeError):
-    pass
+from compare import executors, jobs
+from compare.experiment import EXECUTORS, Experiment, ExperimentError, Stage, executable, read_experiment
+from compare.stages import StageFailed, is_done, run_stage
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,86 +32,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="write each stage's command in order (for a scheduler) and run nothing")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the experiment file, e.g. --set eval.limit=20 (repeatable)")
-    return ap.parse_args(argv)
-
-
-def record(stage: Stage, exp: Experiment) -> str:
-    """What the stage's result depends on: its own parameters and the markers of the stages it reads. A marker
-    holds its stage's record and when it finished, so a stage redone (even with the same inputs, --force) makes
-    every stage that reads it out of date."""
-    by_name = {s.name: s for s in exp.stages}
-    upstream = {a: by_name[a].marker.read_text() if by_name[a].marker.exists() else None for a in stage.after}
-    return json.dumps({**stage.params, "after": upstream}, sort_keys=True)
-
-
-def marker_record(stage: Stage) -> str | None:
-    """The record a stage's marker holds (None: no marker, or one from another version of compare)."""
-    try:
-        return json.loads(stage.marker.read_text())["record"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def finish(stage: Stage, rec: str) -> None:
-    write_text(stage.marker, json.dumps({"record": rec, "finished": time.time()}))
-
-
-def started_path(stage: Stage) -> Path:
-    return stage.out / (stage.marker_name + ".started")
-
-
-def is_done(stage: Stage, exp: Experiment) -> bool:
-    return marker_record(stage) == record(stage, exp)
-
-
-def run_stage(stage: Stage, exp: Experiment, force: bool) -> str:
-    """Run one stage unless it is done; returns what happened: reused, picked up, resumed or ran."""
-    rec = record(stage, exp)
-    if not force and marker_record(stage) == rec:
-        print(f"[{stage.name}] reusing {stage.out}", flush=True)
-        return "reused"
-    started = started_path(stage)
-    started_same = started.exists() and started.read_text() == rec
-    if (not force and not stage.marker.exists() and stage.done and (started_same or not started.exists())
-            and all((stage.out / f).exists() for f in stage.done)):
-        # Finished by a job outside compare (--print-commands) or cut short between its command and its marker.
-        finish(stage, rec)
-        print(f"[{stage.name}] picked up the finished output in {stage.out}", flush=True)
-        return "picked up"
-    resume = (stage.kind == "train" and not force and started_same and any(stage.out.glob("checkpoint-*")))
-    if stage.marker.exists():
-        stage.marker.unlink()
-    if not resume and stage.clear and stage.out.exists():
-        shutil.rmtree(stage.out)
-    if not stage.clear:  # what a kept directory holds from an earlier run must not pass for this run's result
-        for f in stage.done:
-            (stage.out / f).unlink(missing_ok=True)
-    stage.out.mkdir(parents=True, exist_ok=True)
-    write_text(started, rec)
-    command = executable(stage.command) + (["resume_from=latest"] if resume else [])
-    print(f"\n[{stage.name}] {'resuming' if resume else 'building'} {stage.out} ...", flush=True)
-    print("$ " + shlex.join(["python", *command[1:]] if command[0] == sys.executable else command), flush=True)
-    start = time.perf_counter()
-    code = run_command(command)
-    if code != 0:
-        raise StageFailed(f"stage {stage.name!r} failed (exit {code}); its command is above. Run the same compare "
-                          f"command again to continue: finished stages are reused.")
-    finish(stage, rec)  # written last: a stage cut short is redone (or resumed)
-    print(f"[{stage.name}] done in {time.perf_counter() - start:.1f}s", flush=True)
-    return "resumed" if resume else "ran"
-
-
-def run_command(command: list[str]) -> int:
-    """Run a stage's command; on Ctrl-C (which the command receives too) wait for it to stop on its own, so that a
-    training saves its checkpoint instead of being killed mid-step."""
-    proc = subprocess.Popen(command)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        print(f"\ncompare: interrupted; waiting for the stage to stop (pid {proc.pid}) ...", file=sys.stderr,
-              flush=True)
-        proc.wait()
-        raise
+    ap.add_argument("--executor", choices=EXECUTORS,
+                    help="local: run the stages here (default, or the file's `executor:`); slurm: submit each as a "
+                         "job through submitit, with its inputs as dependencies; submitit-local: the same "
+                         "submission on this machine (submitit's local executor)")
+    ap.add_argument("--jobs", type=int, metavar="N",
+                    help="local: run up to N independent stages at once, each on its own GPUs (default: one per "
+                         "visible GPU, else 1)")
+    ap.add_argument("--status", action="store_true",
+                    help="print where each stage stands (done, queued, running, failed, not started) and run nothing")
+    ap.add_argument("--report", action="store_true",
+                    help="write the report now (the report stage alone), or say which stages it still waits for")
+    args = ap.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    return args
 
 
 def select(exp: Experiment, only: list[str] | None) -> list[Stage]:
@@ -124,6 +54,22 @@ def select(exp: Experiment, only: list[str] | None) -> list[Stage]:
     if not only:
         return list(exp.stages)
     return [s for s in exp.stages if s.name in needed(exp, only)]
+
+
+def with_report(exp: Experiment, stages: list[Stage]) -> list[Stage]:
+    """--only runs what it names; the report joins when every other stage is done and stays so: none reads
+    (directly or through others) a stage run now."""
+    if any(s.kind == "report" for s in stages):
+        return stages
+    chosen = {s.name for s in stages}
+    stale = set(chosen)
+    for s in exp.stages:  # in order: a stage's inputs come before it
+        if s.kind != "report" and any(a in stale for a in s.after):
+            stale.add(s.name)
+    others = [s for s in exp.stages if s.kind != "report" and s.name not in chosen]
+    if any(s.name in stale or not is_done(s, exp) for s in others):
+        return stages
+    return [*stages, exp.stage("report")]
 
 
 def named(exp: Experiment, only: list[str] | None) -> set[str]:
@@ -164,14 +110,17 @@ def needed(exp: Experiment, only: list[str]) -> set[str]:
 def check_settings(exp: Experiment, stages: list[Stage]) -> list[str]:
     """Every training that will run checks its train config and overrides first (`python -m train.config`: keys
     and values as train reads them; no model, data or torch loaded), so a typo in the last run fails before the
-    first one starts."""
+    first one starts. The checks run at once (each a light process); a stage already done, queued or running
+    (checked when it was submitted) is not checked again."""
+    todo = [s for s in stages if s.check is not None and not is_done(s, exp)]
+    todo = [s for s in todo if not jobs.stage_state(exp, s).active]
+    checks = [(s, subprocess.Popen(executable(s.check), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)) for s in todo]
     errors = []
-    for s in stages:
-        if s.check is None or is_done(s, exp):
-            continue
-        done = subprocess.run(executable(s.check), capture_output=True, text=True)
-        if done.returncode != 0:
-            message = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("error: ")
+    for s, proc in checks:
+        _, stderr = proc.communicate()
+        if proc.returncode != 0:
+            message = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1].removeprefix("error: ")
             errors.append(f"{exp.path}: {s.name}: {message}")
     return errors
 
@@ -191,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         exp = read_experiment(args.experiment, args.set)
-        stages = select(exp, args.only)
+        stages = [exp.stage("report")] if args.report else select(exp, args.only)
         forced = named(exp, args.only) if args.force else set()  # --force redoes what is named, not what it reads
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.status:
+        print("\n".join(jobs.status_lines(exp)))
+        return 0
+    if args.report:
+        return report_now(exp)
     errors = check_settings(exp, stages)
     if errors:
         print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
@@ -203,24 +157,71 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_commands:
         print_commands(exp, stages)
         return 0
-    started = time.perf_counter()
+    executor = args.executor or exp.executor
     exp.output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"experiment {exp.name} ({exp.path}) → {exp.output_dir}: {len(stages)} stages", flush=True)
+    print(f"experiment {exp.name} ({exp.path}) → {exp.output_dir}: {len(stages)} stages ({executor})", flush=True)
+    if executor == "local":
+        return run_here(exp, with_report(exp, stages), forced, args.jobs)
+    if args.jobs is not None:
+        print("error: --jobs is for --executor local; a scheduler runs submitted jobs side by side", file=sys.stderr)
+        return 2
     try:
-        for s in stages:
-            run_stage(s, exp, s.name in forced)
+        submitted = executors.submit(exp, with_report(exp, stages), forced, executor)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{len(submitted)} jobs submitted ({executor}); the report is the last. Follow them with: "
+          f"python -m compare {exp.path} --status", flush=True)
+    return 0
+
+
+def run_here(exp: Experiment, stages: list[Stage], forced: set[str], parallel: int | None) -> int:
+    started = time.perf_counter()
+    busy = executors.busy_elsewhere(exp, [s for s in stages if not is_done(s, exp)])
+    if busy:
+        print("error: these stages are queued or running elsewhere; wait for them (--status) or stop them first: "
+              + "; ".join(busy), file=sys.stderr)
+        return 1
+    try:
+        failed = executors.run_local(exp, stages, forced, parallel)
+    except KeyboardInterrupt:
+        print("compare: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"\ncompare: {time.perf_counter() - started:.0f} s", flush=True)
+    if failed:
+        print("compare: " + "\ncompare: ".join(failed), file=sys.stderr)
+        return 1
+    report = exp.stage("report")
+    if not is_done(report, exp):
+        missing = [s.name for s in exp.stages if s.kind != "report" and not is_done(s, exp)]
+        print(f"\nno report yet: stages not done: {', '.join(missing)}")
+        return 0
+    print(f"\nreport: {exp.output_dir / 'report.md'}")
+    print_summary(exp)
+    return 0
+
+
+def print_summary(exp: Experiment) -> None:
+    summary = exp.output_dir / "summary.txt"
+    if summary.exists():
+        print(summary.read_text())
+
+
+def report_now(exp: Experiment) -> int:
+    """--report: the report stage alone, here; or which stages it still waits for, and where they stand."""
+    report = exp.stage("report")
+    states = jobs.stage_states(exp, [exp.stage(a) for a in report.after])
+    waiting = [f"{st.name} ({st.state}{', ' + st.detail if st.detail else ''})" for st in states.values()
+               if st.state != "done"]
+    if waiting:
+        print("no report yet: it reads stages that are not done:\n  " + "\n  ".join(waiting), file=sys.stderr)
+        return 1
+    try:
+        run_stage(report, exp, force=False)
     except StageFailed as e:
         print(f"compare: {e}", file=sys.stderr)
         return 1
-    missing = [s.name for s in exp.stages if not is_done(s, exp)]
-    if missing:
-        print(f"\nno report yet: stages not done: {', '.join(missing)}")
-        return 0
-    from compare.report import write_report
-
-    report = write_report(exp, total_time_s=time.perf_counter() - started)
-    print(f"\nreport: {report}")
-    print((exp.output_dir / "summary.txt").read_text())
+    print_summary(exp)
     return 0
 
 

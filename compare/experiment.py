@@ -30,7 +30,8 @@ from midtune.spec import SpecError, TrainableSpec
 
 TOP_KEYS = ("name", "description", "hardware", "output_dir", "vars", "prepare", "base", "stages", "config", "data",
             "image_folder", "train_overrides", "runs", "sweep", "seeds", "launch", "eval", "analysis", "reference",
-            "report")
+            "report", "executor", "slurm")
+EXECUTORS = ("local", "slurm", "submitit-local")
 PREPARE_KEYS = ("command", "watch")
 COMPOSE_KEYS = ("vision", "llm", "projector", "vision_feature_layer", "image_token", "chat_template", "dtype", "seed",
                 "trust_remote_code")
@@ -56,7 +57,7 @@ class Stage:
     """One command and where it writes. `params` (with the markers of the stages in `after`) decide reuse."""
 
     name: str
-    kind: str  # prepare | compose | train | eval | eval-table | analysis | lens | cost
+    kind: str  # prepare | compose | train | eval | eval-table | analysis | lens | cost | report
     out: Path
     command: list[str]
     params: dict
@@ -88,6 +89,13 @@ class Experiment:
     report: dict
     cost_probes: dict[str, str] = field(default_factory=dict)  # run → its cost probe's directory
     cost_probe_skipped: str | None = None  # why there is no cost probe, when there is none
+    settings: list[str] = field(default_factory=list)  # the --set overrides it was read with
+    executor: str = "local"  # local | slurm | submitit-local (the file's `executor:`)
+    resources: dict[str, dict] = field(default_factory=dict)  # resource kind → its slurm settings (compare.cluster)
+    fast_dtype: str = "float32"  # what {fast_dtype} stood for
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,11 +291,16 @@ def read_experiment(path: str | Path, settings: list[str] = ()) -> Experiment:
     report = plan.report()
     plan.cost_probes(report.get("cost_probe", True))
     plan.link_dependencies()
+    plan.report_stage(list(settings))
+    executor = raw.get("executor", "local")
+    if executor not in EXECUTORS:
+        raise ExperimentError(f"{file}: executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
     return Experiment(path=file, name=str(raw.get("name") or file.stem), description=str(raw.get("description") or ""),
                       hardware=str(raw.get("hardware") or ""), output_dir=plan.output_dir, stages=plan.stages,
                       models=plan.models, trainings=plan.roles, reference=plan.reference,
                       eval={"tasks": plan.tasks, **plan.eval_settings}, analysis=plan.analysis, report=report,
-                      cost_probes=plan.probes, cost_probe_skipped=plan.probe_skipped)
+                      cost_probes=plan.probes, cost_probe_skipped=plan.probe_skipped, settings=list(settings),
+                      executor=executor, resources=plan.resources(), fast_dtype=plan.names["fast_dtype"])
 
 
 def _apply_settings(raw: dict, settings: list[str], file: Path) -> None:
@@ -415,6 +428,8 @@ class _Planner:
         launcher = launch.get("with", "python")
         self.launch_files: list[Path] = []  # their contents are inputs of every training (a DeepSpeed stage, ...)
         self.one_process = _one_process(launch, file)  # None, or why the cost probe cannot share this launch
+        self.accelerate = launcher == "accelerate"
+        self.train_processes = _launch_processes(launch, file)
         if launcher == "python":
             if set(launch) - {"with", "args"}:
                 raise ExperimentError(f"{file}: launch: config_file and num_processes need `with: accelerate`")
@@ -672,6 +687,25 @@ class _Planner:
                                      done=["probe.json"]))
             self.probes[name] = str(out)
 
+    def report_stage(self, settings: list[str]) -> None:
+        """report: reads every other stage, so it runs (here, or as a job of its own) once all of them are done.
+        Its record holds the report code's fingerprint: a newer compare writes the report again."""
+        from compare import geometry, plots, report, scores, stats
+
+        command = [PYTHON, "-m", "compare.report", str(self.file), *(w for s in settings for w in ("--set", s))]
+        code = fingerprint_files(*(Path(m.__file__) for m in (report, stats, scores, geometry, plots)))
+        self.stages.append(Stage("report", "report", self.output_dir, command, {"command": command, "code": code},
+                                 after=[s.name for s in self.stages], marker_name=".midtune-report.json",
+                                 clear=False))
+
+    def resources(self) -> dict[str, dict]:
+        from compare.cluster import ResourceError, read_slurm
+
+        try:
+            return read_slurm(self.raw.get("slurm"), self.train_processes, self.accelerate)
+        except ResourceError as e:
+            raise ExperimentError(f"{self.file}: {e}") from None
+
     def link_dependencies(self) -> None:
         """A stage reads every earlier stage whose directory its command names: the model it starts from or
         evaluates, its data under {world}, ... (the eval table and the prepare stages also name theirs above)."""
@@ -682,6 +716,12 @@ class _Planner:
 
 
 def _fast_dtype() -> str:
+    """bfloat16 where this machine runs it natively, else float32; a submitted job gets the submitter's value
+    (MIDTUNE_FAST_DTYPE), so that the job and the compare that follows it read the same stages."""
+    import os
+
+    if os.environ.get("MIDTUNE_FAST_DTYPE"):
+        return os.environ["MIDTUNE_FAST_DTYPE"]
     from midtune.sources import fast_dtype
 
     return fast_dtype()
@@ -700,6 +740,16 @@ def _train_args(command: list[str]) -> list[str]:
     """A training command's words after `-m train`: its --config and overrides."""
     at = next(i for i in range(len(command) - 1) if command[i] == "-m" and command[i + 1] == "train")
     return command[at + 2:]
+
+
+def _launch_processes(launch: dict, file: Path) -> int | None:
+    """How many processes a training's launch starts, where the file or its accelerate config says."""
+    if launch.get("num_processes") is not None:
+        return int(launch["num_processes"])
+    config_file = launch.get("config_file")
+    settings = _read_yaml(Path(str(config_file)), f"{file}: launch.config_file") if config_file else {}
+    n = settings.get("num_processes") if isinstance(settings, dict) else None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _one_process(launch: dict, file: Path) -> str | None:

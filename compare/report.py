@@ -476,7 +476,7 @@ def _bullets(lines: list[str]) -> list[str]:
     return [f"- {line}" for line in lines]
 
 
-def write_report(exp: Experiment, total_time_s: float) -> Path:
+def write_report(exp: Experiment) -> Path:
     out = exp.output_dir
     settings = {"margin": MARGIN, "cost_margin": COST_MARGIN, **exp.report}
     runs = {name: load_run(out / name) for name in _trainings(exp)}
@@ -508,7 +508,7 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
         doc["sweep_reference"] = ev.score(reference, leaves).to_dict()
     geometry_section(exp, answers, doc)
     plots.all_figures(doc, configs, reference, leaves, chance, out)
-    md = markdown(exp, doc, answers, configs, chance, runs, total_time_s)
+    md = markdown(exp, doc, answers, configs, chance, runs)
     report = out / "report.md"
     write_text(report, md)
     doc["verdicts"] = answers
@@ -518,6 +518,33 @@ def write_report(exp: Experiment, total_time_s: float) -> Path:
     summary += [line for lines in answers.values() for line in lines]
     write_text(out / "summary.txt", "\n".join(summary) + "\n")
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m compare.report EXPERIMENT.yaml [--set KEY=VALUE ...]: the report stage's command. Writes the
+    report from the finished stages, or names the ones that are not done yet."""
+    import argparse
+    import sys
+
+    from compare.experiment import ExperimentError, read_experiment
+    from compare.stages import is_done
+
+    ap = argparse.ArgumentParser(prog="python -m compare.report", description=main.__doc__.split(".")[0])
+    ap.add_argument("experiment")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        exp = read_experiment(args.experiment, args.set)
+    except ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    missing = [s.name for s in exp.stages if s.kind != "report" and not is_done(s, exp)]
+    if missing:
+        print(f"error: the report reads stages that are not done: {', '.join(missing)} (python -m compare "
+              f"{exp.path} --status)", file=sys.stderr)
+        return 1
+    print(f"report: {write_report(exp)}")
+    return 0
 
 
 def _trainings(exp: Experiment) -> list[str]:
@@ -607,8 +634,7 @@ def method_paragraph(doc: dict, configs: dict[str, dict]) -> str:
             f"Method: docs/compare.md.")
 
 
-def markdown(exp: Experiment, doc: dict, answers: dict, configs: dict, chance: dict, runs: dict,
-             total_time_s: float) -> str:
+def markdown(exp: Experiment, doc: dict, answers: dict, configs: dict, chance: dict, runs: dict) -> str:
     reference = exp.reference
     md = [f"# {exp.name}: layer blocks vs full fine-tuning", ""]
     if exp.description:
@@ -639,8 +665,20 @@ def markdown(exp: Experiment, doc: dict, answers: dict, configs: dict, chance: d
            + (" · `analysis/` geometry profiles" if doc["geometry"] else "")
            + (" · `lens/` the logit lens" if doc["lens"] else "")
            + " · `report.json` (every estimate with `ci`, n, method and verdict), `scores.csv`, `cost.csv`.", "",
-           f"This invocation took {total_time_s:.0f} s (reused stages cost nothing).", ""]
+           stage_time_line(exp), ""]
     return "\n".join(md)
+
+
+def stage_time_line(exp: Experiment) -> str:
+    """The stages' own run times, from their markers: each counted once, when it ran (a stage reused later costs
+    nothing; stages that ran side by side overlap in wall time)."""
+    from compare.stages import read_marker
+
+    seconds = [(read_marker(s) or {}).get("seconds") for s in exp.stages if s.kind != "report"]
+    timed = [t for t in seconds if isinstance(t, (int, float))]
+    untimed = len(seconds) - len(timed)
+    line = f"The {len(timed)} stages' commands ran for {sum(timed):.0f} s in all, one after another or side by side"
+    return line + (f"; {untimed} finished outside compare or before it timed stages." if untimed else ".")
 
 
 def sweep_markdown(doc: dict, answers: dict) -> list[str]:
@@ -697,3 +735,7 @@ def write_tables(out: Path, doc: dict, configs: dict[str, dict], runs: dict[str,
     for name, r in runs.items():
         w.writerow([name, trained(r), *(r[k] for k in keys)])
     write_text(out / "cost.csv", buf.getvalue())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

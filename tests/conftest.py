@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Tests never touch a hub; fail fast instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,3 +57,26 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def _train_config(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({"trainable": {"layers": "all"}, "batch_size": 2, "max_steps": 2, "seed": 0,
+                                    "report_to": [], "optim": {"lr": 1e-3}, "logging_steps": 1}))
+    return path
+
+
+def experiment_file(tmp_path: Path, model: Path, world: Path, **changes) -> Path:
+    """A compare experiment on a tiny model: full and middle (layers 1-2), 2 steps each, one shapes task with
+    2 questions; `changes` replace top-level keys (None drops one)."""
+    doc = {"output_dir": str(tmp_path / "out"), "base": str(model), "config": str(_train_config(tmp_path / "c.yaml")),
+           "data": str(world / "train.json"), "image_folder": str(world / "images"),
+           "runs": {"full": {}, "middle": {"trainable.layers": "1-2"}},
+           "eval": {"tasks": ["midtune_shapes_color"], "limit": 2}}
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compare import __main__ as compare_cli
 from compare import geometry, report
 from compare.__main__ import main as compare_main
 from compare.experiment import ExperimentError, fingerprint_files, read_experiment
+from conftest import experiment_file
 from midtune.shapes import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,27 +132,6 @@ def test_lens_answers_say_where_the_words_surface():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _train_config(path: Path) -> Path:
-    path.write_text(yaml.safe_dump({"trainable": {"layers": "all"}, "batch_size": 2, "max_steps": 2, "seed": 0,
-                                    "report_to": [], "optim": {"lr": 1e-3}, "logging_steps": 1}))
-    return path
-
-
-def _experiment(tmp_path: Path, model: Path, world: Path, **changes) -> Path:
-    doc = {"output_dir": str(tmp_path / "out"), "base": str(model), "config": str(_train_config(tmp_path / "c.yaml")),
-           "data": str(world / "train.json"), "image_folder": str(world / "images"),
-           "runs": {"full": {}, "middle": {"trainable.layers": "1-2"}},
-           "eval": {"tasks": ["midtune_shapes_color"], "limit": 2}}
-    for key, value in changes.items():
-        if value is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = value
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
 def test_bad_experiment_files_get_one_clear_error_before_anything_runs(tiny_dir, world, tmp_path, capsys):
     model = tiny_dir("llava")
     cases = [
@@ -174,7 +155,7 @@ def test_bad_experiment_files_get_one_clear_error_before_anything_runs(tiny_dir,
         ({"report": {"keeps": 2}}, "unknown key report.'keeps'"),
     ]
     for change, message in cases:
-        path = _experiment(tmp_path, model, world, **change)
+        path = experiment_file(tmp_path, model, world, **change)
         with pytest.raises(ExperimentError, match=None) as e:
             read_experiment(path)
         assert message in str(e.value) and str(path) in str(e.value), (message, str(e.value))
@@ -184,8 +165,8 @@ def test_bad_experiment_files_get_one_clear_error_before_anything_runs(tiny_dir,
 
 
 def test_a_bad_train_key_in_the_last_run_fails_before_the_first_stage(tiny_dir, world, tmp_path, capsys):
-    path = _experiment(tmp_path, tiny_dir("llava"), world,
-                       runs={"full": {}, "middle": {"trainable.layers": "1-2", "optim.lrr": 1e-3}})
+    path = experiment_file(tmp_path, tiny_dir("llava"), world,
+                           runs={"full": {}, "middle": {"trainable.layers": "1-2", "optim.lrr": 1e-3}})
     assert compare_main([str(path)]) == 2
     err = capsys.readouterr().err
     assert f"error: {path}: middle: override 'optim.lrr=0.001': unknown key 'optim.lrr'; did you mean 'optim.lr'?" \
@@ -194,9 +175,9 @@ def test_a_bad_train_key_in_the_last_run_fails_before_the_first_stage(tiny_dir, 
 
 
 def test_stages_read_what_their_commands_name_and_overrides_merge_key_by_key(tiny_dir, world, tmp_path):
-    path = _experiment(tmp_path, tiny_dir("llava"), world, prepare={"world": {"command": ["python", "-c", "pass"]}},
-                       data="{world}/train.json", train_overrides={"trainable": {"norm": True}, "max_steps": 3},
-                       runs={"full": {}, "middle": {"trainable": {"layers": "1-2"}, "data": "{world}/other.json"}})
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, prepare={"world": {"command": ["python", "-c", "pass"]}},
+                           data="{world}/train.json", train_overrides={"trainable": {"norm": True}, "max_steps": 3},
+                           runs={"full": {}, "middle": {"trainable": {"layers": "1-2"}, "data": "{world}/other.json"}})
     exp = read_experiment(path)
     stages = {s.name: s for s in exp.stages}
     assert stages["full"].after == ["world"] and stages["middle"].after == ["world"]  # its data lives under {world}
@@ -214,8 +195,8 @@ def test_fast_dtype_is_bfloat16_only_where_the_machine_runs_it_natively(tiny_dir
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # AVX2 only: emulated bf16
     assert sources.fast_dtype() == "float32"
-    path = _experiment(tmp_path, tiny_dir("llava"), world, train_overrides={"dtype": "{fast_dtype}"},
-                       eval={"tasks": ["midtune_shapes_color"], "dtype": "{fast_dtype}"})
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, train_overrides={"dtype": "{fast_dtype}"},
+                           eval={"tasks": ["midtune_shapes_color"], "dtype": "{fast_dtype}"})
     stages = {s.name: s for s in read_experiment(path).stages}
     assert "dtype=float32" in stages["full"].command and "float32" in stages["eval/base"].command
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # AMX / AVX512-BF16
@@ -225,18 +206,19 @@ def test_fast_dtype_is_bfloat16_only_where_the_machine_runs_it_natively(tiny_dir
 
 def test_force_with_only_redoes_the_named_stages_and_invalidates_what_reads_them(tiny_dir, world, tmp_path,
                                                                                  monkeypatch):
-    from compare import __main__ as runner
+    from compare import stages as runner
 
     ran = []
-    monkeypatch.setattr(runner, "run_command", lambda command: ran.append(command) or 0)
-    path = _experiment(tmp_path, tiny_dir("llava"), world)
+    monkeypatch.setattr(runner, "run_command", lambda command, **_: ran.append(command) or 0)
+    path = experiment_file(tmp_path, tiny_dir("llava"), world)
     exp = read_experiment(path)
     for stage in exp.stages:
         runner.run_stage(stage, exp, force=False)
     ran.clear()
     assert compare_main([str(path), "--only", "middle", "--force"]) == 0
     assert [c[c.index("-m") + 1] for c in ran] == ["train", "eval"]  # middle and eval/middle, nothing upstream
-    assert [s.name for s in exp.stages if not runner.is_done(s, exp)] == ["eval"]  # the table is out of date
+    # the table is out of date, and the report that reads it
+    assert [s.name for s in exp.stages if not runner.is_done(s, exp)] == ["eval", "report"]
 
 
 def test_the_headline_metric_is_the_tasks_own_summary_or_the_one_named():
@@ -255,14 +237,14 @@ def test_a_resumed_run_is_marked_in_the_cost_table():
 
 
 def test_print_commands_lists_every_stage_in_order_with_a_sweep_and_accelerate(tiny_dir, world, tmp_path, capsys):
-    path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
-                       launch={"with": "accelerate", "config_file": str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
+                           launch={"with": "accelerate", "config_file": str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
                                "num_processes": 2})
     assert compare_main([str(path), "--print-commands"]) == 0
     out = capsys.readouterr().out
     stages = [line.split("]")[0].removeprefix("# [") for line in out.splitlines() if line.startswith("# [")]
     assert stages == ["full", "middle", "layers_0-1", "layers_2-3", "eval/base", "eval/full", "eval/middle",
-                      "eval/layers_0-1", "eval/layers_2-3", "eval"]
+                      "eval/layers_0-1", "eval/layers_2-3", "eval", "report"]
     assert "-m accelerate.commands.launch --config_file" in out and "--num_processes 2 -m train --config" in out
     assert "trainable.layers=2-3" in out and "trainable.layers=1-2" in out
     assert not (tmp_path / "out").exists()
@@ -275,11 +257,11 @@ def test_print_commands_lists_every_stage_in_order_with_a_sweep_and_accelerate(t
 def test_seeds_are_an_axis_each_seed_a_training_of_its_own(tiny_dir, world, tmp_path, monkeypatch, capsys):
     """seeds: [0, 1] (the config's own seed is 0), middle with its own three: each (run, seed) trains and is
     evaluated as a stage; the same seed gives both runs the same `seed=` (the same data order)."""
-    from compare import __main__ as runner
+    from compare import stages as runner
 
-    path = _experiment(tmp_path, tiny_dir("llava"), world, seeds=[0, 1],
-                       runs={"full": {}, "middle": {"trainable.layers": "1-2", "seeds": [0, 1, 2]}},
-                       analysis={"pairs": str(world / "pairs.jsonl")})
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, seeds=[0, 1],
+                           runs={"full": {}, "middle": {"trainable.layers": "1-2", "seeds": [0, 1, 2]}},
+                           analysis={"pairs": str(world / "pairs.jsonl")})
     exp = read_experiment(path)
     stages = {s.name: s for s in exp.stages}
     assert [s.name for s in exp.stages if s.kind == "train"] == ["full", "full-seed1", "middle", "middle-seed1",
@@ -292,12 +274,12 @@ def test_seeds_are_an_axis_each_seed_a_training_of_its_own(tiny_dir, world, tmp_
     assert "--model=full=" in analysed and "seed1" not in analysed  # geometry: each run's own seed
     assert compare_main([str(path), "--print-commands"]) == 0
     assert "# [middle-seed2] to run" in capsys.readouterr().out
-    assert runner.named(exp, ["middle"]) == {"middle", "middle-seed1", "middle-seed2", "eval/middle",
+    assert compare_cli.named(exp, ["middle"]) == {"middle", "middle-seed1", "middle-seed2", "eval/middle",
                                              "eval/middle-seed1", "eval/middle-seed2"}
 
     calls = []
 
-    def fake_run(command):
+    def fake_run(command, **_):
         calls.append(command)
         return 1 if "seed=2" in command and len([c for c in calls if "seed=2" in c]) == 1 else 0
 
@@ -325,7 +307,7 @@ def test_seeds_are_an_axis_each_seed_a_training_of_its_own(tiny_dir, world, tmp_
     doc = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump({**doc, "seeds": [0, 1, 3]}, sort_keys=False))
     third = invocation()
-    assert sorted(k for k, v in third.items() if v != "reused") == ["eval", "eval/full-seed3", "full-seed3"]
+    assert sorted(k for k, v in third.items() if v != "reused") == ["eval", "eval/full-seed3", "full-seed3", "report"]
 
 
 def _task_dir(tmp_path: Path, world: Path) -> Path:
@@ -361,8 +343,8 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
     the report's numbers are the runs' own; an interrupted experiment resumes. (The quick demo below covers the
     geometry and the logit lens.)"""
     tasks = _task_dir(tmp_path, world)
-    path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
-                       eval={"tasks": ["my_colour", "midtune_shapes_color"], "limit": 3, "batch_size": 4,
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
+                           eval={"tasks": ["my_colour", "midtune_shapes_color"], "limit": 3, "batch_size": 4,
                              "include_path": str(tasks)}, report={"cost_probe": {"warmup": 0, "steps": 2}})
     out = tmp_path / "out"
     # "Interrupted" after the full run: only it (and its eval) ran.
@@ -412,11 +394,11 @@ def test_a_small_experiment_on_tiny_models_end_to_end(tiny_dir, world, tmp_path,
 
 
 def test_a_changed_run_redoes_only_itself_its_eval_and_the_table(tiny_dir, world, tmp_path, monkeypatch):
-    from compare import __main__ as runner
+    from compare import stages as runner
 
-    monkeypatch.setattr(runner, "run_command", lambda command: 0)
-    path = _experiment(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
-                       analysis={"pairs": str(world / "pairs.jsonl")})
+    monkeypatch.setattr(runner, "run_command", lambda command, **_: 0)
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, sweep={"width": 2, "stride": 2},
+                           analysis={"pairs": str(world / "pairs.jsonl")})
 
     def invocation() -> dict[str, str]:
         exp = read_experiment(path)
@@ -426,22 +408,22 @@ def test_a_changed_run_redoes_only_itself_its_eval_and_the_table(tiny_dir, world
     assert set(invocation().values()) == {"reused"}
     path.write_text(path.read_text().replace("trainable.layers: 1-2", "trainable.layers: 1-3"))
     redone = sorted(k for k, v in invocation().items() if v == "ran")
-    assert redone == ["analysis", "cost/middle", "eval", "eval/middle", "middle"]
+    assert redone == ["analysis", "cost/middle", "eval", "eval/middle", "middle", "report"]
     path.write_text(path.read_text().replace("limit: 2", "limit: 3"))  # every eval, nothing trained
     assert sorted(k for k, v in invocation().items() if v == "ran") == [
-        "eval", "eval/base", "eval/full", "eval/layers_0-1", "eval/layers_2-3", "eval/middle"]
+        "eval", "eval/base", "eval/full", "eval/layers_0-1", "eval/layers_2-3", "eval/middle", "report"]
 
 
 def test_a_training_cut_short_resumes_from_its_checkpoint(tiny_dir, world, tmp_path, monkeypatch):
     """A run with the same inputs and a checkpoint on disk continues (resume_from=latest), not from scratch."""
-    from compare import __main__ as runner
+    from compare import stages as runner
 
-    path = _experiment(tmp_path, tiny_dir("llava"), world)
+    path = experiment_file(tmp_path, tiny_dir("llava"), world)
     exp = read_experiment(path)
     full = next(s for s in exp.stages if s.name == "full")
     calls = []
 
-    def fake_run(command):
+    def fake_run(command, **_):
         calls.append(command)
         return 1 if len(calls) == 1 else 0
 
@@ -458,15 +440,15 @@ def test_a_training_cut_short_resumes_from_its_checkpoint(tiny_dir, world, tmp_p
 
 def test_results_of_jobs_run_outside_compare_are_picked_up(tiny_dir, world, tmp_path, monkeypatch):
     """--print-commands hands the stages to a scheduler; the next compare takes what they finished."""
-    from compare import __main__ as runner
+    from compare import stages as runner
 
-    path = _experiment(tmp_path, tiny_dir("llava"), world)
+    path = experiment_file(tmp_path, tiny_dir("llava"), world)
     exp = read_experiment(path)
     full = next(s for s in exp.stages if s.name == "full")
     (full.out / "final").mkdir(parents=True)
     (full.out / "final" / "config.json").write_text("{}")
     (full.out / "run.json").write_text("{}")
-    monkeypatch.setattr(runner, "run_command", lambda command: pytest.fail(f"ran {command}"))
+    monkeypatch.setattr(runner, "run_command", lambda command, **_: pytest.fail(f"ran {command}"))
     assert runner.run_stage(full, exp, force=False) == "picked up"
     assert runner.run_stage(full, exp, force=False) == "reused"
 
@@ -474,19 +456,19 @@ def test_results_of_jobs_run_outside_compare_are_picked_up(tiny_dir, world, tmp_
 def test_a_kept_directory_is_not_taken_for_a_finished_stage(tiny_dir, world, tmp_path, monkeypatch):
     """The analysis directory is kept when redone (its per-model extractions are reused); an earlier result in it
     must not be picked up as this run's when the new run is cut short."""
-    from compare import __main__ as runner
+    from compare import stages as runner
 
-    path = _experiment(tmp_path, tiny_dir("llava"), world, analysis={"pairs": str(world / "pairs.jsonl")})
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, analysis={"pairs": str(world / "pairs.jsonl")})
     exp = read_experiment(path)
     analysis = next(s for s in exp.stages if s.name == "analysis")
     (analysis.out / "extract").mkdir(parents=True)
     (analysis.out / "profiles.json").write_text("{}")
     analysis.marker.write_text('{"record": "an earlier run\'s", "finished": 0}')
-    monkeypatch.setattr(runner, "run_command", lambda command: 1)
+    monkeypatch.setattr(runner, "run_command", lambda command, **_: 1)
     with pytest.raises(runner.StageFailed):
         runner.run_stage(analysis, exp, force=False)
     assert (analysis.out / "extract").is_dir() and not (analysis.out / "profiles.json").exists()
-    monkeypatch.setattr(runner, "run_command", lambda command: 0)
+    monkeypatch.setattr(runner, "run_command", lambda command, **_: 0)
     assert runner.run_stage(analysis, exp, force=False) == "ran"
 
 

@@ -106,21 +106,25 @@ def test_sigterm_saves_after_the_step_and_the_printed_command_resumes_identicall
     assert_same_run(out, tmp_path / "reference")
 
 
-def test_ctrl_c_saves_after_the_step_and_restores_the_handler(world, tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR2], ids=["ctrl-c", "slurm-usr2"])
+def test_ctrl_c_saves_after_the_step_and_restores_the_handler(world, tiny_dir, tmp_path, capsys, signum):
+    """Ctrl-C, and the SIGUSR2 Slurm sends before a job's time limit or a preemption (compare --executor slurm
+    requeues the job, which resumes from this checkpoint)."""
     out = tmp_path / "run"
-    handler_before = signal.getsignal(signal.SIGINT)
+    handler_before = signal.getsignal(signum)
+    name = signal.Signals(signum).name
 
     def press_ctrl_c():
         wait_for_first_step(out / "metrics.jsonl", timeout=120)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
-    assert main(overrides(world, tiny_dir("llava"), out, max_steps=1000, **CONSTANT_LR)) == 128 + signal.SIGINT
+    assert main(overrides(world, tiny_dir("llava"), out, max_steps=1000, **CONSTANT_LR)) == 128 + signum
     err = capsys.readouterr().err
-    steps = int(re.search(r"stopped by SIGINT after step (\d+)", err).group(1))
-    assert "SIGINT: finishing this step, then saving a checkpoint" in err
+    steps = int(re.search(rf"stopped by {name} after step (\d+)", err).group(1))
+    assert f"{name}: finishing this step, then saving a checkpoint" in err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{steps}"]
-    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert signal.getsignal(signum) is handler_before
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,10 +38,12 @@ class NonFiniteLoss(TrainingStopped):
 
 
 class StopSignals:
-    """SIGTERM and SIGINT while training only set `received`: the loop finishes its step, saves a checkpoint and
-    stops. A second signal gets the previous handler (Ctrl-C twice stops at once; saves are atomic either way)."""
+    """SIGTERM, SIGINT and SIGUSR2 while training only set `received`: the loop finishes its step, saves a
+    checkpoint and stops. A second signal gets the previous handler (Ctrl-C twice stops at once; saves are atomic
+    either way). SIGUSR2 is what Slurm sends before a job's time limit or preemption in jobs submitit writes
+    (`--signal=USR2@90`); its default action would kill the run without a checkpoint."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self, announce: bool):
         self.announce = announce
@@ -68,9 +70,9 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which still needs them to finish the step."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers leave the stop signals to the main process, which still needs them to finish the step."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def nonfinite_skip(accelerator, config: TrainConfig, dataset, window, step: int, output_dir: Path,
