@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from compare import executors, jobs
 from compare.experiment import EXECUTORS, Experiment, ExperimentError, Stage, executable, read_experiment
@@ -125,6 +126,17 @@ def check_settings(exp: Experiment, stages: list[Stage]) -> list[str]:
     return errors
 
 
+def missing_inputs(exp: Experiment, stages: list[Stage]) -> list[str]:
+    """The data, image folders and analysis pairs named in the experiment that no stage makes and that are not
+    there: found before the first GPU-hour, not after every training and evaluation has run."""
+    errors = []
+    for s in stages:
+        if is_done(s, exp):
+            continue
+        errors += [f"{exp.path}: {s.name}: {path} does not exist" for path in s.inputs if not Path(path).exists()]
+    return errors
+
+
 def print_commands(exp: Experiment, stages: list[Stage]) -> None:
     print(f"# {exp.name}: {len(stages)} stages, in order; each waits for the ones it reads (after: ...)")
     for s in stages:
@@ -157,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_commands:
         print_commands(exp, stages)
         return 0
+    errors = missing_inputs(exp, stages)
+    if errors:
+        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
+        return 2
     executor = args.executor or exp.executor
     exp.output_dir.mkdir(parents=True, exist_ok=True)
     print(f"experiment {exp.name} ({exp.path}) → {exp.output_dir}: {len(stages)} stages ({executor})", flush=True)

@@ -66,6 +66,8 @@ class Stage:
     check: list[str] | None = None  # a command that checks the stage's settings without running it
     marker_name: str = MARKER
     clear: bool = True  # redoing the stage empties `out` first (eval-table shares eval/ with the per-model stages)
+    # files and folders the stage reads that no earlier stage makes: checked before the first stage runs
+    inputs: list[str] = field(default_factory=list)
 
     @property
     def marker(self) -> Path:
@@ -341,6 +343,10 @@ class _Planner:
     def fill(self, value, where: str):
         return _fill(value, self.names, self.file, where)
 
+    def external(self, paths: list[str]) -> list[str]:
+        """The paths among `paths` that no stage so far writes (those must exist before anything runs)."""
+        return [p for p in paths if not any(p.startswith(made) for made in self.produced)]
+
     def add_name(self, name: str, where: str) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
             raise ExperimentError(f"{self.file}: {where}: name {name!r} must be letters, digits, '_', '-' or '.'")
@@ -461,6 +467,9 @@ class _Planner:
         _check_trains_something(config_path, own, file, where)
         out = self.output_dir / name
         fixed = {"model": model, "output_dir": str(out)}
+        # trackers (W&B): one project per experiment, one run per training (its name carries the seed)
+        tracking = {"project": str(self.raw.get("name") or file.stem), "run_name": name}
+        fixed.update({k: v for k, v in tracking.items() if k not in own})
         # the experiment's data and image folder, unless the run names its own
         if data is not None and "data" not in own:
             fixed["data"] = data
@@ -470,8 +479,10 @@ class _Planner:
         command = [*self.prefix, "--config", str(config_path), *overrides]
         params = {"command": command, "config": fingerprint_files(config_path, *self.launch_files)}
         # run.json is written last, after final/ (a merged model, or only a delta with save_merged: false)
+        inputs = [str(d) for key in ("data", "image_folder") for d in _list({**own, **fixed}.get(key))]
         return Stage(name, "train", out, command, params, done=["final", "run.json"],
-                     check=[PYTHON, "-m", "train.config", "--config", str(config_path), *overrides])
+                     check=[PYTHON, "-m", "train.config", "--config", str(config_path), *overrides],
+                     inputs=self.external(inputs))
 
     def trainings(self) -> None:
         """stages (in order, each from the model the previous one made), then the runs and the sweep's blocks,
@@ -627,14 +638,16 @@ class _Planner:
                    *options, *map(str, _list(an.get("args"))), "--out", str(out)]
         # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/<model>/,
         # fingerprinted by the weight files, so adding one run to a sweep extracts only that run's model.
+        inputs = self.external([str(an["pairs"]), *([str(an["image_folder"])] if an.get("image_folder") else [])])
         self.stages.append(Stage("analysis", "analysis", out, command, {"command": command},
-                                 done=["profiles.json"], clear=False))
+                                 done=["profiles.json"], clear=False, inputs=inputs))
         if an.get("lens"):
             lens_models = {m: p for m, p in profiled.items() if m != "pretrained"}
             out = self.output_dir / "lens"
             command = [PYTHON, "-m", "analysis", "logit-lens", *(f"--model={m}={p}" for m, p in lens_models.items()),
                        *options, *map(str, _list(an.get("lens_args"))), "--out", str(out)]
-            self.stages.append(Stage("lens", "lens", out, command, {"command": command}, done=["lens.json"]))
+            self.stages.append(Stage("lens", "lens", out, command, {"command": command}, done=["lens.json"],
+                                     inputs=inputs))
         self.analysis = an
 
     def report(self) -> dict:

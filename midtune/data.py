@@ -870,18 +870,61 @@ def write_data_checks(path: Path, key: str, outcomes: list[Outcome]) -> None:
                                    for length, truncated, problem in outcomes]}, indent=None)
 
 
+def dummy_image_inputs(processor) -> dict:
+    """A stand-in image for a micro-batch that has none: its image-token run (attention mask 0, no labels) and
+    vision inputs, in the shape of one SupervisedDataset item. Appended to a text-only micro-batch, it makes the
+    model run its vision tower and projector as on the other ranks (LLaVA feeds a zero image, LLaMA-Factory a fake
+    one for the same reason), while the real rows' loss and gradients stay exactly theirs: every real token has an
+    earlier position, so nothing attends to the masked run, and its positions carry no label. The image is the
+    smallest the processor takes (Qwen2-VL's minimum pixel budget; a CLIP processor resizes anything to its one
+    size), filled with the processor's mean colour: a zero image after normalisation."""
+    from midtune.adapters import image_text_for
+
+    tokenizer = _tokenizer(processor)
+    mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or [0.0, 0.0, 0.0]
+    blank = Image.new("RGB", (28, 28), tuple(round(255 * m) for m in mean))
+    out = processor(text=[image_text_for(processor).strip()], images=[blank], return_tensors="pt",
+                    add_special_tokens=False)
+    ids = out["input_ids"][0]
+    image_ids = _image_token_ids(processor)
+    keep = torch.tensor([int(t) in image_ids or t in _vision_marker_ids(tokenizer) for t in ids.tolist()])
+    item = {"input_ids": ids[keep], "labels": torch.full_like(ids[keep], IGNORE_INDEX),
+            "attention_mask": torch.zeros_like(ids[keep])}
+    item.update({k: out[k][0][keep] for k in TOKEN_ALIGNED if k in out and k not in item})
+    item.update({k: v for k, v in out.items() if k not in TOKEN_ALIGNED})
+    if not keep.any() or not any(int(t) in image_ids for t in item["input_ids"].tolist()):
+        raise DataError(f"{type(processor).__name__}: no image tokens in its output for one image")
+    return item
+
+
+def _vision_marker_ids(tokenizer) -> set[int]:
+    """Token ids that frame an image run (Qwen2-VL's <|vision_start|>/<|vision_end|>): kept with the run."""
+    ids = set()
+    for token in ("<|vision_start|>", "<|vision_end|>"):
+        value = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(value, int) and value != tokenizer.unk_token_id:
+            ids.add(value)
+    return ids
+
+
 @dataclass
 class Collator:
     """Pads token-aligned fields (right padding, labels with -100) and concatenates vision inputs.
 
     Vision tensors are concatenated along dim 0 (images, or patches for Qwen) over the samples that have
     them, padding trailing dims with zeros (LLaVA-Next's per-image patch count varies; the model slices by
-    `image_sizes`). Text-only samples contribute none, so they mix freely with image samples."""
+    `image_sizes`). Text-only samples contribute none, so they mix freely with image samples.
+
+    With `dummy_image` (dummy_image_inputs; multi-rank training of data that has images), a micro-batch with no
+    image gets that stand-in appended to its shortest row, after its real tokens: every rank then calls the same
+    vision modules in every micro-step, which ZeRO-3 and FSDP need, at no change to the loss or gradients."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    dummy_image: dict | None = None
 
     def __call__(self, batch: list[dict]) -> dict:
+        batch = self.with_dummy_image(batch)
         length = max(len(item["input_ids"]) for item in batch)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -901,6 +944,24 @@ class Collator:
             out[key] = _cat_padded(tensors)
         return out
 
+    def with_dummy_image(self, batch: list[dict]) -> list[dict]:
+        if self.dummy_image is None or any(k not in TOKEN_ALIGNED and k not in ("labels", "sample_id")
+                                           for item in batch for k in item):
+            return batch
+        shortest = min(range(len(batch)), key=lambda i: len(batch[i]["input_ids"]))
+        row, dummy = batch[shortest], self.dummy_image
+        joined = {"sample_id": row["sample_id"]}
+        for key in dict.fromkeys([*row, *dummy]):
+            if key == "sample_id":
+                continue
+            if key in TOKEN_ALIGNED or key == "labels":
+                mine = row.get(key, torch.zeros_like(row["input_ids"]))
+                theirs = dummy.get(key, torch.zeros_like(dummy["input_ids"]))
+                joined[key] = torch.cat([mine, theirs.to(mine.dtype)])
+            else:
+                joined[key] = dummy[key]
+        return [joined if i == shortest else item for i, item in enumerate(batch)]
+
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
@@ -919,23 +980,33 @@ def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
-    """An order of sample indices whose consecutive `batch_size` runs hold samples of one modality (image or
-    text-only) and similar length, the batches themselves in random order: LLaVA's group_by_modality_length. A
-    batch is then padded to a length close to each of its samples', not to a random long one's.
+    """An order of sample indices in which every data-parallel step holds one modality on all ranks, and each
+    micro-batch samples of similar length: LLaVA's group_by_modality_length, made safe for sharded training.
 
-    Per epoch: each modality's indices are shuffled and cut into megabatches of `megabatch` batches; a megabatch is
-    sorted by length and cut into batches; the full batches of both modalities are shuffled together; what does not
-    fill a batch is gathered at the end (sorted by length, the one short batch last), so every batch the DataLoader
-    cuts from this order is one of them. The order depends only on (seed, epoch, lengths): every process of a run
-    builds the same one (accelerate hands each its batches), and a resumed run skips into the same order."""
+    Why steps and not batches: accelerate deals the DataLoader's batches to ranks in turn (rank r takes batches
+    r, r + world_size, ...), so `world_size` consecutive batches are one micro-step of the whole job. If one rank
+    of that step held a text-only batch it would skip the vision tower while the others run it, and under ZeRO-3 or
+    FSDP, where the frozen tower is sharded too, the ranks' all-gathers would no longer match (gloo: "collective
+    mismatch"; NCCL: a hang). Every collective of those backends happens within one micro-step, so one modality per
+    micro-step is enough: the micro-steps of one accumulation window may differ.
+
+    Per epoch: each modality's indices are shuffled and cut into megabatches of `megabatch` steps; a megabatch is
+    sorted by length and cut into steps of `world_size × batch_size`; a step's rows are dealt to its ranks
+    longest first, each to the rank with the fewest tokens so far that still has room, so the ranks of a step wait
+    little for each other. The full steps of both modalities are shuffled together; what does not fill a step is
+    gathered at the end (sorted by length), where a step can still mix modalities: the collator's stand-in image
+    (`Collator.dummy_image`) keeps those safe. The order depends only on (seed, epoch, lengths, batch_size,
+    world_size): every process builds the same one, and a resumed run of the same shape skips into it."""
 
     def __init__(self, lengths: list[int], has_images: list[bool], batch_size: int, seed: int = 0,
-                 megabatch: int = 32):
+                 megabatch: int = 32, world_size: int = 1):
         if len(lengths) != len(has_images):
             raise ValueError("lengths and has_images must be of the same size")
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"batch_size {batch_size} and world_size {world_size} must be at least 1")
         self.lengths = torch.as_tensor(lengths, dtype=torch.long)
         self.has_images = torch.as_tensor(has_images, dtype=torch.bool)
-        self.batch_size, self.seed, self.megabatch = batch_size, seed, megabatch
+        self.batch_size, self.seed, self.megabatch, self.world_size = batch_size, seed, megabatch, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -949,21 +1020,34 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        size = self.batch_size
-        batches: list[torch.Tensor] = []
+        step = self.batch_size * self.world_size
+        steps: list[torch.Tensor] = []
         rest: list[torch.Tensor] = []
         for modality in (True, False):
             idx = self.has_images.eq(modality).nonzero().flatten()
             idx = idx[torch.randperm(len(idx), generator=g)]
-            for mega in idx.split(size * self.megabatch):
+            for mega in idx.split(step * self.megabatch):
                 mega = mega[self.lengths[mega].argsort(descending=True, stable=True)]
-                full = len(mega) // size * size
-                batches += list(mega[:full].split(size))
+                full = len(mega) // step * step
+                steps += [self.deal_to_ranks(rows) for rows in mega[:full].split(step)]
                 rest.append(mega[full:])
-        order = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        order = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
         tail = torch.cat(rest)  # one remainder per modality, possibly empty
         order.append(tail[self.lengths[tail].argsort(descending=True, stable=True)])
         return torch.cat(order)
+
+    def deal_to_ranks(self, rows: torch.Tensor) -> torch.Tensor:
+        """One step's rows (sorted longest first) as `world_size` consecutive batches of similar total length."""
+        if self.world_size == 1:
+            return rows
+        batches: list[list[int]] = [[] for _ in range(self.world_size)]
+        totals = [0] * self.world_size
+        for row in rows.tolist():
+            rank = min((r for r in range(self.world_size) if len(batches[r]) < self.batch_size),
+                       key=lambda r: totals[r])
+            batches[rank].append(row)
+            totals[rank] += int(self.lengths[row])
+        return torch.tensor([row for batch in batches for row in batch], dtype=torch.long)
 
 
 def padding_fraction(lengths: list[int], order: Iterable[int], batch_size: int) -> float:

@@ -192,6 +192,22 @@ def _sbatch_options(script: str) -> dict[str, str]:
                 if line.startswith("#SBATCH --"))
 
 
+def _stand_in_inputs(path: Path, where: Path, monkeypatch) -> None:
+    """Run from `where`, holding the experiment's configs and empty stand-ins of the data, image folders and
+    pairs it names (relative paths): compare refuses to submit anything while one of those is missing."""
+    where.mkdir()
+    (where / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(where)
+    for stage in read_experiment(path).stages:
+        for name in stage.inputs:
+            target = where / name
+            if target.suffix:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch()
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+
+
 def test_the_llava_experiment_submits_each_stage_as_a_slurm_job_with_the_resources_it_asks(tmp_path, monkeypatch,
                                                                                           capsys):
     """The shipped LLaVA-1.5-7B experiment on Slurm: every stage a job named by experiment, run and seed, with the
@@ -200,6 +216,7 @@ def test_the_llava_experiment_submits_each_stage_as_a_slurm_job_with_the_resourc
     states = _fake_slurm(tmp_path / "bin", monkeypatch)
     path = ROOT / "configs/experiments/llava-1.5-7b.yaml"
     settings = ["--set", f"output_dir={tmp_path / 'out'}"]
+    _stand_in_inputs(path, tmp_path / "cluster", monkeypatch)
     assert compare_main([str(path), *settings, "--executor", "slurm"]) == 0
     assert "submitted (slurm)" in capsys.readouterr().out
     exp = read_experiment(path, [f"output_dir={tmp_path / 'out'}"])

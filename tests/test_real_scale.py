@@ -352,6 +352,9 @@ def test_loss_from_logits_at_labels_equals_the_models_own(world, tiny_dir, famil
     # the head ran at every position, then at exactly the labelled ones: fewer than the union over rows
     labelled = batch["labels"][:, 1:] != -100
     assert head_positions == [batch["input_ids"].numel(), labelled.sum()]
+    with torch.no_grad():
+        own = model(**batch, use_cache=False).loss  # transformers' own loss: the mean over the labelled tokens
+    torch.testing.assert_close(full, own, rtol=1e-5, atol=1e-6)
     assert labelled.sum() < labelled.any(dim=0).sum() * len(labelled)
     torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_kept, g_full, rtol=1e-4, atol=1e-7)

@@ -423,11 +423,13 @@ def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stag
     accelerate_config = tmp_path / f"zero{stage}.yaml"
     accelerate_config.write_text(yaml.safe_dump(config))
     common = {"trainable.layers": "1-2", "record_samples": "true", "save_steps": 2, "save_total_limit": 0,
-              "gradient_checkpointing": "true", "optim.weight_decay": 0.1}
+              "gradient_checkpointing": "true", "optim.weight_decay": 0.1, "optim.max_grad_norm": 0.5}
     full = launch(accelerate_config, overrides(world, tiny_dir("llava"), tmp_path / "a", **common), {})
     assert full.returncode == 0, full.stderr[-3000:]
     check_data_parallel(tmp_path / "a", steps=4)
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["distributed_type"] == "DEEPSPEED"
+    summary = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert summary["distributed_type"] == "DEEPSPEED"
+    assert summary["deepspeed_gradient_clipping"] == 0.5  # the engine clips by optim.max_grad_norm, not 1.0
     (tmp_path / "b").mkdir()
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     resumed = launch(accelerate_config, overrides(world, tiny_dir("llava"), tmp_path / "b", resume_from="latest",

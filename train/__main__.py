@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, CheckpointSaveError) as e:
         print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
         if checkpoint_dirs(Path(config.output_dir)):
-            extra = ["on_nan_loss=skip"] if isinstance(e, NonFiniteLoss) and config.on_nan_loss == "error" else []
+            # the hint must run under the backend in use: DeepSpeed refuses on_nan_loss=skip
+            skip = isinstance(e, NonFiniteLoss) and e.skip_available and config.on_nan_loss == "error"
+            extra = ["on_nan_loss=skip"] if skip else []
             print(f"resume with:\n  {resume_command(args.config, args.overrides, extra)}", file=sys.stderr)
         return getattr(e, "code", 1)
     return 0

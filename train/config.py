@@ -93,6 +93,14 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 4  # per device, per micro-step
     grad_accum: int = 1
+    # Rows per optimizer step over all ranks: grad_accum is then derived from it, batch_size and the number of
+    # processes (a remainder is refused), so the same config trains the same recipe on 8 GPUs or 16.
+    global_batch_size: Optional[int] = None
+    # tokens: each labelled token of an optimizer step weighs the same, whichever micro-batch and rank it is on
+    # (the step's summed cross-entropy over its labelled tokens, as transformers' num_items_in_batch and torchtune
+    # do). mean: the mean over each micro-batch's tokens, averaged over micro-batches and ranks (LLaVA's scripts),
+    # where a token of a short VQA batch weighs many times one of a long conversation in the same step.
+    loss_normalization: str = "tokens"
     max_length: int = 2048
     on_bad_sample: str = "error"  # error | skip
     on_image_truncation: str = "skip"  # skip | error
@@ -137,7 +145,8 @@ class TrainConfig:
     resume_from: Optional[str] = None  # latest | a checkpoint directory
     overwrite: bool = False
     report_to: list = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, or []
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # the tracker's run name (default: the output directory's name)
+    project: str = "midtune"  # the tracker's project (W&B project, TensorBoard's folder under logs/)
     # Write each rank's sample ids per step, and a checksum of its trainable weights at the end, to
     # samples-rank<k>.jsonl: shows data order and that data-parallel ranks see disjoint data and stay in sync.
     record_samples: bool = False
@@ -152,6 +161,7 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "dtype": ("float32", "bfloat16", "float16"),
     "trainable_dtype": ("float32", "bfloat16", "float16"),
+    "loss_normalization": ("tokens", "mean"),
 }
 
 
@@ -271,6 +281,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"key 'max_steps': must be ≥ 1 (or -1 to run `epochs`), got {config.max_steps}")
     if config.max_steps == -1 and config.epochs <= 0:
         raise ConfigError(f"key 'epochs': must be > 0 when max_steps is -1, got {config.epochs}")
+    if config.global_batch_size is not None and config.global_batch_size < 1:
+        raise ConfigError(f"key 'global_batch_size': must be ≥ 1, got {config.global_batch_size}")
     for key in ("save_steps", "save_total_limit", "max_nan_skips"):
         if getattr(config, key) < 0:
             raise ConfigError(f"key {key!r}: must be ≥ 0, got {getattr(config, key)}")
@@ -299,6 +311,23 @@ def validate(config: TrainConfig) -> None:
             f"dtype=float32, or trainable_dtype={config.dtype} to update {config.dtype} weights directly")
     if config.method == "lora" and config.trainable.layers in (None, "none", []):
         raise ConfigError("method 'lora' needs trainable.layers: the block of LLM layers that gets adapters")
+
+
+def derive_grad_accum(config: TrainConfig, world_size: int) -> None:
+    """With `global_batch_size`, set grad_accum to global / (batch_size × world_size); a remainder, or a
+    grad_accum given as well that disagrees, is refused naming the numbers."""
+    if config.global_batch_size is None:
+        return
+    per_step = config.batch_size * world_size
+    accum, remainder = divmod(config.global_batch_size, per_step)
+    if remainder or accum < 1:
+        raise ConfigError(f"key 'global_batch_size': {config.global_batch_size} rows per step is not a multiple of "
+                          f"batch_size {config.batch_size} × {world_size} processes = {per_step}")
+    if config.grad_accum not in (1, accum):
+        raise ConfigError(f"keys 'global_batch_size'/'grad_accum': {config.global_batch_size} rows per step over "
+                          f"{per_step} per micro-step needs grad_accum {accum}, but grad_accum is "
+                          f"{config.grad_accum}; give one of the two")
+    config.grad_accum = accum
 
 
 def to_yaml(config: TrainConfig) -> str:

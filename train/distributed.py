@@ -78,3 +78,18 @@ def weights_checksum(model, names: list[str], accelerator) -> str:
         for name in names:
             digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def set_deepspeed_clipping(accelerator, max_grad_norm: float) -> None:
+    """DeepSpeed clips inside its engine, by its JSON's `gradient_clipping`, and never looks at what midtune asks:
+    a hard-coded 1.0 there clipped runs of max_grad_norm=0. The shipped JSONs say "auto", filled here from
+    optim.max_grad_norm (0 turns DeepSpeed's clipping off); a number that differs is refused, naming both."""
+    from train.config import ConfigError
+
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    value = config.get("gradient_clipping", "auto")
+    if value in ("auto", None):
+        config["gradient_clipping"] = float(max_grad_norm)
+    elif float(value) != float(max_grad_norm):
+        raise ConfigError(f"key 'optim.max_grad_norm': {max_grad_norm}, but the DeepSpeed config sets "
+                          f"gradient_clipping {value}; set it to \"auto\" there (midtune fills it) or make them equal")

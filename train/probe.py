@@ -205,17 +205,7 @@ def build(run: ProbeRun) -> None:
     recipe.setup_optimizer()
     skip = recipe.start_loop()
     assert skip == 0, "a probe never resumes"
-    run.batches = batch_stream(recipe)
-
-
-def batch_stream(recipe: Recipe) -> Iterator[dict]:
-    """The recipe's batches in train's order: epoch after epoch, the loader told each epoch (its sampler's order
-    depends on seed and epoch only)."""
-    s = recipe.state
-    while True:
-        recipe.loader.set_epoch(s.epoch)
-        yield from recipe.loader
-        s.epoch += 1
+    run.batches = recipe.micro_batches()  # train's batches, epoch after epoch
 
 
 def take_step(run: ProbeRun) -> float:
@@ -224,9 +214,7 @@ def take_step(run: ProbeRun) -> float:
     # The recipe's clock runs from its previous step's end; here other runs' steps came between, so restart it.
     recipe.step_start = time.perf_counter()
     while True:
-        update = recipe.micro_step(next(run.batches))
-        if update is None:  # still accumulating
-            continue
+        update = recipe.take_step(run.batches)
         if not update.finite and not update.overflow:  # as train: drop it (on_nan_loss=skip) or NonFiniteLoss
             recipe.drop_step()
             continue

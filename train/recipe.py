@@ -18,18 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from midtune.adapters import set_image_pixels
 from midtune.checkpoint import attn_implementations, load_pretrained
-from midtune.data import Collator, LengthGroupedSampler, SupervisedDataset
+from midtune.data import Collator, LengthGroupedSampler, SupervisedDataset, dummy_image_inputs
 from midtune.files import cache_dir, write_json
 from midtune.spec import TrainableSpec, numel, resolve_plan
 from train.activation_checkpointing import setup_checkpointing
@@ -40,15 +42,16 @@ from train.checkpoints import (
     save_checkpoint,
     save_final,
 )
-from train.config import ConfigError, TrainConfig, plain, to_dict
+from train.config import ConfigError, TrainConfig, derive_grad_accum, plain, to_dict
 from train.distributed import (
     check_process_group,
     cpu_deepspeed_kwargs,
     name_fsdp_wrap_classes,
+    set_deepspeed_clipping,
     weights_checksum,
 )
 from train.lora import add_lora
-from train.loss import causal_lm_loss
+from train.loss import labelled_tokens, summed_lm_loss
 from train.memory import Memory
 from train.optimizer import build_optimizer, keep_trainable_in
 from train.precision import (
@@ -97,7 +100,7 @@ class TrainState:
 class Update:
     """One optimizer step's outcome, before it is counted."""
 
-    loss: float  # mean over the step's micro-batches and ranks
+    loss: float  # the step's loss over its micro-batches and ranks, normalised as loss_normalization says
     grad_norm: float
     finite: bool  # loss and gradient norm finite
     overflow: bool  # fp16: the loss scaler skipped the update
@@ -185,6 +188,8 @@ class Recipe:
 
         c = self.config
         self.spec = TrainableSpec.from_dict(plain(to_dict(c)["trainable"]))  # spelling checked before loading
+        launched_world = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher set up; checked below
+        derive_grad_accum(c, launched_world)
         # Parts only images reach get no gradient from a text-only micro-batch on one rank, and LLaVA feeds the LLM
         # from vision layer -2, so the last vision layer never gets one: DDP must look for unused parameters.
         image_only_trains = self.spec.vision_tower not in (False, None, "none") or bool(self.spec.projector)
@@ -200,7 +205,12 @@ class Recipe:
                              *cpu_deepspeed_kwargs()],
         )
         check_process_group(self.accelerator.num_processes)
+        if c.global_batch_size is not None and self.accelerator.num_processes != launched_world:
+            raise ConfigError(f"key 'global_batch_size': derived for WORLD_SIZE={launched_world}, but the job has "
+                              f"{self.accelerator.num_processes} processes")
         self.deepspeed = self.accelerator.distributed_type.name == "DEEPSPEED"
+        if self.deepspeed:
+            set_deepspeed_clipping(self.accelerator, c.optim.max_grad_norm)
         check_precision(self.accelerator, c)
         if self.deepspeed and c.on_nan_loss == "skip":
             raise ConfigError("key 'on_nan_loss': 'skip' is not available under DeepSpeed (its engine applies the "
@@ -250,12 +260,17 @@ class Recipe:
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if c.group_by_length:  # batches of one modality and similar length: little padding
+            # every micro-step holds one modality on all ranks (the sampler's docstring says why)
             order = {"sampler": LengthGroupedSampler(self.dataset.lengths, self.dataset.has_images,
-                                                     c.batch_size, seed=c.seed)}
+                                                     c.batch_size, seed=c.seed, world_size=acc.num_processes)}
         else:
             order = {"shuffle": True, "generator": torch.Generator().manual_seed(c.seed)}
+        # With several ranks, a micro-batch without images still runs the vision path on a stand-in (no loss, no
+        # gradient): under ZeRO-3 and FSDP every rank must call the same sharded modules in every micro-step.
+        dummy = dummy_image_inputs(self.processor) if acc.num_processes > 1 and any(self.dataset.has_images) else None
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=c.batch_size, collate_fn=Collator(pad_id), num_workers=c.num_workers,
+            self.dataset, batch_size=c.batch_size, collate_fn=Collator(pad_id, dummy_image=dummy),
+            num_workers=c.num_workers,
             worker_init_fn=ignore_stop_signals, **order,
         )
 
@@ -287,9 +302,17 @@ class Recipe:
     def resume(self) -> None:
         saved = load_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.resume_path,
                                 self.trainable_names)
+        check_resume_shape(saved, self.data_shape(), self.resume_path)
         self.state = TrainState(step=saved["step"], skipped_steps=list(saved.get("skipped_steps", [])),
                                 overflow_steps=int(saved.get("overflow_steps", 0)), saved_step=saved["step"])
         self.say(f"resumed from {self.resume_path} at step {self.state.step}")
+
+    def data_shape(self) -> dict:
+        """What decides which rows each rank sees at each step: a resume must find the same, or it would repeat
+        or skip data without a word (the data position is counted in micro-batches of this rank)."""
+        c = self.config
+        return {"world_size": self.accelerator.num_processes, "batch_size": c.batch_size, "grad_accum": c.grad_accum,
+                "group_by_length": c.group_by_length}
 
     def start_run_dir(self) -> None:
         """Every input checked: replace or continue the run directory, and open its logs."""
@@ -301,7 +324,9 @@ class Recipe:
         if c.record_samples:
             truncate_log(samples_path, self.state.step)
         if c.report_to:
-            acc.init_trackers(c.run_name or self.output_dir.name, config=flat_hparams(to_dict(c)))
+            # W&B: the project groups the runs of one study (compare sets the experiment), the name tells them apart
+            acc.init_trackers(c.project, config=flat_hparams(to_dict(c)),
+                              init_kwargs={"wandb": {"name": c.run_name or self.output_dir.name}})
         self.metrics_file = open(self.output_dir / "metrics.jsonl", "a") if self.main_process else None
         self.samples_file = open(samples_path, "a") if c.record_samples else None
 
@@ -323,26 +348,20 @@ class Recipe:
         memory = Memory(str(self.accelerator.device))
         memory.mark()  # what the loop adds to the loaded model: gradients, optimizer state, activations
         self.step_start = time.perf_counter()
+        batches = self.micro_batches(skip)
         try:
             while s.step < self.total_steps:
-                self.loader.set_epoch(s.epoch)
-                batches = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
-                skip = 0
-                for batch in batches:
-                    update = self.micro_step(batch)
-                    if update is None:  # still accumulating
-                        continue
-                    if not update.finite and not update.overflow:  # no update; may raise NonFiniteLoss
-                        self.drop_step()
-                        continue
-                    self.end_step(update)
-                    if s.step >= self.total_steps:
-                        break
-                    if not all_ranks_ok(self.accelerator, stop.received is None):
-                        path = self.output_dir / f"checkpoint-{s.step}" if s.saved_step == s.step else self.checkpoint()
-                        # stop.received is None here when the signal reached another rank only
-                        raise Interrupted(stop.received or signal.SIGTERM, s.step, path)
-                s.epoch += 1
+                update = self.take_step(batches)
+                if not update.finite and not update.overflow:  # no update; may raise NonFiniteLoss
+                    self.drop_step()
+                    continue
+                self.end_step(update)
+                if s.step >= self.total_steps:
+                    break
+                if not all_ranks_ok(self.accelerator, stop.received is None):
+                    path = self.output_dir / f"checkpoint-{s.step}" if s.saved_step == s.step else self.checkpoint()
+                    # stop.received is None here when the signal reached another rank only
+                    raise Interrupted(stop.received or signal.SIGTERM, s.step, path)
         finally:
             self.progress.close()
         self.training_memory_mb = (memory.peak() - memory.base) / 2**20
@@ -358,18 +377,56 @@ class Recipe:
         s.epoch, skip = divmod(micro, self.micro_per_epoch)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_scaled = self.accelerator.mixed_precision == "fp16"  # a GradScaler or DeepSpeed's loss scaler
-        self.window: list[tuple[list[str], torch.Tensor]] = []  # this step's micro-batches: sample ids, loss
+        self.window: list[tuple[list[str], torch.Tensor]] = []  # this step's micro-batches: sample ids, mean loss
+        self.window_loss = torch.zeros((), device=self.accelerator.device)  # this rank's share of the step's loss
         # this step's real tokens and padded positions, summed over its micro-batches (one reduce per step)
         self.window_tokens = torch.zeros(2, device=self.accelerator.device, dtype=torch.long)
         return skip
 
-    def micro_step(self, batch: dict) -> Update | None:
-        """Forward and backward one micro-batch; the optimizer step once the accumulation window is full."""
+    def micro_batches(self, skip: int = 0) -> Iterator[dict]:
+        """Train's micro-batches in order, epoch after epoch (an optimizer step may span two), the loader told each
+        epoch (its sampler's order depends on seed and epoch only); a resume leaves out the first `skip`."""
+        s = self.state
+        while True:
+            self.loader.set_epoch(s.epoch)
+            yield from self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            skip = 0
+            s.epoch += 1
+
+    def take_step(self, batches: Iterator[dict]) -> Update:
+        """One optimizer step: its grad_accum micro-batches, forward and backward each, then the update.
+
+        The micro-batches are taken first because, under loss_normalization=tokens, each one's loss is divided by
+        the labelled tokens of the whole step, summed over its micro-batches and ranks (one reduce per step)."""
+        window = [next(batches) for _ in range(self.config.grad_accum)]
+        step_tokens = None
+        if self.config.loss_normalization == "tokens":
+            local = torch.tensor(sum(labelled_tokens(b) for b in window), device=self.accelerator.device)
+            step_tokens = max(int(self.accelerator.reduce(local, "sum")), 1)
+        for batch in window:
+            update = self.micro_step(batch, step_tokens)
+        assert update is not None, "the last micro-batch of a window is an optimizer step"
+        return update
+
+    def micro_step(self, batch: dict, step_tokens: int | None = None) -> Update | None:
+        """Forward and backward one micro-batch; the optimizer step once the accumulation window is full.
+
+        `step_tokens` (loss_normalization=tokens): the step's labelled tokens over micro-batches and ranks. The
+        summed cross-entropy is scaled so that, after accelerate divides by grad_accum and the backend averages
+        over ranks, the gradient is that of (the step's summed cross-entropy) / step_tokens. Without it, the
+        micro-batch's own mean (LLaVA's legacy normalisation)."""
         acc = self.accelerator
         sample_ids = batch.pop("sample_ids")
         with acc.accumulate(self.model):
-            loss = causal_lm_loss(self.model, batch, self.config.logits_at_labels)
-            self.window.append((sample_ids, loss.detach()))
+            total, count = summed_lm_loss(self.model, batch, self.config.logits_at_labels)
+            mean = total / max(count, 1)
+            if step_tokens is None:
+                loss = mean
+                self.window_loss += mean.detach() / self.config.grad_accum
+            else:
+                loss = total * (self.config.grad_accum * acc.num_processes / step_tokens)
+                self.window_loss += total.detach() * acc.num_processes / step_tokens
+            self.window.append((sample_ids, mean.detach()))
             # DeepSpeed's engine updates inside backward: a bad loss must be caught before it
             if self.deepspeed and not all_ranks_ok(acc, bool(torch.isfinite(loss))):
                 raise nonfinite_error(acc, self.config, self.dataset, self.window, self.state.step, self.output_dir,
@@ -381,8 +438,9 @@ class Recipe:
 
     def optimizer_step(self) -> Update:
         acc, c = self.accelerator, self.config
-        # the reduced loss is NaN on every rank if it is on one: all ranks take the same branch
-        loss = acc.reduce(sum(micro_loss for _, micro_loss in self.window) / c.grad_accum, "mean").item()
+        # the reduced loss is NaN on every rank if it is on one: all ranks take the same branch. Under tokens each
+        # rank's share is (its summed cross-entropy) × world / step tokens, so the mean over ranks is the step's.
+        loss = acc.reduce(self.window_loss, "mean").item()
         max_norm = c.optim.max_grad_norm or float("inf")  # inf: measure, do not clip
         grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
         grad = float(grad_norm) if grad_norm is not None else float("nan")
@@ -406,6 +464,7 @@ class Recipe:
                                               self.output_dir, s.skipped_steps))
         self.window = []
         self.window_tokens.zero_()
+        self.window_loss.zero_()
 
     def end_step(self, update: Update) -> None:
         """Count the step: schedule, log, progress, the analysis hook, and a checkpoint every save_steps."""
@@ -434,6 +493,7 @@ class Recipe:
         sample_ids = [i for ids, _ in self.window for i in ids]
         self.window = []
         self.window_tokens.zero_()
+        self.window_loss.zero_()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -466,7 +526,8 @@ class Recipe:
         path = save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.trainable_names,
                                self.output_dir, s.step,
                                {"step": s.step, "epoch": s.epoch, "loss": s.losses[-1] if s.losses else None,
-                                "skipped_steps": s.skipped_steps, "overflow_steps": s.overflow_steps},
+                                "skipped_steps": s.skipped_steps, "overflow_steps": s.overflow_steps,
+                                "data_shape": self.data_shape()},
                                self.config.save_total_limit)
         s.saved_step = s.step
         return path
@@ -496,6 +557,12 @@ class Recipe:
             "parameters": {"trainable": plan.num_trainable, "total": plan.num_total},
             "optimizer_groups": self.optimizer_groups,
             "world_size": acc.num_processes,
+            "grad_accum": c.grad_accum,  # derived from global_batch_size where that is set
+            "global_batch_size": c.batch_size * c.grad_accum * acc.num_processes,
+            "loss_normalization": c.loss_normalization,
+            # what DeepSpeed's engine clips to (its JSON's gradient_clipping, filled from optim.max_grad_norm)
+            "deepspeed_gradient_clipping": (acc.state.deepspeed_plugin.deepspeed_config.get("gradient_clipping")
+                                            if self.deepspeed else None),
             "distributed_type": acc.distributed_type.name,
             "mixed_precision": acc.mixed_precision,
             "precision": self.precision,
@@ -520,6 +587,21 @@ class Recipe:
             "final": str(final),
             "versions": versions(),
         }
+
+
+def check_resume_shape(saved: dict, now: dict, path: Path) -> None:
+    """Refuse a resume whose world size, batch size, accumulation or grouping differ from the checkpoint's,
+    naming each. Checkpoints written before the shape was recorded are resumed as before, with a warning."""
+    recorded = saved.get("data_shape")
+    if recorded is None:
+        log.warning(f"{path}: the checkpoint does not record its world size, batch size and accumulation; "
+                    f"resuming with {now} as if they were the same")
+        return
+    changed = [f"{key} {recorded.get(key)} → {value}" for key, value in now.items() if recorded.get(key) != value]
+    if changed:
+        raise ConfigError(f"{path}: written with another data layout ({', '.join(changed)}); the rows each rank "
+                          "sees would repeat or be skipped. Resume with the checkpoint's values (its number of "
+                          "processes too), or start a new run from its weights")
 
 
 def flat_hparams(d: dict, prefix: str = "") -> dict:

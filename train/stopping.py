@@ -36,6 +36,10 @@ class Interrupted(TrainingStopped):
 class NonFiniteLoss(TrainingStopped):
     code = 3
 
+    def __init__(self, message: str, skip_available: bool = True):
+        super().__init__(message)
+        self.skip_available = skip_available  # on_nan_loss=skip runs under this backend (not DeepSpeed)
+
 
 class StopSignals:
     """SIGTERM, SIGINT and SIGUSR2 while training only set `received`: the loop finishes its step, saves a
@@ -91,11 +95,18 @@ def nonfinite_error(accelerator, config: TrainConfig, dataset, window, step: int
     ids, what = offending_samples(accelerator, window)
     checkpoints = checkpoint_dirs(output_dir)
     kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint had been saved yet"
-    why = (f"already dropped {len(skipped_steps)} step(s), max_nan_skips={config.max_nan_skips}"
-           if config.on_nan_loss == "skip" else "on_nan_loss=error; 'skip' drops such steps")
+    # DeepSpeed's engine updates inside backward, so no step can be dropped there: 'skip' is refused under it
+    skip_available = accelerator.distributed_type.name != "DEEPSPEED"
+    if config.on_nan_loss == "skip":
+        why = f"already dropped {len(skipped_steps)} step(s), max_nan_skips={config.max_nan_skips}"
+    elif skip_available:
+        why = "on_nan_loss=error; 'skip' drops such steps"
+    else:
+        why = ("on_nan_loss=error, the only choice under DeepSpeed; leave these samples out, or lower the learning "
+               "rate, before resuming")
     return NonFiniteLoss(f"non-finite {what} in step {step + 1}, on the batch of samples "
                          f"{describe_samples(dataset, ids)}: stopped before updating the weights ({why}); "
-                         f"nothing was saved from this step and {kept}")
+                         f"nothing was saved from this step and {kept}", skip_available=skip_available)
 
 
 def offending_samples(accelerator, window) -> tuple[list[str], str]:
