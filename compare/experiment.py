@@ -612,7 +612,10 @@ class _Planner:
         self.stages.append(Stage("eval", "eval-table", eval_dir, table, {"command": table},
                                  # no pick-up: every per-model eval writes a comparison.csv of its own; this is cheap
                                  after=[f"eval/{m}" for m in evaluated],
-                                 marker_name=".midtune-table.json", clear=False))
+                                 marker_name=".midtune-table.json", clear=False,
+                                 # every task found by name before anything trains (not their data: a prepare
+                                 # stage may make it)
+                                 check=[*table, "--check-tasks-only"]))
 
     def analyses(self) -> None:
         """analysis: the geometry profile of every model, and the logit lens (optional)."""

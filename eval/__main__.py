@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "same weights, limit and dtype are reused and only the missing ones run")
     ap.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true")
     ap.add_argument("--verbosity", default="WARNING", help="lmms-eval log level (default WARNING)")
+    ap.add_argument("--check-tasks-only", "--check_tasks_only", dest="check_tasks_only", action="store_true",
+                    help="find every task by name and exit: no model loaded, no task data read (what compare runs "
+                         "before anything trains)")
     return ap.parse_args(argv)
 
 
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate every model on every task; returns {name: results}. Raises EvalError."""
-    specs = parse_models(args.model)
+    # the models are not read when only the task names are checked: compare checks before any of them exists
+    specs = [] if args.check_tasks_only else parse_models(args.model)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise EvalError("--tasks is empty")
@@ -130,6 +134,10 @@ def run(args: argparse.Namespace) -> dict:
             raise EvalError(f"--include_path {path!r} is not a directory")
     output_dir = Path(args.output_dir)
 
+    if args.check_tasks_only:
+        check_task_names(tasks, args.include_path, args.verbosity)
+        print(f"tasks found: {', '.join(tasks)}")
+        return {}
     print("loading lmms-eval and indexing tasks ...", flush=True)
     task_manager, local_only = build_task_manager(tasks, args.include_path, args.verbosity)
     if uses_shapes_tasks(tasks):
@@ -252,6 +260,26 @@ def build_task_manager(tasks: list[str], include_path: list[str], verbosity: str
         raise EvalError(f"unknown task{'s' if len(missing) > 1 else ''}: {', '.join(hints)} — not among midtune's "
                         f"tasks, lmms-eval's tasks or the --include_path directories")
     return manager, False
+
+
+def check_task_names(tasks: list[str], include_path: list[str], verbosity: str) -> None:
+    """EvalError unless every task is found by name. A success is remembered in the cache, keyed by the names,
+    the task YAMLs (paths, sizes, modification times) and lmms-eval's version: the check imports lmms-eval
+    (about 10 s here), and compare runs it before every experiment, most of them with the same tasks."""
+    from importlib.metadata import version
+
+    from eval.tasks import TASKS_DIR
+    from midtune.files import cache_dir, write_json
+
+    yamls = sorted(f for d in [TASKS_DIR, *map(Path, include_path)] for f in Path(d).resolve().rglob("*.yaml"))
+    key = hashlib.sha256(json.dumps([sorted(tasks), version("lmms_eval"),
+                                     [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in yamls]])
+                         .encode()).hexdigest()[:32]
+    remembered = cache_dir("task-checks") / f"{key}.json"
+    if remembered.is_file():
+        return
+    build_task_manager(tasks, include_path, verbosity)
+    write_json(remembered, {"tasks": tasks})
 
 
 def configure_logging(level: str) -> None:

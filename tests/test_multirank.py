@@ -273,3 +273,13 @@ def test_compare_refuses_a_missing_analysis_pairs_file_before_anything_trains(tm
     assert "analysis: data/pairs/coco_val_pairs.jsonl does not exist" in proc.stderr
     assert "data/LLaVA-Instruct/llava_v1_5_mix665k.json does not exist" in proc.stderr
     assert not (tmp_path / "exp").exists()  # nothing ran, nothing was written
+
+
+def test_compare_refuses_an_unknown_task_name_before_anything_trains(world, tiny_dir, tmp_path, capsys):
+    from compare.__main__ import main as compare_main
+    from conftest import experiment_file
+
+    path = experiment_file(tmp_path, tiny_dir("llava"), world, eval={"tasks": ["midtune_shapes_colr"]})
+    assert compare_main([str(path)]) == 2
+    assert "eval: unknown task: 'midtune_shapes_colr' (did you mean midtune_shapes_color" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
