@@ -20,7 +20,7 @@ from pathlib import Path
 
 from compare import executors, jobs
 from compare.experiment import EXECUTORS, Experiment, ExperimentError, Stage, executable, read_experiment
-from compare.stages import StageFailed, is_done, run_stage
+from compare.stages import StageFailed, is_done, not_done_for_report, run_stage
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -209,8 +209,7 @@ def run_here(exp: Experiment, stages: list[Stage], forced: set[str], parallel: i
         return 1
     report = exp.stage("report")
     if not is_done(report, exp):
-        missing = [s.name for s in exp.stages if s.kind != "report" and not is_done(s, exp)]
-        print(f"\nno report yet: stages not done: {', '.join(missing)}")
+        print(f"\nno report yet: stages not done: {', '.join(not_done_for_report(exp))}")
         return 0
     print(f"\nreport: {exp.output_dir / 'report.md'}")
     print_summary(exp)

@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from compare.experiment import ExperimentError, read_experiment
-    from compare.stages import is_done
+    from compare.stages import not_done_for_report
 
     ap = argparse.ArgumentParser(prog="python -m compare.report", description=main.__doc__.split(".")[0])
     ap.add_argument("experiment")
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    missing = [s.name for s in exp.stages if s.kind != "report" and not is_done(s, exp)]
+    missing = not_done_for_report(exp)
     if missing:
         print(f"error: the report reads stages that are not done: {', '.join(missing)} (python -m compare "
               f"{exp.path} --status)", file=sys.stderr)

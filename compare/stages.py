@@ -62,6 +62,11 @@ def is_done(stage: Stage, exp: Experiment) -> bool:
     return marker_record(stage) == record(stage, exp)
 
 
+def not_done_for_report(exp: Experiment) -> list[str]:
+    """The stages the report reads (every other one) that are not done yet, by name."""
+    return [s.name for s in exp.stages if s.kind != "report" and not is_done(s, exp)]
+
+
 def run_stage(stage: Stage, exp: Experiment, force: bool, env: dict | None = None, log: Path | None = None,
               launch: list[str] = (), on_start: Callable | None = None) -> str:
     """Run one stage unless it is done; returns what happened: reused, picked up, resumed or ran.

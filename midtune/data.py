@@ -887,13 +887,14 @@ def dummy_image_inputs(processor) -> dict:
                     add_special_tokens=False)
     ids = out["input_ids"][0]
     image_ids = _image_token_ids(processor)
-    keep = torch.tensor([int(t) in image_ids or t in _vision_marker_ids(tokenizer) for t in ids.tolist()])
+    if not any(t in image_ids for t in ids.tolist()):
+        raise DataError(f"{type(processor).__name__}: no image tokens in its output for one image")
+    run_ids = image_ids | _vision_marker_ids(tokenizer)
+    keep = torch.tensor([t in run_ids for t in ids.tolist()])
     item = {"input_ids": ids[keep], "labels": torch.full_like(ids[keep], IGNORE_INDEX),
             "attention_mask": torch.zeros_like(ids[keep])}
     item.update({k: out[k][0][keep] for k in TOKEN_ALIGNED if k in out and k not in item})
     item.update({k: v for k, v in out.items() if k not in TOKEN_ALIGNED})
-    if not keep.any() or not any(int(t) in image_ids for t in item["input_ids"].tolist()):
-        raise DataError(f"{type(processor).__name__}: no image tokens in its output for one image")
     return item
 
 
@@ -930,7 +931,7 @@ class Collator:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         pad_value = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         out: dict[str, Any] = {"sample_ids": [item["sample_id"] for item in batch]}
-        token_keys = list(dict.fromkeys(k for item in batch for k in item if k in TOKEN_ALIGNED or k == "labels"))
+        token_keys = list(dict.fromkeys(k for item in batch for k in item if _token_aligned(k)))
         for key in token_keys:
             rows = []
             for item in batch:
@@ -945,22 +946,26 @@ class Collator:
         return out
 
     def with_dummy_image(self, batch: list[dict]) -> list[dict]:
-        if self.dummy_image is None or any(k not in TOKEN_ALIGNED and k not in ("labels", "sample_id")
-                                           for item in batch for k in item):
-            return batch
+        if self.dummy_image is None or any(not _token_aligned(k) and k != "sample_id" for item in batch for k in item):
+            return batch  # no stand-in asked for, or a row has vision inputs already
         shortest = min(range(len(batch)), key=lambda i: len(batch[i]["input_ids"]))
         row, dummy = batch[shortest], self.dummy_image
         joined = {"sample_id": row["sample_id"]}
         for key in dict.fromkeys([*row, *dummy]):
             if key == "sample_id":
                 continue
-            if key in TOKEN_ALIGNED or key == "labels":
+            if _token_aligned(key):
                 mine = row.get(key, torch.zeros_like(row["input_ids"]))
                 theirs = dummy.get(key, torch.zeros_like(dummy["input_ids"]))
                 joined[key] = torch.cat([mine, theirs.to(mine.dtype)])
             else:
                 joined[key] = dummy[key]
         return [joined if i == shortest else item for i, item in enumerate(batch)]
+
+
+def _token_aligned(key: str) -> bool:
+    """A batch field padded along the tokens (labels too); every other field but sample_id is vision input."""
+    return key in TOKEN_ALIGNED or key == "labels"
 
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
