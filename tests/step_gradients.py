@@ -2,6 +2,7 @@
 compare across splits of one global batch (one micro-batch, accumulation, ranks).
 
     [accelerate launch ...] python tests/step_gradients.py OUT.safetensors key=value ...
+    accelerate launch --config_file FSDP.yaml tests/fsdp_on_cpu.py --step-gradients OUT.safetensors key=value ...
 
 The recipe is built exactly as `train` builds it (setup_accelerator → setup_model → setup_data →
 setup_optimizer) and takes its first step through `Recipe.take_step`; the gradients are read just before the
@@ -37,7 +38,10 @@ def main(out: str, overrides: list[str]) -> None:
     def capture_then_zero(*args, **kwargs):
         for name, p in unwrap(recipe.accelerator.unwrap_model(recipe.model)).named_parameters():
             if p.requires_grad:
-                grads[name] = p.grad.detach().clone() if p.grad is not None else None
+                grad = p.grad.detach() if p.grad is not None else None
+                if grad is not None and hasattr(grad, "full_tensor"):  # an FSDP2 shard: the whole gradient
+                    grad = grad.full_tensor()
+                grads[name] = grad.clone() if grad is not None else None
         return zero_grad(*args, **kwargs)
 
     recipe.optimizer.zero_grad = capture_then_zero
@@ -48,7 +52,8 @@ def main(out: str, overrides: list[str]) -> None:
 
         save_file({k: (v if v is not None else torch.zeros(0)).contiguous() for k, v in grads.items()}, out)
         Path(out + ".json").write_text(json.dumps({"loss": update.loss, "samples": sorted(samples),
-                                                   "no_grad": sorted(k for k, v in grads.items() if v is None)}))
+                                                   "no_grad": sorted(k for k, v in grads.items() if v is None),
+                                                   "distributed_type": recipe.accelerator.distributed_type.name}))
     recipe.accelerator.end_training()
 
 

@@ -363,8 +363,9 @@ def test_security_audit():
             if keyword(c, "trust_remote_code") not in (None, "trust_remote_code", "args.trust_remote_code",
                                                         "config.trust_remote_code")] == []
     assert [(f, n) for f, n, c in calls(lambda fn: True) if keyword(c, "trust_remote_code") == "True"] == []
-    # the only torch.save calls write a checkpoint's optimizer, scheduler and fp16 loss-scaler state (read back
-    # with weights_only);
+    # the only torch.save calls write a checkpoint's optimizer (also an FSDP2 rank's local shard of it), scheduler
+    # and fp16 loss-scaler state (read back with weights_only);
     # every weight file is safetensors (transformers 5 saves nothing else)
     assert sorted(ast.unparse(c.args[0]) for _, _, c in calls(lambda fn: fn == "torch.save")) == \
-        ["accelerator.scaler.state_dict()", "optimizer.state_dict()", "scheduler.state_dict()"]
+        ["accelerator.scaler.state_dict()", "local_optimizer_state", "optimizer.state_dict()",
+         "scheduler.state_dict()"]

@@ -7,6 +7,7 @@ is split (loss_normalization: tokens)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,9 @@ def sharded_accelerate_config(tmp_path: Path, backend: str) -> Path:
     if backend == "zero3":
         config = yaml.safe_load((ROOT / "configs/accelerate/deepspeed_zero3.yaml").read_text())
         config["deepspeed_config"]["deepspeed_config_file"] = str(ROOT / "configs/deepspeed/zero3.json")
+    elif backend.startswith("fsdp2"):  # the shipped FSDP2 config; run through tests/fsdp_on_cpu.py
+        config = yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())
+        config["mixed_precision"] = "bf16" if backend == "fsdp2" else "no"  # fsdp2-fp32: exact gradients
     else:
         config = yaml.safe_load((ROOT / "configs/accelerate/cpu_2proc.yaml").read_text())
     config["num_processes"] = 2
@@ -140,6 +144,53 @@ def test_zero3_with_an_image_row_and_a_text_row_at_batch_one_finishes(world, tin
     assert sum("text-0" in s["samples"] for s in steps) == 3 and all(len(s["samples"]) == 2 for s in steps)
 
 
+def launch_fsdp2_on_cpu(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    import os
+
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           str(sharded_accelerate_config(tmp_path, "fsdp2")), str(ROOT / "tests" / "fsdp_on_cpu.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_bf16_weights_and_a_text_row_saves_trainable_shards_only_and_resumes_exactly(
+        world, tiny_dir, tmp_path):
+    """The shipped FSDP2 config with a shipped-style bf16 run (dtype bfloat16: frozen weights stay bf16, what
+    trains keeps fp32 masters), an image row and a text row at batch 1 on 2 ranks: it trains, each checkpoint
+    holds only the trainable tensors (each rank its shard) and their optimizer state, and a resume from it
+    continues bit for bit."""
+    data = mixed_data(world, tmp_path / "mixed.json", images=1, texts=1)
+    common = {"data": data, "batch_size": 1, "grad_accum": 2, "max_steps": 4, "save_steps": 2,
+              "save_total_limit": 0, "record_samples": "true", "dtype": "bfloat16", "mixed_precision": "bf16",
+              "trainable.layers": "1", "trainable.projector": "true"}
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = launch_fsdp2_on_cpu(tmp_path, overrides(world, tiny_dir("llava"), a, **common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_data_parallel(a, steps=4)
+    run = json.loads((a / "run.json").read_text())
+    assert run["distributed_type"] == "FSDP"
+    assert run["precision"]["line"].startswith("frozen bfloat16, trainable float32, master weights float32")
+    names = run["plan"]["trainable_names"]
+    shards = [load_file(a / "checkpoint-2" / f"trainable-rank{r}.safetensors") for r in (0, 1)]
+    assert all(set(shard) == set(names) for shard in shards)  # no frozen tensor in the checkpoint
+    assert sum(t.numel() for shard in shards for t in shard.values()) == run["plan"]["num_trainable"]
+    assert all(t.dtype == torch.float32 for shard in shards for t in shard.values())  # the fp32 masters
+    assert not list((a / "checkpoint-2").glob("pytorch_model*")) and not list((a / "checkpoint-2").glob("*.bin"))
+    delta = load_file(a / "final" / "delta.safetensors")
+    assert set(delta) == set(names) and all(t.dtype == torch.bfloat16 for t in delta.values())
+
+    b.mkdir()
+    shutil.copytree(a / "checkpoint-2", b / "checkpoint-2")
+    proc = launch_fsdp2_on_cpu(tmp_path, overrides(world, tiny_dir("llava"), b, resume_from="latest", **common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [[m["loss"] for m in read_jsonl(d / "metrics.jsonl")] for d in (a, b)]
+    assert losses[1] == losses[0][2:]  # the same losses from step 3 on
+    assert read_jsonl(b / "samples-rank1.jsonl") == read_jsonl(a / "samples-rank1.jsonl")[2:]
+    resumed = load_file(b / "final" / "delta.safetensors")
+    assert all(torch.equal(delta[k], resumed[k]) for k in delta)
+
+
 # -- one global batch, three splits, one gradient -------------------------------------------------------------
 
 
@@ -153,6 +204,9 @@ def step_gradients(world, model, tmp_path, name, launch_config=None, **settings)
     script = str(ROOT / "tests" / "step_gradients.py")
     if launch_config is None:
         cmd = [sys.executable, script, str(out), *args]
+    elif "fsdp" in launch_config.name:
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(launch_config),
+               str(ROOT / "tests" / "fsdp_on_cpu.py"), "--step-gradients", str(out), *args]
     else:
         cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(launch_config),
                script, str(out), *args]
@@ -165,16 +219,20 @@ def step_gradients(world, model, tmp_path, name, launch_config=None, **settings)
 
 
 @pytest.mark.slow
-def test_one_global_batch_gives_one_gradient_as_1x8_2x4_accumulated_and_2_ranks_x4(world, tiny_dir, tmp_path):
+def test_one_global_batch_gives_one_gradient_as_1x8_2x4_accumulated_2_ranks_x4_and_2_fsdp2_ranks(
+        world, tiny_dir, tmp_path):
     model = tiny_dir("llava")
     two_ranks = sharded_accelerate_config(tmp_path, "ddp")
     runs = {
         "1x8": step_gradients(world, model, tmp_path, "1x8", batch_size=8),
         "2x4-accumulated": step_gradients(world, model, tmp_path, "2x4", batch_size=4, grad_accum=2),
         "2-ranks-x4": step_gradients(world, model, tmp_path, "ranks", two_ranks, batch_size=4),
+        "2-fsdp2-ranks-x4": step_gradients(world, model, tmp_path, "fsdp2", sharded_accelerate_config(
+            tmp_path, "fsdp2-fp32"), batch_size=4),
     }
     (ref, ref_info), *others = runs.values()
     assert len(ref_info["samples"]) == 8 and not ref_info["no_grad"]
+    assert runs["2-fsdp2-ranks-x4"][1]["distributed_type"] == "FSDP"  # sharded, not DDP under another name
     for name, (grads, info) in list(runs.items())[1:]:
         assert info["samples"] == ref_info["samples"], name  # the same 8 rows
         assert info["loss"] == pytest.approx(ref_info["loss"], rel=1e-5), name
@@ -283,3 +341,19 @@ def test_compare_refuses_an_unknown_task_name_before_anything_trains(world, tiny
     assert compare_main([str(path)]) == 2
     assert "eval: unknown task: 'midtune_shapes_colr' (did you mean midtune_shapes_color" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_fsdp_refuses_bf16_frozen_beside_fp32_trainable_without_its_mixed_precision():
+    from types import SimpleNamespace
+
+    from train.config import ConfigError, load_config
+    from train.precision import check_precision
+
+    def fsdp(mixed_precision):
+        return SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"), mixed_precision=mixed_precision,
+                               scaler=None)
+
+    config = load_config(None, ["model=m", "data=d", "output_dir=o", "dtype=bfloat16", "mixed_precision=bf16"])
+    check_precision(fsdp("bf16"), config)  # what the shipped configs run: accepted
+    with pytest.raises(ConfigError, match="mixed_precision=bf16.*dtype=float32"):
+        check_precision(fsdp("no"), config)

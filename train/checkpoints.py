@@ -7,8 +7,9 @@
     rng-<rank>.json         python / numpy / torch RNG states of each rank
     trainer_state.json      step, data position and the metrics needed to continue
 
-Under DeepSpeed and FSDP parameters or optimizer state are partitioned across ranks, so their own checkpoints
-are written (accelerate's `save_state`; DeepSpeed excludes frozen parameters) in place of the first three files.
+Under DeepSpeed and FSDP parameters or optimizer state are partitioned across ranks. DeepSpeed writes its own
+checkpoint (accelerate's `save_state`, frozen parameters excluded) in place of the first two files; under FSDP2
+each rank writes its shard of the trainable tensors and of their optimizer state (train/fsdp_state.py).
 
 A checkpoint is written into `.checkpoint-<step>.tmp`, flushed to disk and renamed when complete, so
 `checkpoint-*` directories are always whole and `resume_from=latest` can trust the newest one. A save that fails
@@ -41,6 +42,7 @@ from midtune.files import atomic_dir, fault_point, fsync_tree, replace_dir
 from midtune.spec import FreezePlan
 from train.config import TrainConfig
 from train.distributed import zero3_enabled
+from train.fsdp_state import gather_trainable, load_trainable_shards, save_trainable_shards
 from train.lora import lora_config_dict
 
 STATE_FILE = "trainer_state.json"
@@ -157,8 +159,8 @@ def _write_checkpoint_files(accelerator, model, optimizer, scheduler, trainable_
 
     if accelerator.distributed_type.name == "DEEPSPEED":
         accelerator.save_state(str(tmp), exclude_frozen_parameters=True)
-    elif accelerator.distributed_type.name == "FSDP":  # parameters are sharded: FSDP's own state dicts
-        accelerator.save_state(str(tmp))
+    elif accelerator.distributed_type.name == "FSDP":  # each rank its shard of what trains (train/fsdp_state.py)
+        save_trainable_shards(accelerator, model, optimizer, trainable_names, tmp)
     elif accelerator.is_main_process:
         params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
         tensors = {n: params[n].detach().cpu().contiguous() for n in trainable_names}
@@ -202,7 +204,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, traina
     if accelerator.distributed_type.name == "DEEPSPEED":
         accelerator.load_state(str(path), load_module_strict=False)
     elif accelerator.distributed_type.name == "FSDP":
-        accelerator.load_state(str(path))
+        load_trainable_shards(accelerator, model, optimizer, trainable_names, path, read_torch_state)
     else:
         file = path / "trainable.safetensors"
         try:
@@ -242,7 +244,9 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
     """final/: delta.safetensors (only the trained tensors, with the base's name and hash) and, unless
     save_merged is false, a merged Hugging Face directory beside it that vanilla transformers loads."""
     final = output_dir / "final"
-    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; plain state dict otherwise
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    # ZeRO-3: gathers the shards; FSDP2: gathers the trainable tensors only; a plain state dict otherwise
+    state = gather_trainable(model, plan.trainable_names) if fsdp else accelerator.get_state_dict(model)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return final
@@ -266,8 +270,8 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
             save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
                        method=config.method, trainable=plan.spec.to_dict(),
                        lora_config=lora_config_dict(unwrapped) if lora else None)
-            if config.save_merged and zero3_enabled():
-                # The ZeRO-3 model holds only partitions; rebuild base + delta on this process, as train.export
+            if config.save_merged and (zero3_enabled() or fsdp):
+                # A sharded model holds only partitions; rebuild base + delta on this process, as train.export
                 # does (saving the gathered state through the ZeRO-3-loaded model wrote non-standard key names).
                 from transformers.integrations.deepspeed import (
                     unset_hf_deepspeed_config,

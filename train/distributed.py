@@ -62,8 +62,8 @@ def zero3_enabled() -> bool:
 
 
 def weights_checksum(model, names: list[str], accelerator) -> str:
-    """sha256 of the trainable tensors, in float32. Under ZeRO-3 each rank holds only a partition, so they are
-    gathered first (a collective: every rank calls this); hashing the stand-ins would hash empty tensors."""
+    """sha256 of the trainable tensors, in float32. Under ZeRO-3 and FSDP2 each rank holds only a partition, so
+    they are gathered first (a collective: every rank calls this); hashing the stand-ins would hash empty tensors."""
     import contextlib
     import hashlib
 
@@ -76,7 +76,10 @@ def weights_checksum(model, names: list[str], accelerator) -> str:
     digest = hashlib.sha256()
     with gathered:
         for name in names:
-            digest.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
+            value = params[name].detach()
+            if hasattr(value, "full_tensor"):  # an FSDP2 shard (DTensor): the whole tensor, as on one process
+                value = value.full_tensor()
+            digest.update(value.float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -29,11 +29,13 @@ def check_precision(accelerator, config: TrainConfig) -> None:
         raise ConfigError("key 'mixed_precision': fp16 needs a GPU here: on the CPU accelerate runs neither fp16 "
                           "autocast nor loss scaling; use bf16 or no")
     mixed = config.dtype != config.trainable_dtype
-    if accelerator.distributed_type.name == "FSDP" and mixed:
-        raise ConfigError(f"keys 'dtype'/'trainable_dtype': under FSDP load the weights in the dtype they train in "
-                          f"(FSDP shards flat groups of one dtype); set dtype={config.trainable_dtype} (FSDP's mixed "
-                          f"precision then computes in {accelerator.mixed_precision}), or "
-                          f"trainable_dtype={config.dtype}")
+    if accelerator.distributed_type.name == "FSDP" and mixed and accelerator.mixed_precision == "no":
+        # With a mixed-precision policy FSDP2 gathers every unit in its param_dtype, so bf16 frozen and fp32
+        # trainable weights may share a unit; without one a unit would gather two dtypes into one layer.
+        raise ConfigError(f"keys 'dtype'/'trainable_dtype'/'mixed_precision': under FSDP, weights loaded in "
+                          f"{config.dtype} beside {config.trainable_dtype} trainable ones need FSDP's mixed "
+                          f"precision (mixed_precision=bf16), which gathers both in one dtype; or load everything "
+                          f"in one dtype (dtype={config.trainable_dtype})")
     if config.trainable_dtype != "float32":
         log.warning(f"trainable_dtype={config.trainable_dtype}: AdamW updates {config.trainable_dtype} weights "
                     f"directly (no float32 master weights); updates below the dtype's resolution are lost")
