@@ -64,7 +64,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	MIDTUNE_LOCK=$(abspath $(LOCK)) MIDTUNE_MODELS_LOCK=$(abspath $(MODELS_LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The prepared GPU check (.ci/gpu_check.py): at most 8 minutes on one GPU, results in runs/gpu-check/ and a
+# The prepared GPU check (.ci/gpu_check.py): at most 10 minutes on one GPU, results in runs/gpu-check/ and a
 # section appended to BENCHMARKS.md. SMOKE=1: the same steps on the CPU at tiny sizes. GPU_CHECK_PYTHON runs it
 # with another interpreter (a GPU machine's own environment; the tests' interpreter) instead of .venv.
 gpu-check: $(if $(GPU_CHECK_PYTHON),,$(STAMP))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The prepared GPU check: what midtune's users run (bf16 on CUDA, DeepSpeed, FSDP, lmms-eval), in minutes.
 
-    make gpu-check              # on a machine with a GPU: at most 8 minutes
+    make gpu-check              # on a machine with a GPU: at most 10 minutes
     make gpu-check SMOKE=1      # the same steps on the CPU with tiny sizes (part of the test suite)
 
 GPU time for this project comes unannounced and short, so this script exists before the GPU does and has been
@@ -12,12 +12,20 @@ fits the overall budget is skipped for time. The steps:
 1. bench     train.bench on the 1b preset in bf16 on CUDA: full / midtune block / naive block / LoRA; median
              step time, tokens/s, peak CUDA memory (torch.cuda.max_memory_allocated) and the ratios beside the
              analytic ones.
+   bench-7b  train.bench at LLaVA-1.5-7B's layer width (preset llava7b-width: hidden 4096, MLP 11008, 32 heads,
+             576 image + 160 text tokens a sample) with as many of its 32 layers as full fine-tuning holds on the
+             GPU (--layers fit), full and the paper's block (6-16 of 32, rescaled to the same fraction of depth)
+             alternating over 3 rounds in bf16: the block/full step ratio with a t interval over the rounds and
+             its verdict beside the paper's 0.861, and the peak-memory ratio.
    bench-real  train.bench on the real pretrained LLM (SmolLM2-135M composed into a LLaVA) with the paper's
              LLaVA-7B block (layers 6-16 of 32, as 6-15 of 30) in bf16: full, full with logits everywhere,
              midtune block, naive block, LoRA (skipped in SMOKE: composing the LLM alone takes ~30 s on 2 cores).
-2. train     a real training run through `accelerate launch` per single-GPU backend: plain, DeepSpeed ZeRO-2,
-             ZeRO-3 and FSDP2 (one process each): 4 steps with a checkpoint at step 2, then a resume from it that
-             must repeat steps 3-4's losses.
+2. train     a real training run through `accelerate launch` per backend: plain, DeepSpeed ZeRO-2, ZeRO-3 and
+             FSDP2 (ZeRO-3 and FSDP2 on 2 ranks where the machine has 2 GPUs, else 1), bf16 weights with fp32
+             masters (not ZeRO-2), on image rows beside text-only rows at batch 2 × accumulation 2: 4 steps with a
+             checkpoint at step 2, then a resume from it that must repeat steps 3-4's losses; FSDP2's checkpoint
+             must hold each rank's trainable shard only. What only a GPU shows: NCCL collectives with a
+             text-only rank (the stand-in image), FSDP2's bf16 policy on CUDA, its shards' save and resume.
 3. eval      lmms-eval on CUDA: the midtune plugin and lmms-eval's own llava_hf on the same trained checkpoint
              (the plain run's merged model) must give the same answers and scores on two shapes tasks.
 4. analysis  `analysis profile` on CUDA against the same on the CPU (same values), and the exact neighbour
@@ -62,6 +70,7 @@ class Sizes:
     limits: dict  # seconds per step
     bench: list  # train.bench arguments
     bench_real: list | None  # train.bench on the real pretrained LLM (SmolLM2-135M, the paper's block); None: skip
+    bench_7b: list | None  # train.bench at LLaVA-7B's width, full and the paper's block; None: skip
     world: list  # midtune.shapes arguments
     tiny: list  # midtune.tiny arguments
     train_steps: int
@@ -76,14 +85,16 @@ class Sizes:
 
 
 GPU = Sizes(
-    device="cuda", budget_s=540,
-    limits={"setup": 60, "bench": 170, "bench-real": 90, "demo-start": 5, "analysis": 75, "train": 150, "eval": 90,
+    device="cuda", budget_s=600,
+    limits={"setup": 60, "bench": 170, "bench-7b": 200, "bench-real": 90, "demo-start": 5, "analysis": 75, "train": 150, "eval": 90,
             "demo": 600},
     bench=["--preset", "1b", "--device", "cuda", "--dtype", "bf16", "--configs", "full,midtune,naive,lora",
            "--rounds", "2", "--steps", "10", "--warmup", "3", "--threads", "4"],  # ~17 s per worker, mostly start-up
     bench_real=["--preset", "smollm2-llava", "--device", "cuda", "--dtype", "bf16", "--configs",
                 "full,full-all-logits,midtune,naive,lora", "--rounds", "1", "--steps", "10", "--warmup", "3",
                 "--threads", "4"],
+    bench_7b=["--preset", "llava7b-width", "--layers", "fit", "--device", "cuda", "--dtype", "bf16", "--configs",
+              "full,midtune", "--threads", "4"],  # 6 workers of ~25 s (start-up, build, 2 + 5 steps)
     world=["--n-train", "200", "--n-val", "10", "--n-test", "40"],
     tiny=["--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vision-layers", "2",
           "--vision-hidden", "32", "--vision-heads", "4"],
@@ -92,11 +103,12 @@ GPU = Sizes(
 )
 SMOKE = Sizes(
     device="cpu", budget_s=240,
-    limits={"setup": 40, "bench": 60, "bench-real": 5, "demo-start": 5, "analysis": 60, "train": 150, "eval": 60,
+    limits={"setup": 40, "bench": 60, "bench-7b": 5, "bench-real": 5, "demo-start": 5, "analysis": 60, "train": 150, "eval": 60,
             "demo": 240},
     bench=["--preset", "smoke", "--device", "cpu", "--dtype", "fp32", "--configs", "full,midtune,naive,lora",
            "--rounds", "1", "--threads", "1", "--in-process"],  # one process: the step's wiring, not a measurement
     bench_real=None,  # composing SmolLM2 alone takes ~30 s on 2 cores; tests/test_bench.py runs the preset
+    bench_7b=None,  # a 4096-wide model's AdamW state alone is GBs; tests/test_bench.py checks the preset's sizes
     world=["--n-train", "40", "--n-val", "4", "--n-test", "12"],
     tiny=["--layers", "4", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--vision-layers", "1",
           "--vision-hidden", "16", "--vision-heads", "2"],
@@ -255,7 +267,8 @@ def step_bench(ctx: Context, name: str = "bench", args: list | None = None) -> d
             "mem_vs_full": r.get("mem_vs_full"), "round_medians": r["round_medians"],
         })
     return {"preset": preset["name"], "dtype": preset["dtype"], "device": preset["device"],
-            "tokens_per_step": tokens, "rounds": preset["rounds"], "rows": rows, "goals": data["goals"]}
+            "layers": preset["layers"], "block": preset["block"], "tokens_per_step": tokens,
+            "rounds": preset["rounds"], "rows": rows, "goals": data["goals"]}
 
 
 def step_bench_real(ctx: Context) -> dict:
@@ -267,13 +280,39 @@ def step_bench_real(ctx: Context) -> dict:
     return step_bench(ctx, "bench-real", ctx.sizes.bench_real)
 
 
-def accelerate_config(ctx: Context, backend: str, port: int) -> Path:
-    """One process of the shipped accelerate config for `backend` (bf16 on the GPU; fp32 on the CPU)."""
+def step_bench_7b(ctx: Context) -> dict:
+    """The paper's ratio at the paper's width: block / full step time over alternated rounds, with its interval."""
+    if ctx.sizes.bench_7b is None:
+        raise Skipped("LLaVA-7B's width does not fit the CPU rehearsal (tests/test_bench.py checks the preset)")
+    figures = step_bench(ctx, "bench-7b", ctx.sizes.bench_7b)
+    figures.update(block_vs_full(figures["rows"], paper=0.861))
+    return figures
+
+
+def block_vs_full(rows: list[dict], paper: float) -> dict:
+    """midtune / full from the rounds' medians (each round runs both, in alternating order): the geometric mean
+    of the per-round ratios with a t interval, its cost verdict, and where the interval sits against the paper's
+    ratio. Peak memory is close to deterministic: its ratio per round, not an interval."""
+    sys.path.insert(0, str(ROOT))
+    from compare.stats import cost_verdict, step_ratio
+
+    by = {r["setup"]: r for r in rows}
+    full, block = by["full"], by["midtune"]
+    ratio = step_ratio(block["round_medians"], full["round_medians"])
+    lo, hi = ratio.ci
+    paper_word = "below" if hi < paper else "above" if lo > paper else "inconclusive (the interval holds it)"
+    return {"step_ratio": ratio.estimate, "step_ratio_ci": [lo, hi], "step_ratio_rounds": ratio.n_pairs,
+            "step_verdict": cost_verdict(ratio.ci, margin=0.05), "paper_ratio": paper,
+            "vs_paper": paper_word, "memory_ratio": block.get("mem_vs_full")}
+
+
+def accelerate_config(ctx: Context, backend: str, port: int, ranks: int = 1) -> Path:
+    """`ranks` processes of the shipped accelerate config for `backend` (bf16 on the GPU; fp32 on the CPU)."""
     import yaml
 
     shipped = {"plain": "single_gpu", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3", "fsdp2": "fsdp"}
     config = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{shipped[backend]}.yaml").read_text())
-    config.update(num_processes=1, main_process_port=port)
+    config.update(num_processes=ranks, main_process_port=port)
     if "deepspeed_config" in config:  # the JSON's path is relative to the repository root
         ds = config["deepspeed_config"]
         ds["deepspeed_config_file"] = str(ROOT / ds["deepspeed_config_file"])
@@ -290,22 +329,50 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 EXPECTED_TYPE = {"plain": "NO", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp2": "FSDP"}
+SHARDED = ("zero3", "fsdp2")  # every rank gathers the frozen tower too: 2 ranks where the machine has 2 GPUs
+
+
+def gpu_count(ctx: Context) -> int:
+    if ctx.sizes.device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def mixed_rows(ctx: Context) -> Path:
+    """What users train on: the world's image rows and text-only rows of uneven length, shuffled together."""
+    import random
+
+    path = ctx.out / "train" / "mixed.json"
+    if not path.exists():
+        rows = json.loads((ctx.need("world") / "train.json").read_text())
+        rows += [{"id": f"text-{i}", "conversations": [
+            {"from": "human", "value": "Name a colour. " * (1 + 5 * (i % 4))},
+            {"from": "gpt", "value": " ".join(["red", "green", "blue"] * (1 + 3 * (i % 3)))}]}
+            for i in range(max(4, len(rows) // 8))]
+        random.Random(0).shuffle(rows)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows))
+    return path
 
 
 def train_backend(ctx: Context, backend: str, port: int) -> dict:
     if backend == "fsdp2" and ctx.sizes.device == "cpu":
         # with use_cpu accelerate runs FSDP configs as plain MULTI_CPU data parallelism: nothing of FSDP is tried
-        raise Skipped("accelerate does not enable FSDP on the CPU (it would run MULTI_CPU instead)")
+        raise Skipped("accelerate does not enable FSDP on the CPU (it would run MULTI_CPU instead); "
+                      "tests/test_multirank.py runs FSDP2 on 2 CPU ranks through tests/fsdp_on_cpu.py")
     world, model = ctx.need("world"), ctx.need("model")
-    config = accelerate_config(ctx, backend, port)
+    ranks = min(2, gpu_count(ctx)) if backend in SHARDED else 1
+    config = accelerate_config(ctx, backend, port, max(1, ranks))
     first, resumed = ctx.out / "train" / backend / "a", ctx.out / "train" / backend / "b"
     shutil.rmtree(first.parent, ignore_errors=True)
     save_at = ctx.sizes.train_steps // 2
-    overrides = [f"model={model}", f"data={world / 'train.json'}", f"image_folder={world / 'images'}",
+    overrides = [f"model={model}", f"data={mixed_rows(ctx)}", f"image_folder={world / 'images'}",
                  f"max_steps={ctx.sizes.train_steps}", f"save_steps={save_at}", "save_total_limit=0",
-                 "batch_size=4", "seed=0", "optim.lr=1e-3", "report_to=[]", "trainable.layers=1-2",
-                 "gradient_checkpointing=true"]
-    if ctx.sizes.device != "cpu" and backend in ("plain", "zero3"):
+                 "batch_size=2", "grad_accum=2", "seed=0", "optim.lr=1e-3", "report_to=[]",
+                 "trainable.layers=1-2", "gradient_checkpointing=true"]
+    if ctx.sizes.device != "cpu" and backend in ("plain", "zero3", "fsdp2"):
         overrides.append("dtype=bfloat16")  # the 7B recipe: bf16 weights, fp32 master weights of what trains
     # `accelerate launch` itself, minus the CLI's other subcommands: its `estimate-memory` imports timm and
     # torchvision's models, 7 of the CLI's 11 s start-up on this project's CPU machine
@@ -328,12 +395,17 @@ def train_backend(ctx: Context, backend: str, port: int) -> dict:
         "median_step_s": info.get("median_step_time_s", info.get("median_step_s")),
         "peak_training_memory_mb": info.get("peak_training_memory_mb"),
         "trainable": info.get("parameters", {}).get("trainable"), "final": str(first / "final"),
-        "precision": info.get("precision", {}).get("line"),
+        "precision": info.get("precision", {}).get("line"), "ranks": info.get("world_size"),
     }
     if not figures["trainable"]:  # ZeRO-3's partitioned stand-ins once counted as 0
         raise StepFailed(f"run.json counts {figures['trainable']} trainable parameters")
     if figures["distributed_type"] != EXPECTED_TYPE[backend]:
         raise StepFailed(f"accelerate ran {figures['distributed_type']}, not {EXPECTED_TYPE[backend]}")
+    if backend == "fsdp2":  # only the trainable tensors' shards, never the frozen base
+        saved = sorted(p.name for p in (first / f"checkpoint-{save_at}").iterdir())
+        figures["checkpoint_files"] = saved
+        if not any(n.startswith("trainable-rank") for n in saved) or any("pytorch_model" in n for n in saved):
+            raise StepFailed(f"the FSDP2 checkpoint holds {saved}, not each rank's trainable shard")
     expected = losses[save_at:]
     if len(again) != len(expected) or not again:
         raise StepFailed(f"the resume logged {len(again)} losses, expected {len(expected)}")
@@ -543,9 +615,9 @@ def step_demo(ctx: Context) -> dict:
 
 
 # In the order they run; the report lists them in the order of the module docstring (REPORT_ORDER).
-STEPS = [("setup", step_setup), ("bench", step_bench), ("bench-real", step_bench_real), ("demo-start", step_demo_start),
+STEPS = [("setup", step_setup), ("bench", step_bench), ("bench-7b", step_bench_7b), ("bench-real", step_bench_real), ("demo-start", step_demo_start),
          ("analysis", step_analysis), ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
-REPORT_ORDER = ("setup", "bench", "bench-real", "train", "eval", "analysis", "demo")
+REPORT_ORDER = ("setup", "bench", "bench-7b", "bench-real", "train", "eval", "analysis", "demo")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -597,10 +669,11 @@ def markdown(report: dict) -> str:
         note = s.get("reason") or s.get("figures", {}).get("partial", "")
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {note} |")
     steps = {s["name"]: s for s in report["steps"]}
-    for bench in (steps.get(name, {}).get("figures") for name in ("bench", "bench-real")):
+    for bench in (steps.get(name, {}).get("figures") for name in ("bench", "bench-7b", "bench-real")):
         if not bench:
             continue
-        lines += ["", f"train.bench, preset {bench['preset']}, {bench['dtype']} on {bench['device']}, "
+        lines += ["", f"train.bench, preset {bench['preset']}, {bench.get('layers', '?')} layers, block "
+                  f"{bench.get('block', '?')}, {bench['dtype']} on {bench['device']}, "
                   f"{bench['tokens_per_step']} tokens per step, {bench['rounds']} round(s):", "",
                   "| setup | median step (s) | tokens/s | peak training memory (MiB) | peak total (MiB) | "
                   "vs full (analytic) | vs naive (analytic) | memory vs full |",
@@ -610,19 +683,26 @@ def markdown(report: dict) -> str:
                          f"{fmt(r['peak_training_mib'], '.0f')} | {fmt(r['peak_total_mib'], '.0f')} | "
                          f"{fmt(r['vs_full'])} ({fmt(r['analytic_vs_full'])}) | "
                          f"{fmt(r['vs_naive'])} ({fmt(r['analytic_vs_naive'])}) | {fmt(r['mem_vs_full'])} |")
+        if "step_ratio" in bench:
+            lo, hi = bench["step_ratio_ci"]
+            lines += ["", f"Block / full step time {bench['step_ratio']:.3f} [{lo:.3f}, {hi:.3f}] (95 % t interval "
+                      f"over {bench['step_ratio_rounds']} alternated rounds): {bench['step_verdict']}; against the "
+                      f"paper's {bench['paper_ratio']:.3f}: {bench['vs_paper']}. Peak training memory block / full "
+                      f"{fmt(bench['memory_ratio'])}."]
     train = steps.get("train", {}).get("figures", {}).get("backends")
     if train:
-        lines += ["", "Training through `accelerate launch`, one process per backend, tiny LLaVA, layers 1-2 "
-                  "trained, a checkpoint at step 2 and a resume from it (the backends run side by side, beside the "
-                  "demo: their step times are not timings):", "",
-                  "| backend | status | distributed type | precision | median step (s) | losses | resumed | note |",
-                  "|---|---|---|---|---:|---|---|---|"]
+        lines += ["", "Training through `accelerate launch` per backend (ZeRO-3 and FSDP2 on 2 ranks where the "
+                  "machine has 2 GPUs, else 1; the column says), tiny LLaVA on image rows beside text-only rows, "
+                  "batch 2 × accumulation 2, layers 1-2 trained, a checkpoint at step 2 and a resume from it (the "
+                  "backends run side by side, beside the demo: their step times are not timings):", "",
+                  "| backend | ranks | status | distributed type | precision | median step (s) | losses | resumed | "
+                  "note |", "|---|---:|---|---|---|---:|---|---|---|"]
         for b, r in train.items():
             losses = ", ".join(f"{x:.4f}" for x in r.get("losses", []))
             resumed = ", ".join(f"{x:.4f}" for x in r.get("resumed_losses", []))
             if r["status"] == "passed":
                 resumed += " (exact)" if r.get("resume_exact") else f" (rel. diff {r['resume_max_rel_diff']:.1e})"
-            lines.append(f"| {b} | {r['status']} | {r.get('distributed_type', '–')} | "
+            lines.append(f"| {b} | {r.get('ranks', '–')} | {r['status']} | {r.get('distributed_type', '–')} | "
                          f"{r.get('precision') or r.get('mixed_precision', '–')} | {fmt(r.get('median_step_s'))} | "
                          f"{losses or '–'} | "
                          f"{resumed or '–'} | {r.get('reason', '')} |")
@@ -654,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="make gpu-check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="the same steps on the CPU at tiny sizes (< 4 min)")
     ap.add_argument("--out", help="results and logs (default runs/gpu-check, runs/gpu-check-smoke)")
-    ap.add_argument("--budget", type=int, help="seconds for all steps (default 480 on the GPU, 240 for SMOKE)")
+    ap.add_argument("--budget", type=int, help="seconds for all steps (default 600 on the GPU, 240 for SMOKE)")
     ap.add_argument("--steps", help=f"comma-separated subset of {','.join(REPORT_ORDER)}")
     ap.add_argument("--record", help="append the Markdown section here (default BENCHMARKS.md; SMOKE: nowhere)")
     args = ap.parse_args(argv)

@@ -124,3 +124,22 @@ def test_text_only_batches_with_short_answers(tmp_path, capsys):
     assert "logits at labels / logits everywhere" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--preset", "smoke", "--answer-len", "0", "--no-record"])
+
+
+def test_the_llava_7b_width_preset_fits_the_gpu_and_keeps_the_papers_fraction_of_depth():
+    from train.bench import layer_parameters, layers_that_fit, with_layers
+
+    preset = replace(PRESETS["llava7b-width"], dtype="bf16")
+    # Vicuna-7B's decoder layer: 4 × 4096² attention + 3 × 4096 × 11008 MLP + two norms
+    assert layer_parameters(preset) == 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096 == 202_383_360
+    assert preset.image_tokens == 576 and block_layers(preset) == range(6, 17)  # the paper's 6-16 of 32
+    gib = 2 ** 30
+    # full fine-tuning in bf16 (weights, gradients, AdamW moments: 8 B a parameter) of all 32 layers is ~57 GB:
+    # an H100's 80 GB holds them in its 70 % share, a 40 GB card about half
+    assert layers_that_fit(preset, 79 * gib) == 32 and layers_that_fit(preset, 139 * gib) == 32
+    assert 12 <= layers_that_fit(preset, 40 * gib) <= 16
+    assert layers_that_fit(replace(preset, dtype="fp32"), 79 * gib) < 32  # fp32 state needs twice the room
+    for layers, block in ((32, range(6, 17)), (20, range(4, 11)), (16, range(3, 8))):
+        scaled = with_layers(preset, layers)
+        assert block_layers(scaled) == block and scaled.layers == layers
+        assert abs(len(block) / layers - 11 / 32) < 0.05  # about a third of the depth, as in the paper

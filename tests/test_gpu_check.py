@@ -22,13 +22,14 @@ def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["setup", "bench", "bench-real", "train", "eval", "analysis", "demo"]
+    assert list(steps) == ["setup", "bench", "bench-7b", "bench-real", "train", "eval", "analysis", "demo"]
     failed = {n: s.get("reason") for n, s in steps.items()
-              if s["status"] != "passed" and n not in ("demo", "bench-real")}
+              if s["status"] != "passed" and n not in ("demo", "bench-real", "bench-7b")}
     assert not failed, failed
     # the demo composes the pretrained 135M SmolLM2: too big for the CPU rehearsal (test_compare.py runs it shrunk)
     assert steps["demo"]["status"] == "skipped" and "tests/test_compare.py" in steps["demo"]["reason"]
     assert steps["bench-real"]["status"] == "skipped" and "tests/test_bench.py" in steps["bench-real"]["reason"]
+    assert steps["bench-7b"]["status"] == "skipped" and "tests/test_bench.py" in steps["bench-7b"]["reason"]
     assert report["wall_s"] < 240  # SMOKE's budget: under 4 minutes on 2 cores
 
     bench = steps["bench"]["figures"]
@@ -43,6 +44,7 @@ def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
         b = backends[name]
         assert b["status"] == "passed", (name, b.get("reason"))
         assert len(b["losses"]) == 4 and b["resumed_losses"] == b["losses"][2:]
+        assert b["ranks"] == 1  # no GPUs here: one rank (two where a GPU machine has two)
     assert backends["plain"]["distributed_type"] == "NO"
     assert backends["zero3"]["distributed_type"] == "DEEPSPEED"
     # on the CPU accelerate would run the FSDP config as plain MULTI_CPU: skipped, saying so (on the H200 it runs)
@@ -68,3 +70,24 @@ def test_gpu_check_refuses_to_run_without_a_gpu_unless_smoke(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "SMOKE=1" in proc.stderr
     assert not (tmp_path / "gpu-check.json").exists()
+
+
+def test_the_block_over_full_ratio_carries_an_interval_and_a_verdict_beside_the_papers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / ".ci" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gpu_check  # its dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+
+    def rows(full, block):
+        return [{"setup": "full", "round_medians": full, "mem_vs_full": 1.0},
+                {"setup": "midtune", "round_medians": block, "mem_vs_full": 0.55}]
+
+    clear = gpu_check.block_vs_full(rows([1.0, 1.02, 0.98], [0.70, 0.71, 0.69]), paper=0.861)
+    assert clear["step_verdict"] == "cheaper" and clear["vs_paper"] == "below"
+    lo, hi = clear["step_ratio_ci"]
+    assert lo < clear["step_ratio"] < hi < 0.861 and clear["step_ratio_rounds"] == 3
+    noisy = gpu_check.block_vs_full(rows([1.0, 1.3, 0.8], [0.9, 0.8, 1.0]), paper=0.861)
+    assert noisy["step_verdict"] == "inconclusive" and noisy["vs_paper"].startswith("inconclusive")
+    assert clear["memory_ratio"] == 0.55

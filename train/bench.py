@@ -84,6 +84,7 @@ class Preset:
     dtype: str = "fp32"  # fp32, bf16, or auto: bf16 on cuda, fp32 on cpu
     block: str = "middle:0.5"  # the trained block of the block configurations (a layer spec)
     paper_ratio: float | None = None  # the paper's time ratio for this block (its Table 1), a goal to beat
+    paper_block: tuple | None = None  # (first, last, of): the paper's block, rescaled when --layers changes depth
     # The loss as train computes it: the LM head only at labelled positions (train's default); false: the model's
     # own loss, logits everywhere (the random-init presets, as first measured).
     logits_at_labels: bool = False
@@ -168,8 +169,50 @@ PRESETS: dict[str, Preset] = {
                  device="auto", dtype="auto", block=scaled_block(lo, hi, of, 30), paper_ratio=ratio,
                  logits_at_labels=True, llm="smollm2-135m-instruct")
           for paper, lo, hi, of, ratio in (("llava", 6, 16, 32, 0.861), ("onevision", 8, 25, 36, 0.757))),
+        # LLaVA-1.5-7B's widths (Vicuna-7B: hidden 4096, MLP 11008, 32 heads, no GQA; CLIP ViT-L/14 at 336 px: 576
+        # image tokens, feature layer -2) and the paper's block, layers 6-16 of 32, at the same fraction of depth
+        # when fewer layers fit (--layers fit: as many as the GPU holds for full fine-tuning). Random-init: step
+        # time and memory do not depend on the weights. 576 image + 160 text tokens per sample, the last 64
+        # labelled (a VQA-style answer). For a GPU.
+        Preset("llava7b-width", "LLaVA-1.5-7B's layer width; the paper's block 6-16 of 32; for a GPU",
+               layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32064, vision_layers=24,
+               vision_hidden=1024, vision_heads=16, image_size=336, patch_size=14, vision_feature_layer=-2,
+               batch=4, text_len=160, answer_len=64, rounds=3, steps=5, warmup=2, device="auto", dtype="auto",
+               block="6-16", paper_ratio=0.861, paper_block=(6, 16, 32), logits_at_labels=True),
     ]
 }
+
+
+def layer_parameters(preset: Preset) -> int:
+    """Parameters of one decoder layer: attention (q, o full width; k, v at the KV heads' width), MLP, norms."""
+    kv = preset.hidden // preset.heads * preset.kv_heads
+    return 2 * preset.hidden ** 2 + 2 * preset.hidden * kv + 3 * preset.hidden * preset.intermediate + 2 * preset.hidden
+
+
+def layers_that_fit(preset: Preset, device_bytes: int, share: float = 0.7) -> int:
+    """How many decoder layers full fine-tuning of `preset` holds in `share` of `device_bytes`: weights,
+    gradients and AdamW's two moments, all in the weights' dtype as the bench trains them (8 bytes a parameter
+    in bf16, 16 in fp32), for the layers, the embeddings and head, the vision tower and projector; the other 30 %
+    is left to activations (checkpointed) and the allocator. At most the preset's own layer count."""
+    per_param = 8 if preset.dtype == "bf16" else 16
+    vision = preset.vision_layers * 12 * preset.vision_hidden ** 2
+    fixed = 2 * preset.vocab * preset.hidden + vision + 2 * preset.hidden * (preset.hidden + preset.vision_hidden)
+    room = share * device_bytes - fixed * per_param
+    return max(1, min(preset.layers, int(room // (layer_parameters(preset) * per_param))))
+
+
+def fit_layers(preset: Preset) -> int:
+    import torch
+
+    if not preset.device.startswith("cuda"):
+        return preset.layers  # on the CPU the preset's own depth (the smoke tests pass a number)
+    return layers_that_fit(preset, torch.cuda.get_device_properties(torch.device(preset.device)).total_memory)
+
+
+def with_layers(preset: Preset, layers: int) -> Preset:
+    """The preset at another depth; a paper block moves with it, to the same fraction and position of depth."""
+    block = scaled_block(*preset.paper_block, layers) if preset.paper_block else preset.block
+    return replace(preset, layers=layers, block=block)
 
 FULL_SPEC = {"layers": "all", "projector": True, "embeddings": True, "norm": True, "lm_head": True}
 
@@ -728,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-len", type=int, help="labelled tokens per sample (the last ones); default: all text "
                     "after the first 4")
     ap.add_argument("--text-only", action="store_true", help="samples without an image (the vision tower idle)")
+    ap.add_argument("--layers", help="decoder layers (a number, or `fit`: as many as full fine-tuning holds in "
+                                     "70 %% of the GPU's memory); a paper block keeps its fraction of depth")
     ap.add_argument("--device", help="cpu, cuda or auto; preset default (tiny: cpu, 1b: auto)")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "auto"),
                     help="weight dtype (auto: bf16 on cuda); preset default (tiny: fp32, 1b: auto)")
@@ -755,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
              "images": False if args.text_only else None}
     overrides = {k: v for k, v in given.items() if v is not None}
     preset = replace(PRESETS[args.preset], **overrides).resolved()
+    if args.layers:
+        preset = with_layers(preset, fit_layers(preset) if args.layers == "fit" else int(args.layers))
     if preset.warmup < 1 or preset.steps < 1 or preset.rounds < 1:
         ap.error("--rounds, --steps and --warmup must be at least 1")
     if not 1 <= labelled_positions(preset) < preset.seq_len:
