@@ -86,8 +86,8 @@ class Sizes:
 
 GPU = Sizes(
     device="cuda", budget_s=600,
-    limits={"setup": 60, "bench": 170, "bench-7b": 200, "bench-real": 90, "demo-start": 5, "analysis": 75, "train": 150, "eval": 90,
-            "demo": 600},
+    limits={"setup": 60, "bench": 170, "bench-7b": 200, "bench-real": 90, "demo-start": 5, "analysis": 75,
+            "train": 150, "eval": 90, "demo": 600},
     bench=["--preset", "1b", "--device", "cuda", "--dtype", "bf16", "--configs", "full,midtune,naive,lora",
            "--rounds", "2", "--steps", "10", "--warmup", "3", "--threads", "4"],  # ~17 s per worker, mostly start-up
     bench_real=["--preset", "smollm2-llava", "--device", "cuda", "--dtype", "bf16", "--configs",
@@ -103,8 +103,8 @@ GPU = Sizes(
 )
 SMOKE = Sizes(
     device="cpu", budget_s=240,
-    limits={"setup": 40, "bench": 60, "bench-7b": 5, "bench-real": 5, "demo-start": 5, "analysis": 60, "train": 150, "eval": 60,
-            "demo": 240},
+    limits={"setup": 40, "bench": 60, "bench-7b": 5, "bench-real": 5, "demo-start": 5, "analysis": 60,
+            "train": 150, "eval": 60, "demo": 240},
     bench=["--preset", "smoke", "--device", "cpu", "--dtype", "fp32", "--configs", "full,midtune,naive,lora",
            "--rounds", "1", "--threads", "1", "--in-process"],  # one process: the step's wiring, not a measurement
     bench_real=None,  # composing SmolLM2 alone takes ~30 s on 2 cores; tests/test_bench.py runs the preset
@@ -615,8 +615,8 @@ def step_demo(ctx: Context) -> dict:
 
 
 # In the order they run; the report lists them in the order of the module docstring (REPORT_ORDER).
-STEPS = [("setup", step_setup), ("bench", step_bench), ("bench-7b", step_bench_7b), ("bench-real", step_bench_real), ("demo-start", step_demo_start),
-         ("analysis", step_analysis), ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
+STEPS = [("setup", step_setup), ("bench", step_bench), ("bench-7b", step_bench_7b),
+         ("bench-real", step_bench_real), ("demo-start", step_demo_start), ("analysis", step_analysis), ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
 REPORT_ORDER = ("setup", "bench", "bench-7b", "bench-real", "train", "eval", "analysis", "demo")
 
 
