@@ -616,7 +616,8 @@ def step_demo(ctx: Context) -> dict:
 
 # In the order they run; the report lists them in the order of the module docstring (REPORT_ORDER).
 STEPS = [("setup", step_setup), ("bench", step_bench), ("bench-7b", step_bench_7b),
-         ("bench-real", step_bench_real), ("demo-start", step_demo_start), ("analysis", step_analysis), ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
+         ("bench-real", step_bench_real), ("demo-start", step_demo_start), ("analysis", step_analysis),
+         ("train", step_train), ("eval", step_eval), ("demo", step_demo)]
 REPORT_ORDER = ("setup", "bench", "bench-7b", "bench-real", "train", "eval", "analysis", "demo")
 
 
