@@ -503,12 +503,13 @@ class Extractor:
         """Pass 1's inputs, right-padded: each pair's image with the prompt (plus `suffixes[i]` after it, e.g. the
         caption as the answer), and the (batch, seq) mask of image-token positions."""
         from midtune.data import add_special_tokens_for, load_image
+        from midtune.images import fit_images
 
         texts = [self.image_prompt + (suffixes[i] if suffixes else "") for i in range(len(batch))]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
-            images = [load_image(str(p.image)) for p in batch]
+            images = fit_images(self.processor, [load_image(str(p.image)) for p in batch])  # as the model trained
             enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
                                  add_special_tokens=add_special_tokens_for(self.tokenizer, texts[0]))
         finally:

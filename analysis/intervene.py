@@ -263,6 +263,7 @@ class ChoiceScorer:
 
     def __init__(self, model, processor, questions: Sequence[Question], batch_size: int = 16):
         from midtune.data import add_special_tokens_for, load_image, user_prompt
+        from midtune.images import fit_images
         from midtune.scoring import continuation_length
 
         self.model, self.questions = model, list(questions)
@@ -275,7 +276,7 @@ class ChoiceScorer:
         rows = []  # (question index, choice index, prompt + choice, image, continuation length)
         for qi, q in enumerate(self.questions):
             prompt = user_prompt(processor, q.question, 1)  # as eval asks it: the image first, then the question
-            image = load_image(str(q.image))
+            image = fit_images(processor, [load_image(str(q.image))])[0]  # shaped as the model trained
             for ci, choice in enumerate(q.choices):
                 rows.append((qi, ci, prompt + choice, image, continuation_length(tokenizer, prompt, choice)))
         self.batches = []

@@ -132,7 +132,9 @@ def base_hash(path: str) -> str:
 
 
 def save_delta(path: Path, tensors: dict[str, torch.Tensor], *, base_model: str, base_hash: str, method: str,
-               trainable: dict, lora_config: dict | None = None) -> None:
+               trainable: dict, lora_config: dict | None = None, image_aspect_ratio: str | None = None) -> None:
+    """`image_aspect_ratio`: how the trained model's images are shaped (midtune.images), applied to the base's
+    processor when the delta is loaded onto it."""
     from safetensors.torch import save_file
 
     metadata = {
@@ -144,6 +146,8 @@ def save_delta(path: Path, tensors: dict[str, torch.Tensor], *, base_model: str,
     }
     if lora_config is not None:
         metadata["lora_config"] = json.dumps(lora_config)
+    if image_aspect_ratio is not None:
+        metadata["image_aspect_ratio"] = image_aspect_ratio
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -254,6 +258,10 @@ def load_with_delta(base: str, delta: str | Path, dtype: str = "float32", trust_
         check_base(metadata, base, delta)
     model, processor = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
                                        attn_implementation=attn_implementation)
+    if metadata.get("image_aspect_ratio"):  # the trained model's image shaping, not the base's
+        from midtune.images import set_image_aspect_ratio
+
+        set_image_aspect_ratio(processor, metadata["image_aspect_ratio"])
     return apply_delta(model, tensors, metadata), processor
 
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from midtune.files import read_jsonl, write_json
+from midtune.images import fit_images, fitted_size
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,37 @@ def render_chat(processor, messages: list[dict], add_generation_prompt: bool = F
                                          chat_template=template)
 
 
+CONVERSATION_FORMATS = ("chat", "plain")
+
+
+def plain_template(processor) -> str:
+    """LLaVA's `plain` conversation (its stage 1, feature alignment), as a chat template: a user turn becomes its
+    images alone (the question text is dropped, as LLaVA's preprocess_plain does), an assistant turn its text; no
+    roles, no system turn. A turn ends with the tokenizer's EOS where LLaVA writes "\n": the captioner learns to
+    stop as it will after a chat answer. For a run, never saved with the model (stage 2 needs the chat
+    template)."""
+    from midtune.adapters import image_text_for
+
+    image = json.dumps(image_text_for(processor).rstrip("\n"))
+    return (
+        "{%- for m in messages -%}"
+        "{%- set parts = [{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'] -%}"
+        "{%- if m['role'] == 'user' -%}"
+        "{%- for p in parts if p['type'] == 'image' -%}{{ " + image + " }}{%- endfor -%}"
+        "{%- elif m['role'] == 'assistant' -%}"
+        "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ eos_token }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def conversation_template(processor, conversation: str) -> str | None:
+    """The template a run renders its rows with: None for `chat` (the model's own chat template)."""
+    if conversation not in CONVERSATION_FORMATS:
+        raise DataError(f"conversation must be one of {', '.join(CONVERSATION_FORMATS)}, got {conversation!r}")
+    return plain_template(processor) if conversation == "plain" else None
+
+
 def with_image_parts(template: str, image_text: str) -> str:
     """A chat template written for text content (one string per message), taught to take content lists: a
     preamble rewrites each message whose content is a list of parts into one string (an image part becomes
@@ -361,7 +393,8 @@ def add_special_tokens_for(tokenizer, text: str) -> bool:
     return not (bos and text.startswith(bos))
 
 
-def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_assistant_spans(processor, messages: list[dict],
+                                template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The chat-template text of `messages` and the character spans of the assistant turns in it.
 
     Each span covers the answer and the end of the turn. Where the template ends an assistant turn without a
@@ -369,7 +402,7 @@ def render_with_assistant_spans(processor, messages: list[dict]) -> tuple[str, l
     answer, as LLaVA's training does: otherwise no label ever teaches the model to stop."""
 
     def render(msgs: list[dict], gen: bool = False) -> str:
-        return render_chat(processor, msgs, add_generation_prompt=gen)
+        return render_chat(processor, msgs, add_generation_prompt=gen, template=template)
 
     full = render(messages)
     spans = []
@@ -438,21 +471,23 @@ class RenderedText:
     is_label: list[bool]
 
 
-def render_text(processor, sample: Sample) -> RenderedText:
+def render_text(processor, sample: Sample, template: str | None = None) -> RenderedText:
     tokenizer = _tokenizer(processor)
-    text, spans = render_with_assistant_spans(processor, sample.messages)
+    text, spans = render_with_assistant_spans(processor, sample.messages, template)
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens_for(tokenizer, text))
     is_label = [any(start <= s < end for start, end in spans) and e > s for s, e in enc["offset_mapping"]]
     return RenderedText(text, enc["input_ids"], is_label)
 
 
 def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None = None,
-                    rendered: RenderedText | None = None) -> Tokenised:
+                    rendered: RenderedText | None = None, template: str | None = None) -> Tokenised:
     """Token ids and labels (-100 outside assistant turns; every token for a text sample).
 
     With `images` (decoded), the processor runs and its output is checked against our expansion. Without
     them, image-token counts come from the processor's token-count API and the images' header sizes: the cheap
-    path used to measure lengths of a whole dataset before training. `rendered` skips re-rendering the text."""
+    path used to measure lengths of a whole dataset before training. `rendered` skips re-rendering the text.
+    `images` are already shaped (midtune.images.fit_images); header sizes are shaped alike for the count.
+    `template` replaces the processor's chat template for this rendering (plain_template: LLaVA's stage 1)."""
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     if sample.messages is None:  # language pretraining text
         ids = tokenizer(sample.text)["input_ids"]
@@ -460,11 +495,11 @@ def tokenise_sample(processor, sample: Sample, images: list[Image.Image] | None 
             ids = ids + [tokenizer.eos_token_id]
         return Tokenised(ids, list(ids), {}, {})
 
-    rendered = rendered or render_text(processor, sample)
+    rendered = rendered or render_text(processor, sample, template)
     text, base_ids, is_label = rendered.text, rendered.ids, rendered.is_label
 
     if images is None and sample.images:
-        counts = image_token_counts(processor, [image_size(img) for img in sample.images])
+        counts = image_token_counts(processor, [fitted_size(processor, image_size(img)) for img in sample.images])
         ids, labels = _expand_image_tokens(base_ids, is_label, counts, processor)
         return Tokenised(ids, labels, {}, {})
 
@@ -639,6 +674,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
         shard: tuple[int, int] = (0, 1),
         gather=None,
         cache_dir: str | Path | None = None,
+        template: str | None = None,
     ):
         if on_bad_sample not in ("error", "skip"):
             raise DataError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
@@ -649,6 +685,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise DataError("no data files given")
         self.source = ", ".join(map(str, paths))
         self.processor = processor
+        self.template = template  # this run's conversation format, where it is not the model's chat template
         self.max_length = max_length
         self.image_ids = _image_token_ids(processor)
         self.summary = DataSummary(self.source)
@@ -658,8 +695,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         rows = [(str(p), index, row) for p in paths for index, row in read_rows(p, split)]
         absolute = Path(os.path.abspath(folder if folder is not None else "."))  # once, not per image
         checker = RowChecker(processor, folder, allow_outside_images, max_length, self.image_ids,
-                             on_image_truncation)
-        key = data_check_key(paths, folder, processor, split=split, max_length=max_length,
+                             on_image_truncation, template)
+        key = data_check_key(paths, folder, processor, split=split, max_length=max_length, template=template,
                              on_image_truncation=on_image_truncation, allow_outside_images=allow_outside_images)
         cache = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
         outcomes = read_data_checks(cache, len(rows))
@@ -702,10 +739,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sample = self.samples[i]
-        images = [load_image(img) for img in sample.images]
+        images = fit_images(self.processor, [load_image(img) for img in sample.images])
         rendered = self._rendered.get(i)
         if rendered is None and sample.messages is not None:
-            rendered = render_text(self.processor, sample)
+            rendered = render_text(self.processor, sample, self.template)
             if len(self._rendered) < MAX_CACHED:
                 self._rendered[i] = rendered
         tok = tokenise_sample(self.processor, sample, images, rendered=rendered)
@@ -742,6 +779,7 @@ class RowChecker:
     max_length: int
     image_ids: set[int]
     on_image_truncation: str
+    template: str | None = None
 
     def __call__(self, item: tuple[str, int, Any]) -> Outcome:
         source, index, row = item
@@ -752,7 +790,7 @@ class RowChecker:
             return 0, False, e
 
     def length(self, sample: Sample) -> tuple[int, bool]:
-        tok = tokenise_sample(self.processor, sample)
+        tok = tokenise_sample(self.processor, sample, template=self.template)
         n = len(tok.input_ids)
         if n <= self.max_length:
             return n, False
@@ -842,7 +880,8 @@ def data_check_key(paths: list[Path], image_folder: Path | None, processor, **se
         "chat_template": getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None),
         "image_processor": image_processor.to_json_string() if image_processor is not None else None,
         "settings": settings,
-        "code": [Path(__file__).read_text(), (Path(__file__).parent / "adapters.py").read_text()],
+        "code": [Path(__file__).read_text(), *(Path(__file__).with_name(m).read_text()
+                                                for m in ("adapters.py", "images.py"))],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -39,6 +39,7 @@ from midtune.checkpoint import (
     save_delta,
 )
 from midtune.files import atomic_dir, fault_point, fsync_tree, replace_dir
+from midtune.images import image_aspect_ratio
 from midtune.spec import FreezePlan
 from train.config import TrainConfig
 from train.distributed import zero3_enabled
@@ -269,7 +270,8 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
         with atomic_dir(final) as tmp:
             save_delta(tmp / "delta.safetensors", delta, base_model=config.model, base_hash=base_hash(config.model),
                        method=config.method, trainable=plan.spec.to_dict(),
-                       lora_config=lora_config_dict(unwrapped) if lora else None)
+                       lora_config=lora_config_dict(unwrapped) if lora else None,
+                       image_aspect_ratio=image_aspect_ratio(processor))
             if config.save_merged and (zero3_enabled() or fsdp):
                 # A sharded model holds only partitions; rebuild base + delta on this process, as train.export
                 # does (saving the gathered state through the ZeRO-3-loaded model wrote non-standard key names).

@@ -136,6 +136,13 @@ class TrainConfig:
     # thousands of image tokens); null keeps the processor's. Saved with the trained model's processor.
     min_pixels: Optional[int] = None
     max_pixels: Optional[int] = None
+    # pad: LLaVA-1.5's pad-to-square in the processor's mean colour before its resize (CLIP's own preprocessing
+    # centre-crops, cutting a 4:3 image's sides); native: the processor's own. null keeps what the model's
+    # processor says (a stage-2 run inherits stage 1's). Saved with the trained model: eval and analysis follow.
+    image_aspect_ratio: Optional[str] = None
+    # chat: rows rendered with the model's chat template. plain: LLaVA's stage-1 format (the image, then the
+    # caption, no roles or prompt text), for this run only: the saved model keeps its chat template.
+    conversation: str = "chat"
     trust_remote_code: bool = False
 
     logging_steps: int = 1
@@ -162,6 +169,8 @@ CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "trainable_dtype": ("float32", "bfloat16", "float16"),
     "loss_normalization": ("tokens", "mean"),
+    "image_aspect_ratio": (None, "native", "pad"),
+    "conversation": ("chat", "plain"),
 }
 
 

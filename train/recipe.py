@@ -31,8 +31,9 @@ import torch
 
 from midtune.adapters import set_image_pixels
 from midtune.checkpoint import attn_implementations, load_pretrained
-from midtune.data import Collator, LengthGroupedSampler, SupervisedDataset, dummy_image_inputs
+from midtune.data import Collator, LengthGroupedSampler, SupervisedDataset, conversation_template, dummy_image_inputs
 from midtune.files import cache_dir, write_json
+from midtune.images import image_aspect_ratio, set_image_aspect_ratio
 from midtune.spec import TrainableSpec, numel, resolve_plan
 from train.activation_checkpointing import setup_checkpointing
 from train.checkpoints import (
@@ -225,6 +226,8 @@ class Recipe:
         model, self.processor = load_pretrained(c.model, dtype=c.dtype, trust_remote_code=c.trust_remote_code,
                                                 attn_implementation=c.attn_implementation)
         self.image_pixels = set_image_pixels(self.processor, c.min_pixels, c.max_pixels)
+        if c.image_aspect_ratio is not None:  # saved with the trained model's processor and in its delta
+            set_image_aspect_ratio(self.processor, c.image_aspect_ratio)
         if c.method == "lora":
             model = add_lora(model, self.spec, c)
         self.plan = resolve_plan(model, self.spec, adapter_marker="lora_" if c.method == "lora" else None)
@@ -255,6 +258,7 @@ class Recipe:
             # each process checks 1/world_size of the rows, with its DataLoader workers; the results are shared
             num_workers=c.num_workers, shard=(acc.process_index, acc.num_processes), gather=gather_object,
             cache_dir=cache_dir("data-checks") if c.data_check_cache else None,
+            template=conversation_template(self.processor, c.conversation),
         )
         self.say(f"data: {self.dataset.summary}")
         tokenizer = self.processor.tokenizer
@@ -568,6 +572,7 @@ class Recipe:
             "precision": self.precision,
             "attn_implementation": attn_implementations(acc.unwrap_model(self.model)),
             "image_pixels": self.image_pixels,  # Qwen2-VL/2.5-VL's pixel budget per image; null elsewhere
+            "image_aspect_ratio": image_aspect_ratio(self.processor), "conversation": self.config.conversation,
             "device": str(acc.device),
             "gradient_checkpointing_layers": self.checkpointed,
             "data": self.dataset.summary.to_dict(),
