@@ -600,8 +600,10 @@ class _Planner:
             options += ["--include_path", str(p)]
         if ev.get("limit") is not None:
             options += ["--limit", str(ev["limit"])]
-        options += ["--batch-size", str(ev.get("batch_size", 8)), "--dtype", str(ev.get("dtype", "auto")),
-                    *map(str, _list(ev.get("args"))), "--output_dir", str(eval_dir)]
+        if ev.get("batch_size") is not None:  # else python -m eval's own default (1, as lmms-eval's llava_hf)
+            options += ["--batch-size", str(ev["batch_size"])]
+        options += ["--dtype", str(ev.get("dtype", "auto")), *map(str, _list(ev.get("args"))),
+                    "--output_dir", str(eval_dir)]
         evaluated = [m for m in self.models if m != "pretrained"]
         for m in evaluated:
             command = [PYTHON, "-m", "eval", f"--model={m}={self.models[m]}", *options]

@@ -14,8 +14,13 @@ lmms-eval runs through its Python API, so every error is an error here: a one-li
 (lmms-eval's results JSON + the logged samples) are written to `output_dir/<NAME>/` task by task, as soon as each
 (model, task) is done, so a failure loses only the task it happened in. A re-run reuses every finished (model, task)
 result with the same weights, limit and dtype and evaluates only the rest; `--redo` evaluates everything again.
-At the end the models are compared in `comparison.md`, `comparison.csv` and `comparison.png`, and the table is
-printed.
+At the end the models are compared in `comparison.md`, `comparison.csv` and `comparison.png` (each score with
+lmms-eval's standard error, each task's headline metric first), and the table is printed.
+
+Data parallel: `--num-processes auto` (the default) starts one process per visible GPU, each evaluating its share
+of every task's documents (lmms-eval splits them and gathers the results on rank 0, which alone writes and
+prints); `--num-processes N --device cpu` starts N CPU processes (gloo). Under `accelerate launch` or `torchrun`
+the launcher's processes are used as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval import parallel
 from midtune.files import save_figure, write_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -76,7 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a directory of extra lmms-eval task YAMLs (repeatable)")
     ap.add_argument("--limit", type=_limit, default=None,
                     help="documents per task (a fraction if < 1); for quick checks, not for reported numbers")
-    ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
+    ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive, default=1,
+                    help="requests per forward pass (default 1, as lmms-eval's llava_hf; more is faster, and can "
+                         "change low-precision answers: docs/evaluation.md)")
+    ap.add_argument("--num-processes", "--num_processes", dest="num_processes", type=_processes, default="auto",
+                    help="data-parallel processes, each with its share of every task's documents: auto (default: "
+                         "one per visible GPU, 1 on the CPU) or N (with --device cpu: N CPU processes, gloo); under "
+                         "accelerate launch or torchrun, the launcher's")
     ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", default="auto",
                     help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
@@ -104,17 +116,46 @@ def _limit(value: str) -> float | int:
     return int(number) if number >= 1 and number.is_integer() else number
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _processes(value: str) -> str:
+    if value != "auto":
+        _positive(value)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
+        n, cpu = (1, False) if args.check_tasks_only else parallel.processes_to_start(args.num_processes, args.device)
+        if n > 1:
+            return parallel.start_processes(argv, n, cpu)
         run(args)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (EvalError, parallel.LaunchError) as e:
+        report_error(e)
         return e.code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        parallel.leave()
     return 0
+
+
+def report_error(e: EvalError | parallel.LaunchError) -> None:
+    """One line on stderr. With several processes, bad input (exit 2, found alike by every rank before any model
+    ran) is reported by rank 0 alone; a failure while evaluating by each rank it happened in, naming the rank."""
+    world = parallel.launched_world_size()
+    if world == 1 or parallel.is_main():
+        print(f"error: {e}", file=sys.stderr)
+    elif e.code != 2:
+        print(f"error: (rank {parallel.rank()} of {world}) {e}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Evaluate every model on every task; returns {name: results}. Raises EvalError."""
-    # the models are not read when only the task names are checked: compare checks before any of them exists
-    specs = [] if args.check_tasks_only else parse_models(args.model)
+    """Evaluate every model on every task; returns {name: results} (on rank 0; {} on the other ranks of a
+    data-parallel run). Raises EvalError."""
+    # the models are not read when only the task names are checked: compare checks before any of them exists;
+    # a delta's base is hashed (all its weights read) by rank 0 alone
+    specs = [] if args.check_tasks_only else parse_models(args.model, verify_bases=parallel.is_main())
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise EvalError("--tasks is empty")
@@ -138,45 +181,24 @@ def run(args: argparse.Namespace) -> dict:
         check_task_names(tasks, args.include_path, args.verbosity)
         print(f"tasks found: {', '.join(tasks)}")
         return {}
-    print("loading lmms-eval and indexing tasks ...", flush=True)
-    task_manager, local_only = build_task_manager(tasks, args.include_path, args.verbosity)
-    if uses_shapes_tasks(tasks):
-        from eval.tasks import ShapesDataError, ensure_shapes_data
+    if parallel.launched_world_size() > 1:
+        from midtune.sources import resolve_device
 
         try:
-            ensure_shapes_data()
-        except (OSError, ShapesDataError) as e:
-            raise EvalError(f"midtune_shapes task data: {one_line(e)}") from None
+            parallel.join_processes(cpu=resolve_device(args.device) == "cpu")
+        except ValueError as e:
+            raise EvalError(f"--device {args.device}: {e}") from None
+    say("loading lmms-eval and indexing tasks ...")
+    task_manager, local_only = build_task_manager(tasks, args.include_path, args.verbosity)
+    if uses_shapes_tasks(tasks):
+        parallel.main_first(make_shapes_data)  # generated once, by rank 0
     if local_only and not os.environ.get("HF_DATASETS_CACHE"):
         # Only local task data: keep datasets' conversion cache beside the results, out of $HOME. Hub benchmarks
         # use the user's cache (that is where their downloads are), so it is left alone then.
         os.environ["HF_DATASETS_CACHE"] = str((output_dir / ".hf_datasets_cache").resolve())
-    check_tasks(tasks, task_manager)
+    parallel.main_first(lambda: check_tasks(tasks, task_manager))  # datasets' cache is filled once
 
-    all_results: dict[str, dict] = {}
-    failure: EvalError | None = None
-    for k, spec in enumerate(specs, 1):
-        settings = {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "limit": args.limit,
-                    "dtype": args.dtype,
-                    **({"attn_implementation": args.attn_implementation} if args.attn_implementation != "sdpa" else {}),
-                    **{k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None}}
-        model_dir = output_dir / spec.name
-        done = {} if args.redo else finished_tasks(model_dir, tasks, settings)
-        todo = [t for t in tasks if t not in done]
-        if not todo:
-            print(f"[{k}/{len(specs)}] {spec.name}: reusing {model_dir}/ (--redo to re-evaluate)")
-        else:
-            reused = f"; reusing {', '.join(done)} (--redo to re-evaluate)" if done else ""
-            print(f"[{k}/{len(specs)}] {spec.name}: {spec.source.describe()}{reused}", flush=True)
-            try:
-                evaluate_model(spec, todo, task_manager, args, settings, model_dir)
-            except EvalError as e:
-                failure = e
-        finished = finished_tasks(model_dir, tasks, settings)  # what is on disk now, this run's tasks included
-        if finished:
-            all_results[spec.name] = write_model_results(model_dir, spec, [finished[t] for t in tasks if t in finished])
-        if failure is not None:
-            break
+    all_results, failure = evaluate_models(specs, tasks, task_manager, args, output_dir)
     if all_results:
         table = write_comparison(all_results, output_dir)
         print()
@@ -188,7 +210,69 @@ def run(args: argparse.Namespace) -> dict:
     return all_results
 
 
-def parse_models(values: list[str]) -> list[ModelSpec]:
+def evaluate_models(specs: list[ModelSpec], tasks: list[str], task_manager, args,
+                    output_dir: Path) -> tuple[dict, EvalError | None]:
+    """Each model in turn on the tasks it has no reusable result for, until one fails. Returns {name: its merged
+    results} (on rank 0; {} elsewhere), what finished included, and the failure or None."""
+    all_results: dict[str, dict] = {}
+    failure: EvalError | None = None
+    for k, spec in enumerate(specs, 1):
+        settings = eval_settings(spec, args)
+        model_dir = output_dir / spec.name
+        # rank 0 decides what is left to do, so every rank runs the same tasks (their collectives must match)
+        done = list(finished_tasks(model_dir, tasks, settings)) if not args.redo and parallel.is_main() else []
+        done = parallel.from_main(done)
+        todo = [t for t in tasks if t not in done]
+        if not todo:
+            say(f"[{k}/{len(specs)}] {spec.name}: reusing {model_dir}/ (--redo to re-evaluate)")
+        else:
+            reused = f"; reusing {', '.join(done)} (--redo to re-evaluate)" if done else ""
+            say(f"[{k}/{len(specs)}] {spec.name}: {spec.source.describe()}{reused}")
+            try:
+                evaluate_model(spec, todo, task_manager, args, settings, model_dir)
+            except EvalError as e:
+                failure = e
+        if parallel.is_main():
+            finished = finished_tasks(model_dir, tasks, settings)  # what is on disk now, this run's tasks included
+            if finished:
+                all_results[spec.name] = write_model_results(model_dir, spec,
+                                                             [finished[t] for t in tasks if t in finished])
+        if failure is not None:
+            break
+    return all_results, failure
+
+
+def eval_settings(spec: ModelSpec, args) -> dict:
+    """What a finished (model, task) result was computed with; a result is reused only under the same settings.
+    The batch size is one of them (a document's batch mates and padding can change a low-precision answer). The
+    process count is not: at batch 1 a document's request is the same whichever rank answers it (a test), and at
+    batch N it only changes the batch mates, as reordering would."""
+    from eval.lmms_plugin import DEFAULT_MAX_NEW_TOKENS
+
+    return {"source": spec.source.to_dict(), "weights": fingerprint(spec.source), "limit": args.limit,
+            "dtype": args.dtype, "batch_size": args.batch_size,
+            # the budget of a task that sets none; results from before it was llava_hf's 1024 are not reused
+            "default_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+            **({"attn_implementation": args.attn_implementation} if args.attn_implementation != "sdpa" else {}),
+            **{k: getattr(args, k) for k in ("min_pixels", "max_pixels") if getattr(args, k) is not None}}
+
+
+def make_shapes_data() -> None:
+    from eval.tasks import ShapesDataError, ensure_shapes_data
+
+    try:
+        ensure_shapes_data(progress=parallel.is_main())
+    except (OSError, ShapesDataError) as e:
+        raise EvalError(f"midtune_shapes task data: {one_line(e)}") from None
+
+
+def say(text: str) -> None:
+    """Progress on stdout, from rank 0 only (every rank runs the same steps)."""
+    if parallel.is_main():
+        print(text, flush=True)
+
+
+def parse_models(values: list[str], verify_bases: bool = True) -> list[ModelSpec]:
     from midtune.checkpoint import CheckpointError, check_base, load_delta
     from midtune.sources import resolve_source
 
@@ -210,7 +294,7 @@ def parse_models(values: list[str]) -> list[ModelSpec]:
             pretrained, delta = tail, head  # DELTA@BASE
         try:
             source = resolve_source(pretrained, delta) if delta else resolve_source(pretrained)
-            if source.delta:  # refuse a base with other weights now, not after the models before it have run
+            if source.delta and verify_bases:  # refuse a base with other weights now, not after other models ran
                 _, metadata = load_delta(source.delta)
                 check_base(metadata, source.pretrained, source.delta)
         except CheckpointError as e:
@@ -456,6 +540,7 @@ def evaluate_model(spec: ModelSpec, tasks: list[str], manager, args, settings: d
             results["config"]["model"] = "midtune"
             results["config"]["model_args"] = spec.source.to_dict()
             results["midtune"] = {"name": spec.name, "model": spec.path, "task": task, "settings": settings,
+                                  "processes": lm.world_size,  # how many shared the documents
                                   "load_time_s": round(loaded, 2), "wall_time_s": round(time.time() - task_started, 2)}
             write_task_results(model_dir, task, results, samples)
             print(f"    {task}: done in {time.time() - task_started:.1f}s → {model_dir}/", flush=True)
@@ -473,8 +558,17 @@ def write_task_results(model_dir: Path, task: str, results: dict, samples: dict)
 
     for name, rows in (samples or {}).items():
         with atomic_file(model_dir / f"samples_{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n" for row in rows)
+            fh.writelines(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n"
+                          for row in in_document_order(rows))
     write_json(task_results_path(model_dir, task), results, indent=2, default=_json_default, ensure_ascii=False)
+
+
+def in_document_order(rows: list[dict]) -> list[dict]:
+    """Logged samples by doc_id: a data-parallel run gathers them rank after rank (docs 0, 2, 4, ..., then 1, 3,
+    ...), and the same documents give the same file whatever the process count."""
+    if all(isinstance(row.get("doc_id"), int) for row in rows):
+        return sorted(rows, key=lambda row: row["doc_id"])
+    return list(rows)
 
 
 MERGED_KEYS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
@@ -489,7 +583,9 @@ def write_model_results(model_dir: Path, spec: ModelSpec, parts: list[dict]) -> 
     for key in MERGED_KEYS:
         merged[key] = {name: value for part in parts for name, value in (part.get(key) or {}).items()}
     merged["midtune"] = {"name": spec.name, "model": spec.path, "settings": parts[-1]["midtune"]["settings"],
-                         "tasks": {p["midtune"]["task"]: {"wall_time_s": p["midtune"]["wall_time_s"]} for p in parts}}
+                         "tasks": {p["midtune"]["task"]: {"wall_time_s": p["midtune"]["wall_time_s"],
+                                                          "processes": p["midtune"].get("processes", 1)}
+                                   for p in parts}}
     write_json(model_dir / RESULTS_FILE, merged, indent=2, default=_json_default, ensure_ascii=False)
     return merged
 
@@ -505,9 +601,22 @@ def _json_default(obj):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def metric_rows(results: dict) -> list[tuple[str, str, float]]:
-    """(task, metric, value) of one lmms-eval result: each group, then its subtasks, then the other tasks;
-    stderr left out."""
+# A task's headline metric, where lmms-eval's task lists another one first: the score its paper (and the
+# leaderboards that follow it) report. The comparison table gives it first among the task's rows, and compare's
+# report, which takes a task's first metric when it knows no better, follows. Other tasks keep lmms-eval's order.
+HEADLINE_METRICS = {
+    # Tong et al., "Eyes Wide Shut?" (CVPR 2024): a pair of images with one question counts only when both are
+    # answered right; lmms-eval 0.7.3 lists the per-question mmvp_accuracy first.
+    "mmvp": "mmvp_pair_accuracy",
+    # MMStar (Chen et al., 2024) reports the average over its six categories, which lmms-eval lists last.
+    "mmstar": "average",
+}
+
+
+def metric_rows(results: dict) -> list[tuple[str, str, float, float | None]]:
+    """(task, metric, value, stderr) of one lmms-eval result: each group, then its subtasks, then the other tasks;
+    within a task its headline metric (HEADLINE_METRICS) first. The stderr is lmms-eval's `<metric>_stderr` (None
+    where it has none, "N/A"); its _clt and _clustered variants stay in results.json."""
     groups = results.get("groups") or {}
     tasks = results.get("results") or {}
     order: list[str] = []
@@ -515,62 +624,78 @@ def metric_rows(results: dict) -> list[tuple[str, str, float]]:
         order += [group, *(results.get("group_subtasks") or {}).get(group, [])]
     order += list(tasks)
     rows = []
-    seen = set()
     for task in dict.fromkeys(order):
-        for key, value in {**tasks.get(task, {}), **groups.get(task, {})}.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+        scores = {**tasks.get(task, {}), **groups.get(task, {})}
+        task_rows: dict[str, tuple] = {}
+        for key, value in scores.items():
+            if key == "alias" or "_stderr" in key or not _is_number(value):
                 continue
             metric, _, filt = key.partition(",")
             label = metric if filt in ("", "none") else f"{metric} ({filt})"
-            if (task, label) not in seen:
-                seen.add((task, label))
-                rows.append((task, label, float(value)))
+            stderr = scores.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+            task_rows.setdefault(label, (task, label, float(value), float(stderr) if _is_number(stderr) else None))
+        headline = HEADLINE_METRICS.get(task)
+        rows += sorted(task_rows.values(), key=lambda row: row[1].partition(" (")[0] != headline)  # stable
     return rows
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def comparison_table(all_results: dict[str, dict]) -> tuple[list[str], list[list]]:
-    """Header and rows: task, metric, n, one column per model, then the difference of each later model from the
-    first. Missing values are None."""
+    """Header and rows: task, metric, n, one column per model, the difference of each later model from the first,
+    then each model's stderr (after the others, so the columns before keep their places). Missing values are
+    None. The differences carry no stderr: the models answered the same questions, so the two stderrs do not
+    combine into one (compare's report gives paired intervals)."""
     names = list(all_results)
-    values: dict[tuple[str, str], dict[str, float]] = {}
+    values: dict[tuple[str, str], dict[str, tuple[float, float | None]]] = {}
     order: list[tuple[str, str]] = []
     n_docs: dict[str, int] = {}
     for name, results in all_results.items():
-        for task, metric, value in metric_rows(results):
+        for task, metric, value, stderr in metric_rows(results):
             if (task, metric) not in values:
                 values[(task, metric)] = {}
                 order.append((task, metric))
-            values[(task, metric)][name] = value
+            values[(task, metric)][name] = (value, stderr)
         for task, counts in (results.get("n-samples") or {}).items():
             n_docs.setdefault(task, counts.get("effective", counts.get("original")))
-    header = ["task", "metric", "n", *names, *(f"Δ {n} − {names[0]}" for n in names[1:])]
+    header = ["task", "metric", "n", *names, *(f"Δ {n} − {names[0]}" for n in names[1:]),
+              *(f"{n} stderr" for n in names)]
     rows = []
     for task, metric in order:
-        row_values = [values[(task, metric)].get(n) for n in names]
+        cells = [values[(task, metric)].get(n, (None, None)) for n in names]
+        row_values = [value for value, _ in cells]
         ref = row_values[0]
         diffs = [None if v is None or ref is None else v - ref for v in row_values[1:]]
-        rows.append([task, metric, n_docs.get(task), *row_values, *diffs])
+        rows.append([task, metric, n_docs.get(task), *row_values, *diffs, *(stderr for _, stderr in cells)])
     return header, rows
 
 
 def write_comparison(all_results: dict[str, dict], output_dir: Path) -> str:
-    """comparison.md, comparison.csv and comparison.png under `output_dir`; returns the Markdown table."""
+    """comparison.md (each score as `value ± stderr`), comparison.csv (the stderrs in columns of their own) and
+    comparison.png (stderr bars) under `output_dir`; returns the Markdown table."""
     output_dir.mkdir(parents=True, exist_ok=True)
     header, rows = comparison_table(all_results)
     n_models = len(all_results)
+    shown = 3 + 2 * n_models - 1  # task, metric, n, the scores, the differences; the stderrs go into the cells
 
-    def fmt(value, k: int) -> str:
+    def fmt(row: list, k: int) -> str:
+        value = row[k]
         if value is None:
             return "—"
         if k == 2:
             return str(value)
         if k >= 3 + n_models:
             return f"{value:+.4f}"
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        if 3 <= k < 3 + n_models:
+            stderr = row[k + 2 * n_models - 1]
+            return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+        return str(value)
 
-    rule = "|" + "|".join("---" if k < 2 else "---:" for k in range(len(header))) + "|"
-    lines = ["| " + " | ".join(header) + " |", rule]
-    lines += ["| " + " | ".join(fmt(v, k) for k, v in enumerate(row)) + " |" for row in rows]
+    rule = "|" + "|".join("---" if k < 2 else "---:" for k in range(shown)) + "|"
+    lines = ["| " + " | ".join(header[:shown]) + " |", rule]
+    lines += ["| " + " | ".join(fmt(row, k) for k in range(shown)) + " |" for row in rows]
     table = "\n".join(lines)
     write_text(output_dir / "comparison.md", table + "\n")
 
@@ -593,13 +718,15 @@ def plot_comparison(names: list[str], rows: list[list], path: Path) -> None:
     labels = [f"{task}\n{metric}" for task, metric, *_ in rows]
     x = np.arange(len(rows))
     width = 0.8 / max(1, len(names))
+    first_stderr = 3 + 2 * len(names) - 1
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) * max(1, len(names)) ** 0.5 + 2), 4.5))
     for k, name in enumerate(names):
         heights = [row[3 + k] if row[3 + k] is not None else np.nan for row in rows]
-        ax.bar(x + (k - (len(names) - 1) / 2) * width, heights, width, label=name)
+        stderrs = [row[first_stderr + k] if row[first_stderr + k] is not None else np.nan for row in rows]
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, heights, width, yerr=stderrs, capsize=2, label=name)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("score")
+    ax.set_ylabel("score (bars: ± stderr)")
     ax.set_title("midtune eval: " + " vs ".join(names))
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)

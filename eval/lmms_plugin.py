@@ -9,18 +9,26 @@ Registered through the entry point `[project.entry-points."lmms_eval.models"] mi
     --model_args pretrained=llava-hf/llava-1.5-7b-hf,dtype=bfloat16,batch_size=8
 
 Arguments: `pretrained`, `delta`, `device` (auto: cuda if available, else cpu), `dtype` (auto: bfloat16 on GPU,
-float32 on CPU), `batch_size`, `trust_remote_code`, `verify_base` (check the delta's base hash, default on),
-`chat_template` (a template string or .jinja file, default: the processor's), `system_prompt`,
-`attn_implementation` (sdpa by default, as in training; eager, flash_attention_2 with flash-attn), `min_pixels` /
-`max_pixels` (Qwen2-VL/2.5-VL's pixel budget per image; default: the processor's, which training saves). Unknown
-arguments are accepted and ignored with a warning.
+float32 on CPU), `batch_size` (default 1, as lmms-eval's `llava_hf`), `trust_remote_code`, `verify_base` (check
+the delta's base hash, default on), `chat_template` (a template string or .jinja file, default: the processor's),
+`system_prompt`, `attn_implementation` (sdpa by default, as in training; eager, flash_attention_2 with
+flash-attn), `min_pixels` / `max_pixels` (Qwen2-VL/2.5-VL's pixel budget per image; default: the processor's,
+which training saves). Unknown arguments are accepted and ignored with a warning.
 
 Prompts are built with the processor's chat template: one user turn whose content is the request's images (as
 `{"type": "image"}` parts, first) followed by the text — the way midtune's training data renders `<image>\\n...`.
 A context that itself contains one `<image>` placeholder per image keeps them where they are.
 
+Data parallel: under `accelerate launch` / `torchrun` (or `python -m eval --num-processes N`) each process joins
+accelerate's process group, takes its local GPU (`cuda:LOCAL_RANK`; on the CPU, gloo) and reports its `rank` and
+`world_size`, so lmms-eval gives it its share of each task's documents and gathers the results on rank 0 — the
+contract of lmms-eval's own `llava_hf`.
+
 * `generate_until`: batched generation with LEFT padding; honours `until` (stop strings; the text is cut at the
-  first one), `max_new_tokens`, `temperature` (0 → greedy), `do_sample`, `top_p`, `top_k`, `num_beams`.
+  first one), `max_new_tokens`, `temperature` (0 → greedy), `do_sample`, `top_p`, `top_k`, `num_beams`. Where the
+  task sets none, `llava_hf`'s defaults: 1024 new tokens, greedy, one beam. Generation ends at the end-of-sequence
+  token (the model's `generation_config.eos_token_id`s and the tokenizer's), so a long budget costs nothing on a
+  short answer.
 * `loglikelihood`: the negative log-likelihood (a sum over the continuation's tokens) of the continuation as the
   assistant's answer after the context, and whether greedy decoding would produce it. The NLL, not the
   log-probability: lmms-eval's multiple choice takes the argmin. Each result is a `LoglikelihoodResult`, which
@@ -59,12 +67,17 @@ from lmms_eval.api.instance import GenerationResult  # noqa: E402 (after __getat
 from lmms_eval.api.model import lmms  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
+from eval.parallel import launched_world_size  # noqa: E402
 from midtune.sources import ModelSource, resolve_device, resolve_dtype, resolve_source  # noqa: E402, F401
 
 MANIFEST = _manifest()
 
 GEN_PASSTHROUGH = ("top_p", "top_k", "num_beams", "repetition_penalty", "min_new_tokens", "length_penalty")
-DEFAULT_MAX_NEW_TOKENS = 256
+# lmms-eval's `llava_hf` (models/simple/llava_hf.py and chat/llava_hf.py, 0.7.3) where a task's generation_kwargs
+# set none: 1024 new tokens, temperature 0 (greedy), one beam. Matching them makes a benchmark that relies on them
+# score the same through either model.
+DEFAULT_MAX_NEW_TOKENS = 1024
+DEFAULT_NUM_BEAMS = 1
 MAX_ROUNDS = 64
 
 
@@ -123,6 +136,9 @@ class Midtune(lmms):
             warnings.warn(f"midtune model: ignoring unknown arguments {sorted(ignored)}", stacklevel=2)
         self.source = resolve_source(pretrained, delta)
         self._device = torch.device(resolve_device(device))
+        world = launched_world_size()
+        if world > 1:  # before loading: the model goes to this process's own GPU
+            self._join_processes(world)
         self.dtype_name = resolve_dtype(dtype, str(self._device))
         trust_remote_code = _as_bool(trust_remote_code)
         if self.source.delta:
@@ -150,9 +166,23 @@ class Midtune(lmms):
             raise ValueError(f"model {self.source.describe()!r}: its processor has no chat template; save one with "
                              f"the processor or pass chat_template=<template or .jinja file>")
         self._forward_keys = _accepted_keys(self._model.forward)
-        if os.environ.get("WORLD_SIZE") and int(os.environ["WORLD_SIZE"]) > 1:  # lmms-eval shards docs by rank
-            self._rank = int(os.environ.get("RANK", "0"))
-            self._world_size = int(os.environ["WORLD_SIZE"])
+
+    def _join_processes(self, world: int) -> None:
+        """One of `world` launched processes: join accelerate's process group (gloo on the CPU), take the local GPU
+        (an index in `device` is the launcher's to choose, as in llava_hf) and report rank and world size, from
+        which lmms-eval shards each task's documents and gathers the results."""
+        from accelerate import Accelerator
+
+        from eval.parallel import no_group_message
+
+        accelerator = Accelerator(cpu=self._device.type == "cpu")
+        if accelerator.num_processes != world:
+            raise ValueError(no_group_message(world, accelerator.num_processes))
+        if self._device.type == "cuda":
+            self._device = accelerator.device
+        self.accelerator = accelerator
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
 
     # -- properties lmms-eval and users read -------------------------------------------------------------
     @property
@@ -193,7 +223,9 @@ class Midtune(lmms):
             else:
                 raise ValueError(f"task {task!r}: the midtune model takes images only, but doc {doc_id} gives a "
                                  f"{type(v).__name__} visual ({str(v)[:80]!r}) — video/audio are not supported")
-        return out
+        from midtune.images import fit_images  # shaped as the model trained (image_aspect_ratio, saved with it)
+
+        return fit_images(self.processor, out)
 
     def _encode(self, texts: list[str], images: list[list], padding_side: str) -> dict:
         import torch
@@ -347,7 +379,7 @@ def generation_settings(gen_kwargs: dict) -> dict:
     if temperature == 0:
         sample = False
     kwargs: dict = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-                    "do_sample": sample}
+                    "do_sample": sample, "num_beams": DEFAULT_NUM_BEAMS}  # not the model's generation_config's
     if sample:
         kwargs["temperature"] = temperature if temperature is not None else 1.0
     else:  # greedy: leave no sampling settings for generate() to warn about

@@ -184,8 +184,65 @@ def test_generation_honours_until_and_the_settings(lm, docs):
     assert generation_settings({"temperature": 0, "do_sample": True})["do_sample"] is False  # 0 → greedy
     assert generation_settings({"do_sample": False, "temperature": 0.7})["do_sample"] is False
     sampled = generation_settings({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5})
-    assert sampled == {"max_new_tokens": 5, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    assert sampled == {"max_new_tokens": 5, "do_sample": True, "num_beams": 1, "temperature": 0.7, "top_p": 0.9}
     assert generation_settings({"do_sample": True})["temperature"] == 1.0
+
+
+def test_defaults_are_lmms_evals_llava_hf():
+    """Where a task sets none, midtune generates as lmms-eval's llava_hf does, one request at a time. The values
+    are read from the installed llava_hf files, so an lmms-eval upgrade that changes them fails here."""
+    import inspect
+
+    import lmms_eval
+
+    from eval.__main__ import parse_args
+    from eval.lmms_plugin import DEFAULT_MAX_NEW_TOKENS, Midtune, generation_settings
+
+    def default(source: str, key: str) -> str:
+        found = re.search(rf'if "{key}" not in gen_kwargs:\s*gen_kwargs\["{key}"\] = (\S+)', source)
+        assert found, key
+        return found[1]
+
+    models = Path(lmms_eval.__file__).parent / "models"
+    for source in ((models / "simple" / "llava_hf.py").read_text(), (models / "chat" / "llava_hf.py").read_text()):
+        assert int(default(source, "max_new_tokens")) == DEFAULT_MAX_NEW_TOKENS == 1024
+        assert default(source, "temperature") == "0" and default(source, "num_beams") == "1"
+    simple = (models / "simple" / "llava_hf.py").read_text()
+    assert re.search(r"batch_size: int = 1,", simple) and 'padding_side = "left"' in simple
+    assert generation_settings({}) == {"max_new_tokens": 1024, "do_sample": False, "num_beams": 1,
+                                       "temperature": None, "top_p": None, "top_k": None}  # greedy, one beam
+    assert generation_settings({"max_new_tokens": 16, "num_beams": 3})["num_beams"] == 3  # a task's own win
+    assert parse_args(["--model", "m=x"]).batch_size == 1
+    assert inspect.signature(Midtune.__init__).parameters["batch_size"].default == 1
+
+
+def test_greedy_generation_stops_at_the_end_of_sequence_token(lm, docs, monkeypatch):
+    """The 1024-token default costs nothing on a short answer: greedy generation ends at the model's
+    end-of-sequence token. The random model's own greedy continuation supplies one: its third token is made the
+    EOS, and generation without a budget of its own stops right after it."""
+    rows, doc_to_visual = docs
+    prompt, images = lm.build_prompt(rows[0]["question"], 1), doc_to_visual(rows[0])
+    lengths = []
+    generate = lm.model.generate
+
+    def recording(**kwargs):
+        out = generate(**kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(lm.model, "generate", recording)
+    inputs = lm._encode([prompt], [images], padding_side="left")
+    with torch.inference_mode():
+        free = generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    new = free[0, inputs["input_ids"].shape[1]:].tolist()
+    if len(new) == 6:
+        stop = new[2]
+        monkeypatch.setattr(lm.model.generation_config, "eos_token_id", stop)
+        expected = new.index(stop) + 1
+    else:  # the model ended by itself, at the tokenizer's EOS
+        expected = len(new)
+    lm.generate_batch([prompt], [images], {"temperature": 0})  # no max_new_tokens: the default 1024
+    assert lengths == [expected] and expected <= 6
 
 
 def test_multi_round_asks_the_task_for_the_next_round(lm, docs):
@@ -336,19 +393,96 @@ def test_comparison_table_csv_and_chart(tmp_path):
     assert table == (tmp_path / "comparison.md").read_text().strip()
     lines = table.splitlines()
     assert lines[0] == "| task | metric | n | base | tuned | Δ tuned − base |"
-    assert lines[2] == "| midtune_shapes | accuracy | — | 0.3500 | 0.8250 | +0.4750 |"
-    assert lines[3] == "| midtune_shapes_color | accuracy | 10 | 0.2000 | 0.9000 | +0.7000 |"
-    assert len(lines) == 2 + 4  # group, color, exists accuracy + f1; no stderr rows
+    assert lines[2] == "| midtune_shapes | accuracy | — | 0.3500 | 0.8250 | +0.4750 |"  # no stderr: none given
+    assert lines[3] == "| midtune_shapes_color | accuracy | 10 | 0.2000 ± 0.1000 | 0.9000 ± 0.1000 | +0.7000 |"
+    assert "| midtune_shapes_exists | f1 | 10 | 0.4000 | 0.8000 | +0.4000 |" in lines  # "N/A" stderr: none shown
+    assert len(lines) == 2 + 4  # group, color, exists accuracy + f1; no rows of their own for the stderrs
 
     with open(tmp_path / "comparison.csv", newline="") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["task", "metric", "n", "base", "tuned", "Δ tuned − base"]
+    # the columns before the stderrs keep their places (compare's report reads them by name)
+    assert rows[0] == ["task", "metric", "n", "base", "tuned", "Δ tuned − base", "base stderr", "tuned stderr"]
     by_key = {(r[0], r[1]): r for r in rows[1:]}
     assert float(by_key[("midtune_shapes_exists", "f1")][5]) == pytest.approx(0.4)
     assert float(by_key[("midtune_shapes_color", "accuracy")][3]) == 0.2
+    assert by_key[("midtune_shapes_color", "accuracy")][6:] == ["0.1", "0.1"]
+    assert by_key[("midtune_shapes_exists", "f1")][6:] == ["", ""]
 
     png = (tmp_path / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_compares_report_reads_the_table_with_its_stderr_columns(tmp_path):
+    """compare's report reads comparison.csv by column name: the stderr columns must not be taken for models."""
+    from compare.report import read_scores
+    from eval.__main__ import write_comparison
+
+    write_comparison({"base": _results({"color": 0.2, "exists": 0.5, "f1": 0.4}),
+                      "tuned": _results({"color": 0.9, "exists": 0.75, "f1": 0.8})}, tmp_path)
+    rows = {(r["task"], r["metric"]): r for r in read_scores(tmp_path / "comparison.csv", ["base", "tuned"])}
+    assert rows[("midtune_shapes_color", "accuracy")]["values"] == {"base": 20.0, "tuned": 90.0}
+    assert rows[("midtune_shapes", "accuracy")]["leaf"] is False
+    assert rows[("midtune_shapes_color", "accuracy")]["n"] == 10
+
+
+def _mmvp_results(pair: float, per_question: float) -> dict:
+    """lmms-eval 0.7.3's mmvp results: the per-question accuracy first, the pair accuracy after it, no stderr."""
+    return {"results": {"mmvp": {"alias": "mmvp", "mmvp_accuracy,none": per_question,
+                                 "mmvp_accuracy_stderr,none": "N/A", "mmvp_pair_accuracy,none": pair,
+                                 "mmvp_pair_accuracy_stderr,none": "N/A"}},
+            "n-samples": {"mmvp": {"original": 300, "effective": 300}}}
+
+
+def test_a_tasks_headline_metric_comes_first():
+    from eval.__main__ import HEADLINE_METRICS, comparison_table, metric_rows
+
+    assert HEADLINE_METRICS["mmvp"] == "mmvp_pair_accuracy"
+    rows = metric_rows(_mmvp_results(pair=0.3, per_question=0.6))
+    assert [(task, metric, value, stderr) for task, metric, value, stderr in rows] == [
+        ("mmvp", "mmvp_pair_accuracy", 0.3, None), ("mmvp", "mmvp_accuracy", 0.6, None)]
+    header, table = comparison_table({"a": _mmvp_results(0.3, 0.6), "b": _mmvp_results(0.4, 0.65)})
+    assert [row[1] for row in table] == ["mmvp_pair_accuracy", "mmvp_accuracy"]
+    assert table[0][3:6] == [0.3, 0.4, pytest.approx(0.1)]
+    # a task without an entry keeps lmms-eval's order
+    other = {"results": {"pope": {"pope_accuracy,none": 0.8, "pope_f1_score,none": 0.7}}}
+    assert [metric for _, metric, _, _ in metric_rows(other)] == ["pope_accuracy", "pope_f1_score"]
+
+
+def test_the_headline_metrics_are_the_installed_lmms_evals_metric_names():
+    """HEADLINE_METRICS names metrics of lmms-eval's own task YAMLs; a rename in lmms-eval must fail here, not
+    quietly drop the headline back to lmms-eval's first metric."""
+    import lmms_eval
+
+    from eval.__main__ import HEADLINE_METRICS
+
+    tasks_dir = Path(lmms_eval.__file__).parent / "tasks"
+    for task, metric in HEADLINE_METRICS.items():
+        texts = "".join(f.read_text() for f in sorted((tasks_dir / task).glob("*yaml")))
+        assert re.search(rf"- metric: {re.escape(metric)}\s*$", texts, flags=re.M), (task, metric)
+
+
+def test_mmvp_pair_accuracy_counts_a_pair_only_when_both_are_right():
+    """lmms-eval's MMVP scoring on hand-made documents: consecutive Index values (1-based) form a pair, and the
+    pair accuracy does not depend on the order the results come in (a data-parallel run gathers them rank after
+    rank)."""
+    import random
+
+    from lmms_eval.tasks.mmvp import utils as mmvp
+
+    # pairs (1, 2), (3, 4), (5, 6): both right, one wrong, both wrong
+    answers = ["(a)", "(b)", "(a)", "(b)", "(b)", "(a)"]
+    predictions = ["A", "B", "A", "A", "A", "B"]
+    docs = [{"Index": i + 1, "Question": "q", "Options": "(a) x (b) y", "Correct Answer": a}
+            for i, a in enumerate(answers)]
+    records = [mmvp.mmvp_process_results(doc, [pred]) for doc, pred in zip(docs, predictions)]
+    pair_records = [r["mmvp_pair_accuracy"] for r in records]
+    assert mmvp.mmvp_aggregate_results([r["mmvp_accuracy"] for r in records]) == pytest.approx(3 / 6)
+    assert mmvp.mmvp_aggregate_pair_results(pair_records) == pytest.approx(1 / 3)
+    shuffled = pair_records[0::2] + pair_records[1::2]  # rank 0's documents, then rank 1's
+    random.Random(0).shuffle(shuffled)
+    assert mmvp.mmvp_aggregate_pair_results(shuffled) == pytest.approx(1 / 3)
+    # an odd --limit leaves a pair incomplete: it is not counted (1 of the 2 complete pairs is right)
+    assert mmvp.mmvp_aggregate_pair_results(pair_records[:5]) == pytest.approx(1 / 2)
 
 
 def test_bad_input_exits_non_zero_naming_the_problem(tiny_dir, tmp_path, capsys):
