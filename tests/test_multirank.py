@@ -157,13 +157,13 @@ def launch_fsdp2_on_cpu(tmp_path: Path, args: list[str]) -> subprocess.Completed
 def test_fsdp2_with_bf16_weights_and_a_text_row_saves_trainable_shards_only_and_resumes_exactly(
         world, tiny_dir, tmp_path):
     """The shipped FSDP2 config with a shipped-style bf16 run (dtype bfloat16: frozen weights stay bf16, what
-    trains keeps fp32 masters), an image row and a text row at batch 1 on 2 ranks: it trains, each checkpoint
+    trains keeps fp32 masters; gradient checkpointing on), an image row and a text row at batch 1 on 2 ranks: it trains, each checkpoint
     holds only the trainable tensors (each rank its shard) and their optimizer state, and a resume from it
     continues bit for bit."""
     data = mixed_data(world, tmp_path / "mixed.json", images=1, texts=1)
     common = {"data": data, "batch_size": 1, "grad_accum": 2, "max_steps": 4, "save_steps": 2,
               "save_total_limit": 0, "record_samples": "true", "dtype": "bfloat16", "mixed_precision": "bf16",
-              "trainable.layers": "1", "trainable.projector": "true"}
+              "gradient_checkpointing": "true", "trainable.layers": "1", "trainable.projector": "true"}
     a, b = tmp_path / "a", tmp_path / "b"
     proc = launch_fsdp2_on_cpu(tmp_path, overrides(world, tiny_dir("llava"), a, **common))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -189,6 +189,32 @@ def test_fsdp2_with_bf16_weights_and_a_text_row_saves_trainable_shards_only_and_
     assert read_jsonl(b / "samples-rank1.jsonl") == read_jsonl(a / "samples-rank1.jsonl")[2:]
     resumed = load_file(b / "final" / "delta.safetensors")
     assert all(torch.equal(delta[k], resumed[k]) for k in delta)
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_writes_a_whole_delta_that_changes_only_what_trained(world, tiny_dir, tmp_path):
+    """LoRA under FSDP2: each rank holds a slice of every adapter; final/ gathers them whole, under PEFT's names,
+    and the delta merged onto the base changes what trained and nothing else."""
+    from midtune.checkpoint import load_pretrained, load_with_delta
+
+    data = mixed_data(world, tmp_path / "mixed.json", images=2, texts=2)
+    out = tmp_path / "lora"
+    proc = launch_fsdp2_on_cpu(tmp_path, overrides(world, tiny_dir("llava"), out, data=data, batch_size=1,
+                                                   max_steps=2, method="lora", dtype="bfloat16",
+                                                   mixed_precision="bf16", gradient_checkpointing="true",
+                                                   **{"trainable.layers": "1", "trainable.projector": "true"}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["distributed_type"] == "FSDP"
+    delta = load_file(out / "final" / "delta.safetensors")
+    lora_a = [k for k in delta if k.endswith("q_proj.lora_A.weight")]
+    assert lora_a and delta[lora_a[0]].shape == (16, 64)  # r × hidden: whole, not a rank's slice
+    base, _ = load_pretrained(str(tiny_dir("llava")), dtype="bfloat16")
+    rebuilt, _ = load_with_delta(str(tiny_dir("llava")), out / "final" / "delta.safetensors", dtype="bfloat16")
+    before, after = base.state_dict(), rebuilt.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # the adapters merged into layer 1's projections and the projector trained; nothing else moved
+    assert any(".layers.1.self_attn.q_proj" in k for k in changed) and any("projector" in k for k in changed)
+    assert all(".layers.1." in k or "projector" in k for k in changed)
 
 
 # -- one global batch, three splits, one gradient -------------------------------------------------------------

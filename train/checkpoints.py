@@ -256,8 +256,13 @@ def save_final(accelerator, model, processor, plan: FreezePlan, config: TrainCon
     if lora:
         from peft import get_peft_model_state_dict
 
-        delta = dict(get_peft_model_state_dict(unwrapped))
-        params = dict(unwrapped.get_base_model().named_parameters())
+        if fsdp:  # the gathered trainable tensors (sharded parameters hold a slice), named as PEFT's model names them
+            delta = dict(get_peft_model_state_dict(unwrapped, state_dict={f"base_model.model.{n}": t
+                                                                          for n, t in state.items()}))
+            params = state
+        else:
+            delta = dict(get_peft_model_state_dict(unwrapped))
+            params = dict(unwrapped.get_base_model().named_parameters())
         delta.update({n: params[n] for n in plan.trainable_names if "lora_" not in n})
     else:
         prefix = "module." if any(k.startswith("module.") for k in state) else ""
