@@ -157,9 +157,9 @@ def launch_fsdp2_on_cpu(tmp_path: Path, args: list[str]) -> subprocess.Completed
 def test_fsdp2_with_bf16_weights_and_a_text_row_saves_trainable_shards_only_and_resumes_exactly(
         world, tiny_dir, tmp_path):
     """The shipped FSDP2 config with a shipped-style bf16 run (dtype bfloat16: frozen weights stay bf16, what
-    trains keeps fp32 masters; gradient checkpointing on), an image row and a text row at batch 1 on 2 ranks: it trains, each checkpoint
-    holds only the trainable tensors (each rank its shard) and their optimizer state, and a resume from it
-    continues bit for bit."""
+    trains keeps fp32 masters; gradient checkpointing on), an image row and a text row at batch 1 on 2 ranks: it
+    trains, each checkpoint holds only the trainable tensors (each rank its shard) and their optimizer state, and
+    a resume from it continues bit for bit."""
     data = mixed_data(world, tmp_path / "mixed.json", images=1, texts=1)
     common = {"data": data, "batch_size": 1, "grad_accum": 2, "max_steps": 4, "save_steps": 2,
               "save_total_limit": 0, "record_samples": "true", "dtype": "bfloat16", "mixed_precision": "bf16",
