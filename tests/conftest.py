@@ -80,3 +80,17 @@ def experiment_file(tmp_path: Path, model: Path, world: Path, **changes) -> Path
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+@pytest.fixture
+def datasets_cache(tmp_path_factory, monkeypatch):
+    """Keep datasets' cache of the task data out of $HOME (and `python -m eval` from setting it process-wide)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_datasets_cache"))
+
+
+@pytest.fixture(scope="session")
+def shapes_data():
+    """The shapes tasks' data (eval/tasks/midtune_shapes/data), generated once."""
+    from eval.tasks import ensure_shapes_data
+
+    return ensure_shapes_data(progress=False)

@@ -20,20 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # In-process runs build Accelerators; accelerate keeps process-wide singletons (see conftest).
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(autouse=True)
-def datasets_cache(tmp_path_factory, monkeypatch):
-    """Keep datasets' cache of the task data out of $HOME (and `python -m eval` from setting it process-wide)."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_datasets_cache"))
-
-
-@pytest.fixture(scope="session")
-def shapes_data():
-    from eval.tasks import ensure_shapes_data
-
-    return ensure_shapes_data(progress=False)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state", "datasets_cache")  # both in conftest
 
 
 @pytest.fixture(scope="module")
