@@ -77,12 +77,17 @@ class PerQuestion:
         for m in models:
             column = [logs[m][d][metric] for d in doc_ids]
             values[m] = column if aggregate is not None else np.asarray(column, dtype=np.float64)
-        clusters = [self.cluster(task, logs[models[0]][d]) for d in doc_ids]
+        clusters = [self.cluster(task, logs[models[0]][d], metric) for d in doc_ids]
         return TaskResults(task, metric, doc_ids, clusters, values, aggregate, scale, key=f"{task}/{metric}")
 
-    def cluster(self, task: str, sample: dict):
-        """What a question shares with others: its image (default), a field of the document, or nothing."""
+    def cluster(self, task: str, sample: dict, metric: str | None = None):
+        """What a question shares with others: its image (default), a field of the document, or nothing. A
+        question scored as one of a pair (MMVP's records carry a `pair_index`) is clustered with its pair whatever
+        else is asked: the pair is what its metric scores, so the two are resampled together."""
         doc = sample.get("doc") or {}
+        record = sample.get(metric) if metric else None
+        if isinstance(record, dict) and "pair_index" in record:
+            return (task, "pair", record["pair_index"])
         if self.cluster_by == "question":
             return (task, sample["doc_id"])
         if self.cluster_by != "image":
@@ -100,6 +105,8 @@ class PerQuestion:
         """How the task's questions were clustered, for the report's method line."""
         logs = self.samples(models[0], task) or {}
         sample = next(iter(logs.values()), {})
+        if any(isinstance(v, dict) and "pair_index" in v for v in sample.values()):
+            return "by pair"
         key = self.cluster(task, sample) if sample else None
         if isinstance(key, tuple):
             return "each question on its own"

@@ -421,6 +421,30 @@ def weighted_score_mean(records: list, weights: np.ndarray) -> float | np.ndarra
     return _ratio(w @ x, w.sum(axis=-1), empty=math.nan)
 
 
+def weighted_correct_mean(records: list, weights: np.ndarray) -> float | np.ndarray:
+    """MMVP's accuracy: records carrying `is_correct`."""
+    x = np.array([float(bool(r["is_correct"])) for r in records])
+    w = np.asarray(weights, float)
+    return _ratio(w @ x, w.sum(axis=-1), empty=math.nan)
+
+
+def weighted_pair_accuracy(records: list, weights: np.ndarray) -> float | np.ndarray:
+    """MMVP's pair accuracy: a pair (the records sharing a `pair_index`) counts as right only when both of its
+    questions are, and only a whole pair counts (as lmms-eval's mmvp_aggregate_pair_results; --limit can cut one).
+    A pair weighs the mean of its questions' weights: the report clusters a pair's two questions together, so they
+    are resampled as one and carry the same weight."""
+    members: dict = {}
+    for k, r in enumerate(records):
+        members.setdefault(r["pair_index"], []).append(k)
+    whole = [ks for ks in members.values() if len(ks) == 2]
+    w = np.asarray(weights, float)
+    if not whole:
+        return math.nan if w.ndim == 1 else np.full(w.shape[0], math.nan)
+    both = np.array([all(bool(records[k]["is_correct"]) for k in ks) for ks in whole], dtype=np.float64)
+    pair_weights = w[..., np.array(whole)].mean(axis=-1)
+    return _ratio(pair_weights @ both, pair_weights.sum(axis=-1), empty=math.nan)
+
+
 # A task's aggregation function (by the name lmms-eval's results record for it) → its weighted re-aggregation.
 # midtune's shapes tasks (eval/tasks/midtune_shapes/utils.py) and lmms-eval's POPE use these names.
 RECORD_AGGREGATES: dict[str, Aggregate] = {
@@ -429,4 +453,5 @@ RECORD_AGGREGATES: dict[str, Aggregate] = {
     "aggregate_f1": weighted_f1, "pope_aggregate_f1_score": weighted_f1,
     "aggregate_yes_ratio": weighted_yes_ratio, "pope_aggregate_yes_ratio": weighted_yes_ratio,
     "pope_aggregate_accuracy": weighted_score_mean,
+    "mmvp_aggregate_results": weighted_correct_mean, "mmvp_aggregate_pair_results": weighted_pair_accuracy,
 }

@@ -3,6 +3,8 @@ metrics that are not a per-question mean, and the step-time ratio of an alternat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.special import expit
@@ -226,3 +228,30 @@ def test_a_re_aggregated_metric_gives_per_resample_what_it_gives_for_one_set_of_
         one = aggregate(records, weights[b])
         assert isinstance(one, float) and rows[b] == pytest.approx(one)
     assert stats.weighted_precision(records, weights[2]) == 0.0  # nothing predicted "yes" in that draw
+
+
+def test_mmvp_pair_accuracy_is_re_aggregated_by_whole_pairs_resampled_together():
+    """MMVP: pairs 0 and 1 both right, pair 2 half right, pair 3 cut by --limit (one question): pair accuracy
+    2 / 3 as lmms-eval's mmvp_aggregate_pair_results; the questions of a pair are clustered, so a resample draws
+    both or neither and each resample's value is the pair accuracy of the drawn pairs."""
+    from compare.scores import PerQuestion
+
+    right = [True, True, True, True, True, False, True]
+    records = [{"pair_index": k // 2, "is_correct": ok} for k, ok in enumerate(right)]
+    assert stats.weighted_pair_accuracy(records, np.ones(7)) == pytest.approx(2 / 3)
+    assert stats.weighted_correct_mean(records, np.ones(7)) == pytest.approx(6 / 7)
+    clusters = [PerQuestion(Path("."), "image").cluster("mmvp", {"doc": {"image": f"img{k}"}, "doc_id": k,
+                                                                  "mmvp_pair_accuracy": r}, "mmvp_pair_accuracy")
+                for k, r in enumerate(records)]
+    assert clusters[0] == clusters[1] != clusters[2]  # a pair's two images are one cluster
+    task = _task({"m": records}, clusters=clusters, aggregate=stats.weighted_pair_accuracy)
+    rs = Resampler([task], n_boot=60, seed=3)
+    point, boot = rs.statistic("m", "t")
+    assert point == pytest.approx(100 * 2 / 3)
+    for b in range(60):
+        w = rs.weights["t"][b]
+        assert all(w[2 * p] == w[2 * p + 1] for p in range(3))
+        drawn = {p: w[2 * p] for p in range(3)}  # pair 3 is never whole
+        total = sum(drawn.values())
+        expected = (drawn[0] + drawn[1]) / total if total else float("nan")
+        assert boot[b] == pytest.approx(100 * expected, nan_ok=True)
