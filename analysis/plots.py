@@ -17,14 +17,22 @@ def _pyplot():
     return plt
 
 
+def computed(profiles: dict[str, dict[int, dict[str, float]]], metric: str) -> bool:
+    """Whether any model has a finite value of `metric` at any layer."""
+    return any(math.isfinite(v) for per_layer in profiles.values() for values in per_layer.values()
+               if isinstance(v := values.get(metric), (int, float)))
+
+
 def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, metrics=None):
-    """One figure: a panel per metric, a line per model, hidden-state index on x. Returns the (closed) Figure."""
+    """One figure: a panel per metric, a line per model, hidden-state index on x. Returns the (closed) Figure.
+    A metric no profile computed (IdCorr under --no-idcorr: NaN or absent at every layer) gets no panel: an empty
+    panel reads as a measurement."""
     from analysis.profile import PLOTTED, TITLES
 
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    metrics = list(metrics or PLOTTED)
+    metrics = [m for m in (metrics or PLOTTED) if computed(profiles, m)] or list(metrics or PLOTTED)[:1]
     last = max((max(per_layer) for per_layer in profiles.values() if per_layer), default=0)
     cols = 3
     rows = math.ceil(len(metrics) / cols)

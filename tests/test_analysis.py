@@ -226,6 +226,11 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
     fig = plot_profiles(doc["profiles"], tmp_path / "again.png")
     panels = [ax for ax in fig.axes if ax.lines]
     assert len(panels) >= 9 and all([line.get_label() for line in ax.lines] == ["base", "tuned"] for ax in panels)
+    # a metric computed nowhere (IdCorr under --no-idcorr) gets no panel, not an empty one
+    without = {name: {layer: {**m, "idcorr": float("nan")} for layer, m in per_layer.items()}
+               for name, per_layer in doc["profiles"].items()}
+    titles = [ax.get_title() for ax in plot_profiles(without, tmp_path / "no-idcorr.png").axes if ax.lines]
+    assert len(titles) == len(panels) - 1 and not any("IdCorr" in t for t in titles)
 
 
 def test_undefined_metrics_are_nan_with_a_warning_naming_the_layer():
