@@ -190,18 +190,24 @@ def read_torch_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0]})") from None
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, data layout); CheckpointError naming it."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no integer 'step'")
+    except ValueError as e:
+        raise CheckpointError(f"{Path(path) / STATE_FILE}: not a trainer state ({e})") from None
+    return state
+
+
 def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, trainable_names: list[str]) -> dict:
     """Restore a checkpoint into the prepared objects; returns its trainer state. A checkpoint of another run
     (other trainable tensors) or a damaged one raises CheckpointError naming the file."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError("no integer 'step'")
-    except ValueError as e:
-        raise CheckpointError(f"{path / STATE_FILE}: not a trainer state ({e})") from None
+    state = read_trainer_state(path)
     if accelerator.distributed_type.name == "DEEPSPEED":
         accelerator.load_state(str(path), load_module_strict=False)
     elif accelerator.distributed_type.name == "FSDP":

@@ -40,6 +40,7 @@ from train.checkpoints import (
     CheckpointSaveError,
     all_ranks_ok,
     load_checkpoint,
+    read_trainer_state,
     save_checkpoint,
     save_final,
 )
@@ -304,9 +305,10 @@ class Recipe:
                                        num_training_steps=self.total_steps)
 
     def resume(self) -> None:
+        # the layout first: a checkpoint of another world size would otherwise fail on a missing per-rank file
+        check_resume_shape(read_trainer_state(self.resume_path), self.data_shape(), self.resume_path)
         saved = load_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.resume_path,
                                 self.trainable_names)
-        check_resume_shape(saved, self.data_shape(), self.resume_path)
         self.state = TrainState(step=saved["step"], skipped_steps=list(saved.get("skipped_steps", [])),
                                 overflow_steps=int(saved.get("overflow_steps", 0)), saved_step=saved["step"])
         self.say(f"resumed from {self.resume_path} at step {self.state.step}")
