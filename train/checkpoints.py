@@ -190,6 +190,24 @@ def read_torch_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint file ({str(e).splitlines()[0]})") from None
 
 
+def check_trainable_set(file: Path, found, trainable_names: list[str]) -> None:
+    """Refuse a checkpoint file whose tensor names are not this run's trainable set, naming one that differs."""
+    found, expected = set(found), set(trainable_names)
+    if found != expected:
+        extra, missing = sorted(found - expected), sorted(expected - found)
+        example = f"it holds {extra[0]!r}, which this run does not train" if extra else \
+            f"it lacks {missing[0]!r}, which this run trains"
+        raise CheckpointError(f"{file}: a checkpoint of a different trainable set ({example}); resume with the "
+                              f"config it was written with")
+
+
+def load_optimizer_state(optimizer, state: dict, file: Path) -> None:
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: does not fit this run's optimizer ({e})") from None
+
+
 def read_trainer_state(path: Path) -> dict:
     """A checkpoint's trainer_state.json (step, data position, data layout); CheckpointError naming it."""
     try:
@@ -211,7 +229,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, traina
     if accelerator.distributed_type.name == "DEEPSPEED":
         accelerator.load_state(str(path), load_module_strict=False)
     elif accelerator.distributed_type.name == "FSDP":
-        load_trainable_shards(accelerator, model, optimizer, trainable_names, path, read_torch_state)
+        load_trainable_shards(accelerator, model, optimizer, trainable_names, path)
     else:
         file = path / "trainable.safetensors"
         try:
@@ -219,12 +237,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, traina
         except Exception as e:  # noqa: BLE001 - missing, truncated or not safetensors
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
         params = dict(unwrap(accelerator.unwrap_model(model)).named_parameters())
-        if set(tensors) != set(trainable_names):
-            extra, missing = sorted(set(tensors) - set(trainable_names)), sorted(set(trainable_names) - set(tensors))
-            example = f"it holds {extra[0]!r}, which this run does not train" if extra else \
-                f"it lacks {missing[0]!r}, which this run trains"
-            raise CheckpointError(f"{file}: a checkpoint of a different trainable set ({example}); resume with the "
-                                  f"config it was written with")
+        check_trainable_set(file, tensors, trainable_names)
         for name, value in tensors.items():
             if value.shape != params[name].shape:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(value.shape)}, the model "
@@ -232,12 +245,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, traina
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
-        try:
-            optimizer.load_state_dict(read_torch_state(path / "optimizer.pt"))
-        except (ValueError, KeyError, RuntimeError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({e})") from None
+        load_optimizer_state(optimizer, read_torch_state(path / "optimizer.pt"), path / "optimizer.pt")
     scheduler.load_state_dict(read_torch_state(path / "scheduler.pt"))
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(read_torch_state(path / "scaler.pt"))

@@ -54,10 +54,13 @@ def save_trainable_shards(accelerator, model, optimizer, names: list[str], direc
     torch.save(local_optimizer_state, directory / f"optimizer-rank{rank}.pt")
 
 
-def load_trainable_shards(accelerator, model, optimizer, names: list[str], directory: Path, read_state) -> None:
-    """Copy this rank's shards back into the sharded parameters and optimizer state. `read_state` reads a
-    torch file safely (weights_only), raising CheckpointError naming it."""
+def load_trainable_shards(accelerator, model, optimizer, names: list[str], directory: Path) -> None:
+    """Copy this rank's shards back into the sharded parameters and optimizer state, with the checks and the
+    safe reader (weights_only) of a one-process checkpoint."""
     from safetensors import safe_open
+
+    # here, not at the top: train.checkpoints imports this module
+    from train.checkpoints import check_trainable_set, load_optimizer_state, read_torch_state
 
     rank = accelerator.process_index
     file = directory / f"trainable-rank{rank}.safetensors"
@@ -68,10 +71,7 @@ def load_trainable_shards(accelerator, model, optimizer, names: list[str], direc
     params = _params(accelerator, model)
     with safe_open(str(file), framework="pt") as f:
         shapes = json.loads((f.metadata() or {}).get("global_shapes", "{}"))
-        if set(f.keys()) != set(names):
-            other = sorted(set(f.keys()) ^ set(names))[0]
-            raise CheckpointError(f"{file}: a checkpoint of a different trainable set ({other!r} is in one of "
-                                  f"them only); resume with the config it was written with")
+        check_trainable_set(file, f.keys(), names)
         with torch.no_grad():
             for name in names:
                 shard, target = f.get_tensor(name), _local(params[name])
@@ -80,7 +80,8 @@ def load_trainable_shards(accelerator, model, optimizer, names: list[str], direc
                                           f"{shapes.get(name)}, this run holds {tuple(target.shape)} of "
                                           f"{list(params[name].shape)}")
                 target.copy_(shard)
-    state = read_state(directory / f"optimizer-rank{rank}.pt")
+    optimizer_file = directory / f"optimizer-rank{rank}.pt"
+    state = read_torch_state(optimizer_file)
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for index, entry in state["state"].items():
         param = ordered[int(index)]
@@ -89,11 +90,7 @@ def load_trainable_shards(accelerator, model, optimizer, names: list[str], direc
                     and value.dim() > 0:
                 entry[key] = _dtensor().from_local(value.to(param.device), param.device_mesh, param.placements,
                                                    run_check=False, shape=param.shape, stride=param.stride())
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{directory / f'optimizer-rank{rank}.pt'}: does not fit this run's optimizer "
-                              f"({e})") from None
+    load_optimizer_state(optimizer, state, optimizer_file)
 
 
 def gather_trainable(model, names: list[str]) -> dict[str, torch.Tensor]:
