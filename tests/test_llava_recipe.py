@@ -14,7 +14,7 @@ from test_train import run
 
 from conftest import FAMILIES
 from midtune.checkpoint import load_pretrained, load_with_delta
-from midtune.data import IGNORE_INDEX, SupervisedDataset, conversation_template, parse_row, render_text
+from midtune.data import SupervisedDataset, conversation_template, parse_row, render_text
 from midtune.images import fit_images, image_aspect_ratio, pad_colour, pad_to_square, set_image_aspect_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,4 +118,3 @@ def test_the_shipped_llava_configs_are_llava_1_5_as_published():
         assert config.image_aspect_ratio == "pad", path.name
         assert config.conversation == ("plain" if path.name == "stage_b_align.yaml" else "chat"), path.name
         assert config.global_batch_size == (256 if path.name == "stage_b_align.yaml" else 128), path.name
-    assert IGNORE_INDEX == -100
