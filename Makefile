@@ -61,8 +61,13 @@ demo: $(STAMP)
 	$(BIN)/python -m compare configs/experiments/demo.yaml $(if $(FORCE),--force,) \
 	  $(if $(SEEDS),--set "seeds=[$(shell seq -s, 0 $$(($(SEEDS) - 1)))]",)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one). Two keep both cores of a 2-core machine
+# busy: one process used 1.3 of them (most of the suite is processes starting and importing torch). Tests of
+# several gloo ranks run one after another (the two_ranks marker, tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	MIDTUNE_LOCK=$(abspath $(LOCK)) MIDTUNE_MODELS_LOCK=$(abspath $(MODELS_LOCK)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	MIDTUNE_LOCK=$(abspath $(LOCK)) MIDTUNE_MODELS_LOCK=$(abspath $(MODELS_LOCK)) $(BIN)/python -m pytest \
+	  $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 # The prepared GPU check (.ci/gpu_check.py): at most 10 minutes on one GPU, results in runs/gpu-check/ and a
 # section appended to BENCHMARKS.md. SMOKE=1: the same steps on the CPU at tiny sizes. GPU_CHECK_PYTHON runs it

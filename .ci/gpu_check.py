@@ -418,13 +418,16 @@ def train_backend(ctx: Context, backend: str, port: int) -> dict:
 
 
 def step_train(ctx: Context) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from midtune.machine import free_port
+
     results: dict[str, dict] = {}
 
     def one(item):
         i, backend = item
         t0 = time.monotonic()
         try:
-            figures = train_backend(ctx, backend, 29500 + 17 * (i + 1))
+            figures = train_backend(ctx, backend, free_port())
             results[backend] = {"status": "passed", **figures}
         except (Skipped, OutOfTime) as e:
             results[backend] = {"status": "skipped", "reason": str(e)}

@@ -1,4 +1,5 @@
-"""What a benchmark records about the machine it ran on (analysis.bench, train.bench)."""
+"""What a benchmark records about the machine it ran on (analysis.bench, train.bench), and a free port for a
+launch of several processes."""
 
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def machine_info(**extra) -> dict:
         "torch": torch.__version__,
         **extra,
     }
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now. Each multi-process `accelerate launch` that midtune's checks and tests start
+    takes its own, so launches side by side (pytest -n, the GPU check's backends) never meet on the default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -17,6 +17,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # own directory: a test neither reads a cache an earlier session left in ~/.cache nor leaves one there.
 os.environ.setdefault("MIDTUNE_CACHE", tempfile.mkdtemp(prefix="midtune-test-cache-"))
 
+def pytest_collection_modifyitems(items):
+    """Tests of several gloo ranks share one xdist group (`make test` runs `pytest -n 2 --dist loadgroup`): ranks
+    that wait in a collective spin on the CPU, so two such tests side by side on 2 cores took 2-4x as long each."""
+    for item in items:
+        if item.get_closest_marker("two_ranks"):
+            item.add_marker(pytest.mark.xdist_group("two_ranks"))
+
+
 FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 TINY = dict(layers=4, hidden=64, heads=4, kv_heads=2, vision_layers=2, vision_hidden=32, vision_heads=4)
 

@@ -132,6 +132,7 @@ def per_document(out: Path, task: str) -> dict:
             "answers": {row["doc_id"]: row["filtered_resps"] for row in rows}}
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_two_processes_give_the_answers_and_scores_of_one(tiny_dir, shapes_data, tmp_path):
     """`python -m eval --num-processes 2 --device cpu`: two processes over gloo, lmms-eval splitting the documents

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import ROOT, check_data_parallel, launch, overrides, read_jsonl
+from test_train import ROOT, accelerate_launch, check_data_parallel, launch, overrides, read_jsonl
 
 from conftest import FAMILIES
 
@@ -128,6 +128,7 @@ def sharded_accelerate_config(tmp_path: Path, backend: str) -> Path:
     return path
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_zero3_with_an_image_row_and_a_text_row_at_batch_one_finishes(world, tiny_dir, tmp_path):
     """One image row and one text row, 2 ranks, batch 1: every step has a text-only rank. Before the stand-in
@@ -147,12 +148,13 @@ def test_zero3_with_an_image_row_and_a_text_row_at_batch_one_finishes(world, tin
 def launch_fsdp2_on_cpu(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
     import os
 
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
-           str(sharded_accelerate_config(tmp_path, "fsdp2")), str(ROOT / "tests" / "fsdp_on_cpu.py"), *args]
+    cmd = [*accelerate_launch(sharded_accelerate_config(tmp_path, "fsdp2")), str(ROOT / "tests" / "fsdp_on_cpu.py"),
+           *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_fsdp2_with_bf16_weights_and_a_text_row_saves_trainable_shards_only_and_resumes_exactly(
         world, tiny_dir, tmp_path):
@@ -191,6 +193,7 @@ def test_fsdp2_with_bf16_weights_and_a_text_row_saves_trainable_shards_only_and_
     assert all(torch.equal(delta[k], resumed[k]) for k in delta)
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_fsdp2_lora_writes_a_whole_delta_that_changes_only_what_trained(world, tiny_dir, tmp_path):
     """LoRA under FSDP2: each rank holds a slice of every adapter; final/ gathers them whole, under PEFT's names,
@@ -231,11 +234,10 @@ def step_gradients(world, model, tmp_path, name, launch_config=None, **settings)
     if launch_config is None:
         cmd = [sys.executable, script, str(out), *args]
     elif "fsdp" in launch_config.name:
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(launch_config),
-               str(ROOT / "tests" / "fsdp_on_cpu.py"), "--step-gradients", str(out), *args]
+        cmd = [*accelerate_launch(launch_config), str(ROOT / "tests" / "fsdp_on_cpu.py"), "--step-gradients", str(out),
+               *args]
     else:
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(launch_config),
-               script, str(out), *args]
+        cmd = [*accelerate_launch(launch_config), script, str(out), *args]
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
@@ -244,6 +246,7 @@ def step_gradients(world, model, tmp_path, name, launch_config=None, **settings)
     return load_file(out), json.loads(Path(str(out) + ".json").read_text())
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_one_global_batch_gives_one_gradient_as_1x8_2x4_accumulated_2_ranks_x4_and_2_fsdp2_ranks(
         world, tiny_dir, tmp_path):

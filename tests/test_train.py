@@ -17,6 +17,7 @@ from conftest import FAMILIES
 from midtune.adapters import family_of
 from midtune.checkpoint import load_pretrained
 from midtune.data import Collator, SupervisedDataset
+from midtune.machine import free_port
 from midtune.spec import resolve_plan
 from train.activation_checkpointing import setup_checkpointing, setup_naive_checkpointing
 from train.config import load_config
@@ -336,12 +337,17 @@ def test_fsdp_wraps_the_llm_and_vision_layers_by_class(tiny_dir, family):
     assert name_fsdp_wrap_classes(named, model) is None and named.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
 
 
+def accelerate_launch(accelerate_config: Path) -> list[str]:
+    """`accelerate launch` with `accelerate_config`, on a port of its own (tests may run side by side)."""
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--main_process_port", str(free_port()),
+            "--config_file", str(accelerate_config)]
+
+
 def launch(accelerate_config: Path, args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
-    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(accelerate_config),
-           "train", *args]
+    cmd = [*accelerate_launch(accelerate_config), "train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
 
 
@@ -359,6 +365,7 @@ def check_data_parallel(out: Path, steps: int) -> None:
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_two_cpu_processes_train_data_parallel(world, tiny_dir, tmp_path):
     out = tmp_path / "ddp"
@@ -369,6 +376,7 @@ def test_two_cpu_processes_train_data_parallel(world, tiny_dir, tmp_path):
     assert json.loads((out / "run.json").read_text())["distributed_type"] == "MULTI_CPU"
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 def test_ddp_with_a_trainable_projector_and_a_text_only_rank(world, tiny_dir, tmp_path):
     """Two ranks, batch 1, one image row and one text row: at every step one rank's micro-batch has no image,
@@ -410,6 +418,7 @@ def zero3_checks(run_dir: Path, world: Path, model_dir: Path) -> None:
     assert read_jsonl(run_dir / "samples-rank0.jsonl")[-1]["final_weights"] == digest.hexdigest()
 
 
+@pytest.mark.two_ranks
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_cpu_processes_with_resume(world, tiny_dir, tmp_path, stage):
