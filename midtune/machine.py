@@ -33,10 +33,29 @@ def machine_info(**extra) -> dict:
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on now. Each multi-process `accelerate launch` that midtune's checks and tests start
-    takes its own, so launches side by side (pytest -n, the GPU check's backends) never meet on the default 29500."""
+    """A TCP port nobody listens on now, for the rendezvous of a multi-process launch. Each `accelerate launch` that
+    midtune's checks and tests start takes its own, so launches side by side (pytest -n, the GPU check's backends)
+    never meet on the default 29500.
+
+    Drawn below the kernel's ephemeral range (ip_local_port_range), never from it: a port the kernel hands out may
+    be the source port of some connection, and a rank that dials such a port before its store listens can connect
+    to itself (TCP self-connect) and wait out the whole rendezvous timeout. That is how letting the kernel pick
+    (bind to port 0) failed here: two DeepSpeed launches of the GPU check timed out while connecting."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free TCP port found in 20000-{low - 1}")
