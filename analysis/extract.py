@@ -78,13 +78,18 @@ class Pair:
     image: Path  # absolute
     caption: str
     labels: dict = field(default_factory=dict)
+    captions: tuple[str, ...] = ()  # every caption of the image (the row's `captions`; else just `caption`)
+    question: str | None = None  # the sample's own question (the authors' protocol asks it of image and twin)
 
 
 def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, label: str | Sequence[str] | None = None,
-               max_pairs: int | None = None, min_pairs: int = 1, allow_outside_images: bool = False) -> list[Pair]:
+               max_pairs: int | None = None, min_pairs: int = 1, allow_outside_images: bool = False,
+               need_question: bool = False) -> list[Pair]:
     """The rows of a pairs JSONL file, checked: every row parses and has id/image/caption, every image exists
     inside the image folder (unless `allow_outside_images`), `label` (a name or several) is in every row's
-    `labels`, and at least `min_pairs` rows remain after `max_pairs`.
+    `labels`, and at least `min_pairs` rows remain after `max_pairs`. Optional keys: `captions` (a list of
+    non-empty strings: all captions of the image) and `question` (a non-empty string), required in every row
+    with `need_question`.
 
     `image_folder` defaults to `<pairs dir>/images`. Raises AnalysisError naming the file, row and problem."""
     path = Path(path)
@@ -107,6 +112,14 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
         for key in ("id", "image", "caption"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise AnalysisError(f"{where}: missing or empty {key!r} (rows need id, image, caption, labels)")
+        captions = row.get("captions", [row["caption"]])
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip()
+                                                                      for c in captions):
+            raise AnalysisError(f"{where} (id={row['id']!r}): 'captions' must be a list of non-empty strings")
+        question = row.get("question")
+        if (question is not None or need_question) and not (isinstance(question, str) and question.strip()):
+            raise AnalysisError(f"{where} (id={row['id']!r}): {'no' if question is None else 'empty'} 'question' "
+                                f"(the authors' protocol asks each image its row's question)")
         labels = row.get("labels") or {}
         if not isinstance(labels, dict):
             raise AnalysisError(f"{where} (id={row['id']!r}): 'labels' must be an object")
@@ -120,7 +133,8 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
                                 f"folder {str(folder)!r} (--allow-outside-images permits it)")
         if not image.is_file():
             missing.append(f"line {lineno} (id={row['id']!r}): {image}")
-        pairs.append(Pair(row["id"], image, row["caption"], {k: str(v) for k, v in labels.items()}))
+        pairs.append(Pair(row["id"], image, row["caption"], {k: str(v) for k, v in labels.items()},
+                          tuple(captions), question))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise AnalysisError(f"{path}: {len(missing)} image file(s) not found under {folder}: "

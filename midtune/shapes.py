@@ -14,7 +14,9 @@ Output layout under DIR (image paths inside the JSON files are relative to DIR/i
     captions_train.json, captions_val.json   "<image>\\nDescribe the image." -> caption
     test/{qtype}.jsonl                   benchmark questions (color, shape, count, position, exists)
     scenes_{split}.jsonl                 ground-truth scene description of every image
-    pairs.jsonl                          test image + caption + labels, for geometry analysis
+    pairs.jsonl                          test image + caption + labels, for geometry analysis; also the same
+                                         scene in other words (captions) and one question about it (question,
+                                         answer, qtype), for the authors' protocol (docs/analysis.md)
     corpus.jsonl                         text-only corpus for language pretraining
     scenes_in_words.json                 text-only conversations: a scene as one word per grid cell -> its caption
     questions_in_words.json              text-only conversations: a scene in cell words -> answers to its colour,
@@ -45,6 +47,8 @@ except ImportError:  # pragma: no cover - depends on the environment
     _tqdm = None
 
 FORMAT_VERSION = 1
+# spawn key of the analysis pairs' own random stream; the splits' streams are SeedSequence(seed).spawn(3), keys 0-2
+PAIRS_STREAM = 100
 
 # ---------------------------------------------------------------------------------------
 # The world's fixed vocabulary. Orders matter: they define the "choices" lists and the
@@ -231,6 +235,38 @@ def caption(scene: Scene, grid: int) -> str:
     parts = [_there_are(len(scene), "shape")]
     parts += [f"a {o.color} {o.shape} at the {position_name(o.row, o.col, grid)}." for o in scene]
     return " ".join(parts)
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption_phrasings(scene: Scene, grid: int, rng: np.random.Generator) -> list[str]:
+    """The scene in three wordings that state the same facts: the caption itself, the objects first (in an
+    rng-drawn order) with the count after them, and position-first sentences (another order). Real data sets give
+    an image several captions (COCO: five); the authors' textual twin lists them all. Their first words differ,
+    unlike the captions', which all start with "there"."""
+    objects = [f"a {o.color} {o.shape}" for o in scene]
+    where = [position_name(o.row, o.col, grid) for o in scene]
+    count = "1 shape" if len(scene) == 1 else f"{len(scene)} shapes"
+    first, second = rng.permutation(len(scene)), rng.permutation(len(scene))
+    objects_first = f"{_join([f'{objects[i]} at the {where[i]}' for i in first])}; {count} in all."
+    places_first = " ".join([f"the image shows {count}."] + [f"at the {where[i]} is {objects[i]}." for i in second])
+    return [caption(scene, grid), objects_first, places_first]
+
+
+def pair_question(scene: Scene, rng: np.random.Generator, grid: int) -> dict:
+    """One question about the scene for its analysis pair, its type drawn uniformly from those the scene can ask
+    unambiguously (canonical wording, as in the benchmark files). "how many shapes are there?" always applies."""
+    makers = {"color": lambda: color_question(scene, rng), "shape": lambda: shape_question(scene, rng),
+              "count": lambda: count_question(scene, rng), "position": lambda: position_question(scene, rng, grid),
+              "exists": lambda: exists_question(scene, rng, positive=bool(rng.random() < 0.5))}
+    order = [QTYPES[int(i)] for i in rng.permutation(len(QTYPES))]
+    for qtype in order:
+        q = makers[qtype]()
+        if q is not None:
+            return {"question": q["question"], "answer": q["answer"], "qtype": qtype}
+    raise AssertionError("count_question always applies")  # pragma: no cover
 
 
 def relation(a: ShapeObject, b: ShapeObject) -> str | None:
@@ -562,11 +598,14 @@ def generate_world(
         files[f"test/{qtype}.jsonl"] = len(rows)
 
     # --- pairs for representation analysis --------------------------------------------
-    pairs = [
-        {"id": f"test_{i:06d}", "image": f"test/test_{i:06d}.png",
-         "caption": caption(scene, grid), "labels": pair_labels(scene)}
-        for i, scene in enumerate(scenes["test"])
-    ]
+    # Their other wordings and questions come from a stream of their own (PAIRS_STREAM), so adding them changed
+    # no other file of a world of the same seed.
+    pairs_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(PAIRS_STREAM,)))
+    pairs = []
+    for i, scene in enumerate(scenes["test"]):
+        captions = caption_phrasings(scene, grid, pairs_rng)
+        pairs.append({"id": f"test_{i:06d}", "image": f"test/test_{i:06d}.png", "caption": captions[0],
+                      "captions": captions, **pair_question(scene, pairs_rng, grid), "labels": pair_labels(scene)})
     _write_jsonl(out / "pairs.jsonl", pairs)
     files["pairs.jsonl"] = len(pairs)
 

@@ -263,6 +263,29 @@ def test_captions_pairs_and_corpus_text(world):
     assert len(vocab) < 80
 
 
+def test_every_pair_has_other_wordings_of_its_scene_and_one_question_it_answers(world):
+    """What the authors' protocol reads (docs/analysis.md): several captions of one image, stating the same facts in
+    other words and orders, and the sample's own question, answered by its scene."""
+    scenes = scenes_by_image(world, "test")
+    pairs = read_jsonl(world / "pairs.jsonl")
+    qtypes = Counter()
+    for p in pairs:
+        objects = scenes[p["image"]]
+        assert len(p["captions"]) == 3 and p["captions"][0] == p["caption"]
+        assert len(set(p["captions"])) == 3 and len({c.split()[0] for c in p["captions"]}) == 3  # other first words
+        count = "1 shape" if len(objects) == 1 else f"{len(objects)} shapes"
+        for text in p["captions"]:
+            assert count in text, text
+            for o in objects:
+                assert f"{o['color']} {o['shape']} at the {o['position']}" in text or \
+                    f"at the {o['position']} is a {o['color']} {o['shape']}" in text, (o, text)
+            assert len(re.findall(r"\ba (?:red|green|blue|yellow|purple) ", text)) == len(objects), text
+        assert expected_answer(p["question"], objects) == p["answer"]
+        assert next(q for q, pattern in PATTERNS if re.fullmatch(pattern, p["question"])) == p["qtype"]
+        qtypes[p["qtype"]] += 1
+    assert len(qtypes) >= 4, qtypes  # the question's type varies from pair to pair
+
+
 def test_scene_geometry_and_pixels(world):
     size = json.loads((world / "world.json").read_text())["args"]["image_size"]
     edges = [-((-k * size) // 3) for k in range(4)]
