@@ -61,7 +61,9 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idcorr-shuffles", type=int, default=3, help="shuffles for the IdCorr p-value (default 3)")
     p.add_argument("--no-idcorr", action="store_true", help="skip IdCorr (it runs its own neighbour searches)")
     p.add_argument("--shard-size", type=int, default=256, help="pairs per extraction shard file")
-    p.add_argument("--seed", type=int, default=0, help="probe split and IdCorr shuffles")
+    p.add_argument("--band-resamples", type=int, default=200,
+                   help="resamples of the pairs for each ID and overlap curve's 95 %% band (default 200; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="probe split, IdCorr shuffles and the bands' resamples")
     _add_model_options(p)
 
 
@@ -201,7 +203,8 @@ def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
         raise AnalysisError("--pairs is required")
     _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, shard_size=args.shard_size)
     settings = ProfileSettings(k=args.k, label=args.label, gride_rank=args.gride_rank,
-                               idcorr_shuffles=args.idcorr_shuffles, idcorr=not args.no_idcorr, seed=args.seed)
+                               idcorr_shuffles=args.idcorr_shuffles, idcorr=not args.no_idcorr, seed=args.seed,
+                               band_resamples=args.band_resamples)
     settings.check()
     extract_settings = ExtractSettings(prompt=args.prompt or DEFAULT_PROMPT, caption_format=args.caption_format,
                                        batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,

@@ -35,12 +35,18 @@ __all__ = [
     "GeometryWarning",
     "Neighbours",
     "cka",
+    "gride_at",
+    "gride_band",
     "gride_scaling",
     "id_correlation",
     "knn",
     "label_overlap",
     "neighborhood_overlap",
+    "overlap_band",
+    "pair_band",
     "twonn",
+    "twonn_band",
+    "unique_pairs",
 ]
 
 _EPS64 = np.finfo(np.float64).eps
@@ -314,16 +320,21 @@ def twonn(X, fraction: float = 0.9, method: str = "base") -> float:
         raise ValueError(f"method must be 'base' or 'ml', got {method!r}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    log_mu = twonn_log_mu(X)
+    if len(log_mu) < 3:
+        return _undefined(
+            f"TwoNN: only {len(log_mu)} of {_length(X)} points have a nonzero nearest-neighbour distance "
+            "(the rest are duplicates); ID is undefined — compute it on unique rows"
+        )
+    return _twonn_from_log_mu(log_mu, fraction, method)
+
+
+def twonn_log_mu(X) -> np.ndarray:
+    """Each point's log μ = log(r2 / r1), TwoNN's data, for the points with r1 > 0 (see :func:`twonn`)."""
     nb = _neighbours(X, 2, "X")
     r1, r2 = nb.distances[:, 0], nb.distances[:, 1]
     keep = r1 > 0
-    if keep.sum() < 3:
-        return _undefined(
-            f"TwoNN: only {int(keep.sum())} of {nb.n} points have a nonzero nearest-neighbour distance "
-            "(the rest are duplicates); ID is undefined — compute it on unique rows"
-        )
-    log_mu = np.log(r2[keep] / r1[keep])
-    return _twonn_from_log_mu(log_mu, fraction, method)
+    return np.log(r2[keep] / r1[keep])
 
 
 def _twonn_from_log_mu(log_mu: np.ndarray, fraction: float, method: str) -> float:
@@ -394,13 +405,27 @@ def gride_scaling(X, range_max: int = 64) -> tuple[np.ndarray, np.ndarray, np.nd
     for n1 in ranks[:-1]:
         r_near, r_far = nb.distances[:, n1 - 1], nb.distances[:, 2 * n1 - 1]
         keep = r_near > 0
-        mus = r_far[keep] / r_near[keep]
-        mus[mus == 1] += 10 * _EPS64
+        mus = gride_mus(nb, int(n1))
         id_, err = _gride_single_scale(mus, n1, 2 * n1)
         ids.append(id_)
         errors.append(err)
         scales.append(np.mean([r_near[keep], r_far[keep]]) if keep.any() else float("nan"))
     return np.array(ids), np.array(errors), np.array(scales)
+
+
+def gride_mus(nb: Neighbours, n1: int) -> np.ndarray:
+    """Each point's μ = r_{2·n1} / r_{n1}, GRIDE's data at scale n1, for the points with r_{n1} > 0 (μ == 1
+    nudged by 10·eps, as DADApy does)."""
+    r_near, r_far = nb.distances[:, n1 - 1], nb.distances[:, 2 * n1 - 1]
+    keep = r_near > 0
+    mus = r_far[keep] / r_near[keep]
+    mus[mus == 1] += 10 * _EPS64
+    return mus
+
+
+def gride_at(nb: Neighbours, n1: int) -> float:
+    """GRIDE's ML ID at the one scale n1 (μ = r_{2·n1} / r_{n1}): the entry of :func:`gride_scaling` for n1."""
+    return _gride_single_scale(gride_mus(nb, n1), n1, 2 * n1)[0]
 
 
 def _gride_single_scale(mus: np.ndarray, n1: int, n2: int, d0: float = 1e-3, d1: float = 1e3) -> tuple[float, float]:
@@ -426,6 +451,20 @@ def _gride_single_scale(mus: np.ndarray, n1: int, n2: int, d0: float = 1e-3, d1:
 
 
 # ----------------------------------------------------------------------------- overlaps
+
+
+def unique_pairs(A) -> np.ndarray:
+    """Indices of the rows to keep so that A has no exact duplicate rows: the first of each group of equal rows,
+    in their original order. Index both arrays of a pair with them (A[keep], B[keep]), so every kept row keeps
+    its partner. This is the authors' handling (luisfpal/LLaVA_Representations_Analysis: np.unique over the
+    first array, its partners taken by the same indices; duplicates of the second array stay). DADApy assumes
+    every point is its own first neighbour, which duplicates break; the functions here do not need it (see
+    :func:`knn`), so nothing here calls this implicitly: the authors' protocol does (docs/analysis.md)."""
+    rows = A.detach().cpu().numpy() if isinstance(A, torch.Tensor) else np.asarray(A)
+    if rows.ndim != 2:
+        raise ValueError(f"A: expected a 2-D (samples, features) array, got shape {rows.shape}")
+    _, first = np.unique(rows, axis=0, return_index=True)
+    return np.sort(first)
 
 
 def neighborhood_overlap(A, B, k: int = 30, average: bool = True):
@@ -572,3 +611,48 @@ def _hsic_unbiased(a: torch.Tensor, b: torch.Tensor) -> float:
     middle = float(k_rows.sum() * l_rows.sum()) / ((n - 1) * (n - 2))
     last = 2.0 * float(k_rows @ l_rows) / (n - 2)
     return (kl + middle - last) / (n * (n - 3))
+
+
+# ----------------------------------------------------------------------------- bands from resampling the pairs
+
+
+def pair_band(terms: np.ndarray, estimate, n_resamples: int = 200, seed: int = 0,
+              level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of `estimate(terms[idx])` over `n_resamples` resamples idx of the pairs, with
+    replacement: the band of a per-layer curve.
+
+    `terms` holds one value per pair that the estimate is a function of: χ_i for an overlap (estimate: the mean),
+    log μ_i for TwoNN, μ_i at n1 for GRIDE. Each pair's neighbours stay those of the whole sample (resampling the
+    points themselves would put copies at distance 0, which no neighbour-based estimator survives), so the band
+    is the sampling uncertainty of the estimate given the neighbourhoods. Resamples whose estimate is undefined
+    are left out; NaN when more than a tenth are."""
+    terms = np.asarray(terms)
+    if n_resamples < 1 or len(terms) < 3:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_resamples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an undefined resample is counted below, not reported one by one
+        for b in range(n_resamples):
+            values[b] = estimate(terms[rng.integers(0, len(terms), len(terms))])
+    finite = values[np.isfinite(values)]
+    if len(finite) < 0.9 * n_resamples:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def overlap_band(chi: np.ndarray, **kwargs) -> tuple[float, float]:
+    """Band of a neighbourhood overlap from its per-pair χ_i (``neighborhood_overlap(..., average=False)``)."""
+    return pair_band(chi, np.mean, **kwargs)
+
+
+def twonn_band(X, fraction: float = 0.9, method: str = "base", **kwargs) -> tuple[float, float]:
+    """Band of :func:`twonn` (same arguments) from resampling the pairs' log μ."""
+    return pair_band(twonn_log_mu(X), lambda x: _twonn_from_log_mu(x, fraction, method), **kwargs)
+
+
+def gride_band(nb: Neighbours, n1: int, **kwargs) -> tuple[float, float]:
+    """Band of :func:`gride_at` from resampling the pairs' μ at scale n1."""
+    return pair_band(gride_mus(nb, n1), lambda m: _gride_single_scale(m, n1, 2 * n1)[0], **kwargs)

@@ -24,7 +24,8 @@ def computed(profiles: dict[str, dict[int, dict[str, float]]], metric: str) -> b
 
 
 def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, metrics=None):
-    """One figure: a panel per metric, a line per model, hidden-state index on x. Returns the (closed) Figure.
+    """One figure: a panel per metric, a line per model (with its 95 % band where the profile has one: ID and
+    overlap curves), hidden-state index on x. Returns the (closed) Figure.
     A metric no profile computed (IdCorr under --no-idcorr: NaN or absent at every layer) gets no panel: an empty
     panel reads as a measurement."""
     from analysis.profile import PLOTTED, TITLES
@@ -40,8 +41,12 @@ def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, 
     for ax, metric in zip(axes.flat, metrics):
         for name, per_layer in profiles.items():
             layers = sorted(per_layer)
-            ax.plot(layers, [per_layer[layer].get(metric, float("nan")) for layer in layers], marker="o",
-                    markersize=3, label=name)
+            (line,) = ax.plot(layers, [per_layer[layer].get(metric, float("nan")) for layer in layers], marker="o",
+                              markersize=3, label=name)
+            if computed(profiles, f"{metric}_lo"):  # its band from resampling the pairs, where it was computed
+                lo, hi = ([per_layer[layer].get(f"{metric}_{end}", float("nan")) for layer in layers]
+                          for end in ("lo", "hi"))
+                ax.fill_between(layers, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(-0.3, last + 0.3)
         ax.set_title(TITLES.get(metric, metric), fontsize=10)

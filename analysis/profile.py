@@ -44,12 +44,15 @@ import numpy as np
 from analysis.extract import AnalysisError
 from analysis.geometry import (
     GeometryWarning,
-    gride_scaling,
+    gride_at,
+    gride_band,
     id_correlation,
     knn,
     label_overlap,
     neighborhood_overlap,
+    overlap_band,
     twonn,
+    twonn_band,
 )
 from midtune.files import atomic_file, write_json
 
@@ -64,7 +67,19 @@ TITLES = {
     "label_overlap": "label overlap (visual)", "probe_acc": "linear probe accuracy (visual)",
     "idcorr": "IdCorr (visual, textual)", "idcorr_p": "IdCorr p-value",
 }
+# Every ID and overlap curve has a band: `<metric>_lo`, `<metric>_hi`, the 95 % percentile interval over resamples of
+# the pairs (analysis.geometry.pair_band), `band_resamples` of them (0: no bands).
+BANDED = ("visual_id", "textual_id", "last_id", "visual_id_gride", "textual_id_gride", "vt_overlap",
+          "last_t_overlap")
+COLUMNS = METRICS + tuple(f"{m}_{end}" for m in BANDED for end in ("lo", "hi"))
 PROFILE_FORMAT = "midtune-profile/1"
+
+
+def column_title(column: str) -> str:
+    for end, word in (("_lo", "low"), ("_hi", "high")):
+        if column.endswith(end) and column[:-len(end)] in BANDED:
+            return f"{TITLES[column[:-len(end)]]}: 95 % band, {word} end (pairs resampled)"
+    return TITLES[column]
 
 
 @dataclass
@@ -76,12 +91,15 @@ class ProfileSettings:
     idcorr: bool = True
     test_size: float = 0.3
     seed: int = 0
+    band_resamples: int = 200
 
     def check(self, n_pairs: int | None = None) -> None:
         if self.k < 1:
             raise AnalysisError(f"k must be >= 1, got {self.k}")
         if self.gride_rank < 1 or self.gride_rank & (self.gride_rank - 1):
             raise AnalysisError(f"gride rank must be a power of two (1, 2, 4, 8, …), got {self.gride_rank}")
+        if self.band_resamples < 0:
+            raise AnalysisError(f"band resamples must be >= 0, got {self.band_resamples}")
         if self.idcorr_shuffles < 0:
             raise AnalysisError(f"idcorr shuffles must be >= 0, got {self.idcorr_shuffles}")
         if n_pairs is not None and n_pairs < self.k + 2:
@@ -119,7 +137,8 @@ def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings
 
 def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search: int) -> dict[str, float]:
     nan = float("nan")
-    values = dict.fromkeys(METRICS, nan)
+    values = dict.fromkeys(COLUMNS, nan)
+    bands = {"n_resamples": s.band_resamples, "seed": s.seed}
 
     def safe(what: str, fn):
         try:
@@ -130,16 +149,24 @@ def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search:
 
     nb = {kind: safe(kind, lambda x=x: knn(x, k_search)) for kind, x in reps.items()}
     img, txt, last = nb["image_mean"], nb["caption_mean"], nb.get("image_last")
+    def band(metric: str, fn):
+        if s.band_resamples and math.isfinite(values[metric]):
+            values[f"{metric}_lo"], values[f"{metric}_hi"] = safe(f"{metric} band", fn) or (nan, nan)
+
     for metric, neighbours in (("visual_id", img), ("textual_id", txt), ("last_id", last)):
         if neighbours is not None:
             values[metric] = _num(safe(metric, lambda nb_=neighbours: twonn(nb_)))
+            band(metric, lambda nb_=neighbours: twonn_band(nb_, **bands))
     for metric, neighbours in (("visual_id_gride", img), ("textual_id_gride", txt)):
         if neighbours is not None:
             values[metric] = _num(safe(metric, lambda nb_=neighbours: _gride_at(nb_, s.gride_rank)))
-    if img is not None and txt is not None:
-        values["vt_overlap"] = _num(safe("vt_overlap", lambda: neighborhood_overlap(img, txt, s.k)))
-    if last is not None and txt is not None:
-        values["last_t_overlap"] = _num(safe("last_t_overlap", lambda: neighborhood_overlap(last, txt, s.k)))
+            band(metric, lambda nb_=neighbours: gride_band(nb_, s.gride_rank, **bands))
+    for metric, a in (("vt_overlap", img), ("last_t_overlap", last)):
+        if a is not None and txt is not None:
+            chi = safe(metric, lambda a_=a: neighborhood_overlap(a_, txt, s.k, average=False))
+            if chi is not None:
+                values[metric] = float(chi.mean())
+                band(metric, lambda chi_=chi: overlap_band(chi_, **bands))
     if img is not None:
         values["label_overlap"] = _num(safe("label_overlap", lambda: label_overlap(img, labels, s.k)))
         values["probe_acc"] = _num(safe("probe_acc", lambda: probe_accuracy(reps["image_mean"], labels,
@@ -163,8 +190,7 @@ def _gride_at(nb, rank: int) -> float:
         warnings.warn(f"GRIDE at rank {rank} needs {2 * rank} neighbours, but only {max_rank} are available "
                       f"({nb.n} pairs)", GeometryWarning, stacklevel=2)
         return float("nan")
-    ids, _, _ = gride_scaling(nb, range_max=2 * rank)
-    return float(ids[int(math.log2(rank))])
+    return gride_at(nb, rank)
 
 
 def probe_accuracy(X: np.ndarray, labels: np.ndarray, test_size: float = 0.3, seed: int = 0) -> float:
@@ -214,7 +240,7 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
     doc = {
         "format": PROFILE_FORMAT,
         "settings": {**asdict(settings), **(extra or {})},
-        "metrics": {m: TITLES[m] for m in METRICS},
+        "metrics": {m: column_title(m) for m in COLUMNS},
         "layers": "hidden_states index: 0 = embeddings, l = output of decoder layer l-1, last = final norm",
         "models": info,
         "profiles": {name: {str(layer): {m: _json_value(v) for m, v in metrics.items()}
@@ -224,11 +250,11 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
     write_json(paths["json"], doc)
     with atomic_file(paths["csv"]) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["model", "layer", *METRICS])
+        writer.writerow(["model", "layer", *COLUMNS])
         for name, per_layer in profiles.items():
             for layer, metrics in per_layer.items():
-                writer.writerow([name, layer, *("" if not math.isfinite(metrics[m]) else f"{metrics[m]:.6g}"
-                                                for m in METRICS)])
+                writer.writerow([name, layer, *("" if not math.isfinite(metrics.get(m, math.nan))
+                                                else f"{metrics[m]:.6g}" for m in COLUMNS)])
     plot_profiles(profiles, paths["png"])
     return paths
 

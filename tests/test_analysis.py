@@ -112,6 +112,26 @@ def test_extraction_is_right_and_padding_invariant(family, world, tiny_dir, tmp_
                                    rtol=2e-3, atol=2e-3)
 
 
+def test_pairs_carry_their_captions_and_question_and_bad_ones_are_named(world, tmp_path):
+    import json
+
+    pairs = read_pairs(world / "pairs.jsonl", max_pairs=3, need_question=True)
+    rows = [json.loads(line) for line in (world / "pairs.jsonl").read_text().splitlines()[:3]]
+    assert [p.captions for p in pairs] == [tuple(r["captions"]) for r in rows]
+    assert [p.question for p in pairs] == [r["question"] for r in rows]
+    plain = tmp_path / "plain.jsonl"  # a pairs file of a user's own: one caption, no question
+    plain.write_text("".join(json.dumps({k: r[k] for k in ("id", "image", "caption")}) + "\n" for r in rows))
+    (first, *_) = read_pairs(plain, world / "images")
+    assert first.captions == (rows[0]["caption"],) and first.question is None
+    with pytest.raises(AnalysisError, match=r"plain.jsonl: line 1 \(id='test_000000'\): no 'question'"):
+        read_pairs(plain, world / "images", need_question=True)
+    for bad, needle in [({"captions": []}, "'captions' must be a list"), ({"captions": ["a", ""]}, "'captions'"),
+                        ({"question": " "}, "empty 'question'")]:
+        plain.write_text(json.dumps({**rows[0], **bad}) + "\n")
+        with pytest.raises(AnalysisError, match=needle):
+            read_pairs(plain, world / "images")
+
+
 def test_interrupted_extraction_resumes(world, tiny_dir, tmp_path, monkeypatch):
     from analysis import extract as extract_module
 
@@ -209,6 +229,10 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
             assert 0 < m["visual_id"] < 64 and 0 < m["textual_id"] < 64
             assert 0 <= m["vt_overlap"] <= 1 and 0 <= m["label_overlap"] <= 1 and 0 <= m["probe_acc"] <= 1
             assert math.isnan(m["last_id"]) == (layer == 0)
+            for metric in ("visual_id", "textual_id", "visual_id_gride", "textual_id_gride", "vt_overlap"):
+                assert m[f"{metric}_lo"] <= m[f"{metric}_hi"], (name, layer, metric)  # its band (pairs resampled)
+            assert m["vt_overlap_lo"] <= m["vt_overlap"] <= m["vt_overlap_hi"]
+    assert "95 % band" in doc["metrics"]["vt_overlap_lo"] and doc["settings"]["band_resamples"] == 200
     base, tuned = doc["profiles"]["base"], doc["profiles"]["tuned"]
     for layer in (0, 1):  # inputs of the trained layers 1-2: untouched by training
         assert base[layer]["visual_id"] == tuned[layer]["visual_id"]
@@ -219,6 +243,7 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
                                                                               for layer in range(5)])
     with open(out / "profiles.csv") as fh:
         rows = list(csv.DictReader(fh))
+    assert float(rows[1]["vt_overlap_lo"]) == pytest.approx(base[1]["vt_overlap_lo"], rel=1e-5)
     assert [(r["model"], int(r["layer"])) for r in rows] == \
         [(n, layer) for n in ("base", "tuned") for layer in range(5)]
     with Image.open(out / "profile.png") as im:
@@ -226,6 +251,10 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
     fig = plot_profiles(doc["profiles"], tmp_path / "again.png")
     panels = [ax for ax in fig.axes if ax.lines]
     assert len(panels) >= 9 and all([line.get_label() for line in ax.lines] == ["base", "tuned"] for ax in panels)
+    banded = [ax for ax in panels if ax.collections]  # the bands are filled areas, one per model
+    assert {ax.get_title() for ax in banded} >= {"visual ID (TwoNN)", "visual↔textual overlap", "textual ID (GRIDE)"}
+    assert all(len(ax.collections) == 2 for ax in banded)
+    assert not any("probe" in ax.get_title() or "label" in ax.get_title() for ax in banded)
     # a metric computed nowhere (IdCorr under --no-idcorr) gets no panel, not an empty one
     without = {name: {layer: {**m, "idcorr": float("nan")} for layer, m in per_layer.items()}
                for name, per_layer in doc["profiles"].items()}

@@ -362,3 +362,49 @@ def test_undefined_metrics_warn_instead_of_crashing():
     with pytest.warns(GeometryWarning):
         ids, errors, _ = gride_scaling(x, range_max=4)
     assert np.isnan(ids).all() and np.isnan(errors).all()
+
+
+def test_unique_pairs_keeps_the_first_of_equal_rows_with_its_partner_as_the_authors_do():
+    from analysis.geometry import unique_pairs
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(8, 3))
+    A[5] = A[1]  # two duplicates of row 1 (say, the same image twice) and one of row 2
+    A[7] = A[1]
+    A[6] = A[2]
+    B = rng.normal(size=(8, 4))  # their partners differ (different questions about the same image)
+    B[3] = B[0]  # duplicates in the second array stay
+    keep = unique_pairs(A)
+    assert keep.tolist() == [0, 1, 2, 3, 4]
+    assert np.unique(A[keep], axis=0).shape[0] == len(keep)
+    np.testing.assert_array_equal(B[keep], B[:5])
+    assert unique_pairs(torch.tensor(A, dtype=torch.float16)).tolist() == [0, 1, 2, 3, 4]
+    assert unique_pairs(np.ones((4, 2))).tolist() == [0]  # all equal: one row left (the metrics then say why)
+
+
+def test_pair_bands_hold_the_estimate_narrow_with_more_pairs_and_repeat_with_their_seed():
+    from analysis.geometry import gride_at, gride_band, overlap_band, pair_band, twonn_band
+
+    def gauss(n, seed):  # a 5-D Gaussian in 20-D
+        rng = np.random.default_rng(seed)
+        return rng.normal(size=(n, 5)) @ np.linalg.qr(rng.normal(size=(20, 20)))[0][:5]
+
+    widths = {}
+    for n in (100, 800):
+        x = gauss(n, 1)
+        nb = knn(x, 32)
+        lo, hi = twonn_band(nb)
+        assert lo < twonn(nb) < hi and lo < 5 < hi + 0.6, (n, lo, hi)
+        glo, ghi = gride_band(nb, 8)
+        assert glo < gride_at(nb, 8) < ghi
+        noisy = x + np.random.default_rng(1).normal(scale=0.5, size=x.shape)
+        chi = neighborhood_overlap(nb, knn(noisy, 32), k=10, average=False)
+        olo, ohi = overlap_band(chi)
+        assert olo < chi.mean() < ohi
+        widths[n] = (hi - lo, ghi - glo, ohi - olo)
+    for small, big in zip(widths[100], widths[800]):
+        assert small > 1.8 * big  # ~ sqrt(8) = 2.8 narrower for 8x the pairs
+    chi = np.random.default_rng(0).random(50)
+    assert overlap_band(chi, seed=3) == overlap_band(chi, seed=3) != overlap_band(chi, seed=4)
+    assert overlap_band(chi, n_resamples=0) != overlap_band(chi, n_resamples=0)  # (nan, nan): no band
+    assert all(math.isnan(v) for v in pair_band(chi, lambda t: float("nan")))  # undefined resamples: no band
