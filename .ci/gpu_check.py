@@ -423,8 +423,7 @@ def step_train(ctx: Context) -> dict:
 
     results: dict[str, dict] = {}
 
-    def one(item):
-        i, backend = item
+    def one(backend):
         t0 = time.monotonic()
         try:
             figures = train_backend(ctx, backend, free_port())
@@ -438,7 +437,7 @@ def step_train(ctx: Context) -> dict:
         results[backend]["seconds"] = round(time.monotonic() - t0, 1)
 
     with ThreadPoolExecutor(max_workers=ctx.sizes.jobs) as pool:
-        list(pool.map(one, enumerate(BACKENDS)))
+        list(pool.map(one, BACKENDS))
     plain = results.get("plain", {})
     if plain.get("status") == "passed":
         ctx.trained = Path(plain["final"])

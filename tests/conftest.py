@@ -17,9 +17,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # own directory: a test neither reads a cache an earlier session left in ~/.cache nor leaves one there.
 os.environ.setdefault("MIDTUNE_CACHE", tempfile.mkdtemp(prefix="midtune-test-cache-"))
 
+
 def pytest_collection_modifyitems(config, items):
-    """Tests of several gloo ranks share one xdist group (`make test` runs `pytest -n 2 --dist loadgroup`): ranks
-    that wait in a collective spin on the CPU, so two such tests side by side on 2 cores took 2-4x as long each."""
+    """Under pytest-xdist (`make test TEST_WORKERS=2` adds `--dist loadgroup`), tests of several gloo ranks share one
+    xdist group: ranks that wait in a collective spin on the CPU, so two such tests side by side on 2 cores took 2-4x as
+    long each."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     for item in items:

@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# SMOKE's own budget is 240 s (about 210 s on 2 free cores); `make test` runs another test beside it (pytest -n 2)
-SMOKE_BUDGET_BESIDE_A_NEIGHBOUR = 420
 
 
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
     record = tmp_path / "BENCHMARKS.md"
     record.write_text("# earlier sections\n")
-    args = f"--out {tmp_path / 'out'} --record {record} --budget {SMOKE_BUDGET_BESIDE_A_NEIGHBOUR}"
+    args = f"--out {tmp_path / 'out'} --record {record}"
     proc = subprocess.run(["make", "--no-print-directory", "gpu-check", "SMOKE=1", f"GPU_CHECK_PYTHON={sys.executable}",
                            f"GPU_CHECK_ARGS={args}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
@@ -33,7 +31,7 @@ def test_gpu_check_smoke_runs_every_step_and_records_it(tmp_path):
     assert steps["demo"]["status"] == "skipped" and "tests/test_compare.py" in steps["demo"]["reason"]
     assert steps["bench-real"]["status"] == "skipped" and "tests/test_bench.py" in steps["bench-real"]["reason"]
     assert steps["bench-7b"]["status"] == "skipped" and "tests/test_bench.py" in steps["bench-7b"]["reason"]
-    assert report["wall_s"] < SMOKE_BUDGET_BESIDE_A_NEIGHBOUR
+    assert report["wall_s"] < 240  # SMOKE's budget: under 4 minutes on 2 cores
 
     bench = steps["bench"]["figures"]
     assert {r["setup"] for r in bench["rows"]} == {"full", "midtune", "naive", "lora"}
