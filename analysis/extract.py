@@ -57,9 +57,21 @@ from midtune.files import atomic_file, read_jsonl, write_json
 log = logging.getLogger("midtune.analysis")
 
 FORMAT = "midtune-extract/1"
-KINDS = ("image_mean", "image_last", "caption_mean")
+# What each protocol stores (docs/analysis.md compares them). "describe": the image with a fixed prompt against the
+# caption alone. "authors": the image with its own question against a textual twin (the same question, the image
+# replaced by its captions written out), both read at the same position: last token, sequence mean, one sampled
+# image / caption token.
+PROTOCOL_KINDS = {
+    "describe": ("image_mean", "image_last", "caption_mean"),
+    "authors": ("visual_last", "visual_mean", "visual_token", "textual_last", "textual_mean", "textual_token"),
+}
+PROTOCOLS = tuple(PROTOCOL_KINDS)
+POSITIONS = ("last", "mean", "token")
+KINDS = tuple(kind for kinds in PROTOCOL_KINDS.values() for kind in kinds)
 DEFAULT_PROMPT = "Describe the image."
 CAPTION_FORMATS = ("plain", "chat")
+# The textual twin's instruction (the authors' wording); their captions follow, numbered, then the question.
+TWIN_INSTRUCTION = "Below are {n} descriptions of an image. Use them to answer the question."
 _SHARD_RE = re.compile(r"shard-(\d{7})-(\d{7})\.safetensors")
 
 
@@ -291,14 +303,18 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
 
 @dataclass
 class ExtractSettings:
-    prompt: str = DEFAULT_PROMPT
+    protocol: str = "describe"  # describe | authors (PROTOCOL_KINDS)
+    prompt: str = DEFAULT_PROMPT  # describe only
     caption_format: str = "plain"  # plain | chat
     batch_size: int = 8
     shard_size: int = 256  # pairs per shard file
     dtype: str = "float32"  # weights
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 ...
+    token_seed: int = 0  # authors: which image / caption token is "the sampled token" of a pair
 
     def check(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise AnalysisError(f"protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.caption_format not in CAPTION_FORMATS:
             raise AnalysisError(f"caption format {self.caption_format!r} is not one of {', '.join(CAPTION_FORMATS)}")
         if self.batch_size < 1 or self.shard_size < 1:
@@ -307,13 +323,18 @@ class ExtractSettings:
 
 def fingerprint(model_fp: dict, pairs: Sequence[Pair], settings: ExtractSettings) -> str:
     """Everything the stored vectors depend on (batch size does not: batches are padding-invariant)."""
+    authors = settings.protocol == "authors"
     digest = hashlib.sha256()
     for p in pairs:
-        digest.update(json.dumps([p.id, str(p.image), p.caption]).encode())
+        row = [p.id, str(p.image), p.caption] + ([list(p.captions), p.question] if authors else [])
+        digest.update(json.dumps(row).encode())
     payload = {"format": FORMAT, "model": model_fp, "pairs": digest.hexdigest(), "prompt": settings.prompt,
                "caption_format": settings.caption_format, "shard_size": settings.shard_size, "dtype": settings.dtype}
-    if settings.attn_implementation != "sdpa":  # the default keeps fingerprints of earlier extractions valid
+    # Keys only where they differ from the defaults, which keeps the fingerprints of earlier extractions valid.
+    if settings.attn_implementation != "sdpa":
         payload["attn_implementation"] = settings.attn_implementation
+    if authors:
+        payload.update(protocol=settings.protocol, token_seed=settings.token_seed, twin=TWIN_INSTRUCTION)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -327,6 +348,12 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
     different weights). `on_shard(info)` is called after each shard is written (tests use it to interrupt)."""
     settings = settings or ExtractSettings()
     settings.check()
+    if settings.protocol == "authors":
+        lacking = next((p for p in pairs if not p.question), None)
+        if lacking is not None:
+            raise AnalysisError(f"pair {lacking.id!r} has no question; the authors' protocol asks each image its "
+                                f"row's question (pairs rows need a 'question')")
+    kinds = PROTOCOL_KINDS[settings.protocol]
     out_dir = Path(out_dir)
     loaded = None if isinstance(ref, ModelRef) else ref
     if loaded is not None:
@@ -336,7 +363,7 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
     else:
         model_fp = ref.fingerprint()
     fp = fingerprint(model_fp, pairs, settings)
-    done = _resume_state(out_dir, fp, len(pairs))
+    done = _resume_state(out_dir, fp, len(pairs), kinds[0])
     ranges = [(s, min(s + settings.shard_size, len(pairs))) for s in range(0, len(pairs), settings.shard_size)]
     todo = [r for r in ranges if r not in done]
     if not todo and (out_dir / "index.json").is_file():
@@ -358,11 +385,8 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
             "format": FORMAT, "fingerprint": fp, "model": describe, "family": extractor.family.name,
             "num_layers": extractor.num_layers, "hidden_size": None, "n_pairs": len(pairs),
             "ids": [p.id for p in pairs], "labels": [p.labels for p in pairs], "settings": asdict(settings),
-            "representations": {
-                "image_mean": "mean over image-token positions of the image + prompt pass",
-                "image_last": "last non-padding token of the image + prompt pass",
-                "caption_mean": f"mean over the caption's tokens ({settings.caption_format} text pass)",
-            },
+            "protocol": settings.protocol, "kinds": list(kinds),
+            "representations": _representations(settings),
             "layers": "hidden_states index: 0 = embeddings, l = output of decoder layer l-1, last = final norm",
             "shards": [], "complete": False,
         }
@@ -372,7 +396,7 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
                    disable=not progress)
         for start, stop in todo:
             chunk = pairs[start:stop]
-            parts = {k: [] for k in KINDS}
+            parts = {k: [] for k in kinds}
             for b in range(0, len(chunk), settings.batch_size):
                 batch = chunk[b:b + settings.batch_size]
                 for kind, value in extractor.run(batch).items():
@@ -381,7 +405,7 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
             tensors = {k: torch.cat(v).to(torch.float16).contiguous() for k, v in parts.items()}
             _warn_overflow(tensors, start, stop)
             _write_shard(out_dir, start, stop, tensors, fp)
-            done[(start, stop)] = tensors["image_mean"].shape[-1]
+            done[(start, stop)] = tensors[kinds[0]].shape[-1]
             _write_index(out_dir, index, done, len(ranges))
             if on_shard is not None:
                 on_shard({"start": start, "stop": stop, "dir": out_dir})
@@ -397,11 +421,24 @@ def extract(ref: ModelRef | tuple, pairs: Sequence[Pair], out_dir: str | Path,
     return Extraction(out_dir)
 
 
+def _representations(settings: ExtractSettings) -> dict[str, str]:
+    if settings.protocol == "describe":
+        return {"image_mean": "mean over image-token positions of the image + prompt pass",
+                "image_last": "last non-padding token of the image + prompt pass",
+                "caption_mean": f"mean over the caption's tokens ({settings.caption_format} text pass)"}
+    where = {"last": "last non-padding token (the assistant prefix's last token)",
+             "mean": "mean over every non-padding token of the sequence",
+             "token": f"one image token (visual) / caption token (textual) drawn per pair (seed {settings.token_seed})"}
+    passes = {"visual": "the image + its question, in the chat template",
+              "textual": "the textual twin: the captions written out + the same question, in the chat template"}
+    return {f"{side}_{pos}": f"{text} of {passes[side]}" for side in passes for pos, text in where.items()}
+
+
 def _shard_name(start: int, stop: int) -> str:
     return f"shard-{start:07d}-{stop:07d}.safetensors"
 
 
-def _resume_state(out_dir: Path, fp: str, n: int) -> dict[tuple[int, int], int]:
+def _resume_state(out_dir: Path, fp: str, n: int, first_kind: str) -> dict[tuple[int, int], int]:
     """Shards already written with this fingerprint: {(start, stop): hidden_size}. Anything else in the directory
     from another extraction (other model/pairs/settings) is removed, with a message."""
     from safetensors import safe_open
@@ -420,7 +457,7 @@ def _resume_state(out_dir: Path, fp: str, n: int) -> dict[tuple[int, int], int]:
         try:
             with safe_open(str(f), framework="pt") as st:
                 meta = st.metadata() or {}
-                hidden = st.get_slice("image_mean").get_shape()[-1] if "image_mean" in st.keys() else None
+                hidden = st.get_slice(first_kind).get_shape()[-1] if first_kind in st.keys() else None
         except Exception:
             meta, hidden = {}, None
         start, stop = int(m.group(1)), int(m.group(2))
@@ -513,13 +550,16 @@ class Extractor:
                                 f"num_layers + 1 = {self.num_layers + 1}")
         return states
 
-    def encode_images(self, batch: Sequence[Pair], suffixes: Sequence[str] | None = None) -> tuple[dict, torch.Tensor]:
-        """Pass 1's inputs, right-padded: each pair's image with the prompt (plus `suffixes[i]` after it, e.g. the
-        caption as the answer), and the (batch, seq) mask of image-token positions."""
+    def encode_images(self, batch: Sequence[Pair], suffixes: Sequence[str] | None = None,
+                      prompts: Sequence[str] | None = None) -> tuple[dict, torch.Tensor]:
+        """Pass 1's inputs, right-padded: each pair's image with the prompt (`prompts[i]`, rendered, or the fixed
+        one; plus `suffixes[i]` after it, e.g. the caption as the answer), and the (batch, seq) mask of image-token
+        positions."""
         from midtune.data import add_special_tokens_for, load_image
         from midtune.images import fit_images
 
-        texts = [self.image_prompt + (suffixes[i] if suffixes else "") for i in range(len(batch))]
+        texts = [(prompts[i] if prompts else self.image_prompt) + (suffixes[i] if suffixes else "")
+                 for i in range(len(batch))]
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "right"
         try:
@@ -536,6 +576,10 @@ class Extractor:
         return dict(enc), image_mask
 
     def run(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        """{kind: (batch, num_layers + 1, hidden) float32} for the protocol's kinds."""
+        return self.run_authors(batch) if self.settings.protocol == "authors" else self.run_describe(batch)
+
+    def run_describe(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
         # Pass 1: image + prompt, right-padded.
         enc, image_mask = self.encode_images(batch)
         last = last_positions(enc["attention_mask"])
@@ -571,6 +615,77 @@ class Extractor:
         states = self.hidden_states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         caption_mean = masked_means(states, caption_mask)
         return {"image_mean": image_mean, "image_last": image_last, "caption_mean": caption_mean}
+
+    def run_authors(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        """The authors' pair of passes: the image with its question, and the textual twin (the same question with
+        the captions in the image's place), both in the chat template with the assistant prefix, both read at the
+        last token, as a sequence mean, and at one drawn image / caption token."""
+        from midtune.data import add_special_tokens_for
+
+        placeholder = self.family.image_placeholder
+        prompts = [self._render(p.question, n_images=1, generation=True, fallback=f"{placeholder}\n{p.question}")
+                   for p in batch]
+        enc, image_mask = self.encode_images(batch, prompts=prompts)
+        out = self._positions("visual", self.hidden_states(enc), enc["attention_mask"], image_mask, batch)
+
+        texts, spans = [], []
+        for p in batch:
+            twin = twin_text(p.captions or (p.caption,), p.question)
+            text = self._render(twin, n_images=0, generation=True, fallback=twin)
+            spans.append(_caption_spans(text, p))
+            texts.append(text)
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True,
+                             padding_side="right", add_special_tokens=add_special_tokens_for(self.tokenizer, texts[0]))
+        offsets = enc.pop("offset_mapping")
+        special = torch.isin(enc["input_ids"], torch.tensor(sorted(self.special_ids)))
+        caption_mask = torch.zeros_like(special)
+        for row, row_spans in enumerate(spans):
+            for lo, hi in row_spans:
+                caption_mask[row] |= (offsets[row, :, 0] >= lo) & (offsets[row, :, 1] <= hi)
+        caption_mask &= enc["attention_mask"].bool() & ~special & (offsets[..., 1] > offsets[..., 0])
+        empty = (~caption_mask.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise AnalysisError(f"pair {batch[empty[0]].id!r}: its captions have no tokens of their own")
+        states = self.hidden_states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        out.update(self._positions("textual", states, enc["attention_mask"], caption_mask, batch))
+        return out
+
+    def _positions(self, side: str, states, attention_mask: torch.Tensor, token_mask: torch.Tensor,
+                   batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
+        """`<side>_last`, `<side>_mean` (over every non-padding token), `<side>_token` (one of `token_mask`'s
+        positions per pair, drawn from the pair's id and the token seed, so batching does not change it)."""
+        rows = torch.arange(len(batch))
+        last = last_positions(attention_mask)
+        drawn = torch.tensor([_draw(token_mask[i].nonzero().flatten(), p.id, side, self.settings.token_seed)
+                              for i, p in enumerate(batch)])
+        return {f"{side}_last": torch.stack([h[rows, last.to(h.device)].float().cpu() for h in states], dim=1),
+                f"{side}_mean": masked_means(states, attention_mask.bool()),
+                f"{side}_token": torch.stack([h[rows, drawn.to(h.device)].float().cpu() for h in states], dim=1)}
+
+
+def twin_text(captions: Sequence[str], question: str) -> str:
+    """The textual twin's user turn: the instruction, the captions numbered one per line, the question."""
+    lines = [TWIN_INSTRUCTION.format(n=len(captions))] + [f"{i}. {c}" for i, c in enumerate(captions, 1)]
+    return "\n".join(lines + [question])
+
+
+def _caption_spans(text: str, pair: Pair) -> list[tuple[int, int]]:
+    """Character spans of the pair's captions in the rendered twin, found in order."""
+    spans, at = [], 0
+    for caption in pair.captions or (pair.caption,):
+        start = text.find(caption, at)
+        if start < 0:
+            raise AnalysisError(f"pair {pair.id!r}: the chat template changed a caption's text")
+        spans.append((start, start + len(caption)))
+        at = start + len(caption)
+    return spans
+
+
+def _draw(positions: torch.Tensor, pair_id: str, side: str, seed: int) -> int:
+    """One of `positions`, the same for a pair whatever the batch it is in."""
+    key = hashlib.sha256(f"{seed}:{side}:{pair_id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    return int(positions[rng.integers(len(positions))])
 
 
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -611,6 +726,8 @@ class Extraction:
         self.labels: list[dict] = self.index["labels"]
         self.num_layers: int = self.index["num_layers"]
         self.hidden_size: int = self.index["hidden_size"]
+        self.protocol: str = self.index.get("protocol", "describe")  # extractions before the authors' protocol
+        self.kinds: tuple[str, ...] = tuple(self.index.get("kinds", PROTOCOL_KINDS[self.protocol]))
 
     @property
     def num_states(self) -> int:
@@ -619,8 +736,9 @@ class Extraction:
     def layer(self, kind: str, layer: int) -> np.ndarray:
         from safetensors import safe_open
 
-        if kind not in KINDS:
-            raise AnalysisError(f"unknown representation {kind!r}; one of {', '.join(KINDS)}")
+        if kind not in self.kinds:
+            raise AnalysisError(f"{self.path}: no representation {kind!r} ({self.protocol} protocol: "
+                                f"{', '.join(self.kinds)})")
         if not 0 <= layer < self.num_states:
             raise AnalysisError(f"layer {layer} out of range 0..{self.num_layers}")
         parts = []
@@ -649,6 +767,8 @@ class InMemoryExtraction:
         self.num_layers = first.shape[1] - 1
         self.hidden_size = first.shape[2]
         self.ids = list(ids) if ids is not None else [str(i) for i in range(len(first))]
+        self.kinds = tuple(self.arrays)
+        self.protocol = "authors" if "visual_last" in self.arrays else "describe"
 
     @property
     def num_states(self) -> int:

@@ -16,11 +16,13 @@ from analysis.__main__ import main
 from analysis.extract import (
     AnalysisError,
     ExtractSettings,
+    PROTOCOL_KINDS,
     InMemoryExtraction,
     extract,
     load_model,
     read_pairs,
     resolve_model,
+    twin_text,
 )
 from analysis.geometry import GeometryWarning
 from analysis.intervene import AttentionKnockout, ChoiceScorer, Question, read_questions, uses_cache
@@ -110,6 +112,68 @@ def test_extraction_is_right_and_padding_invariant(family, world, tiny_dir, tmp_
         np.testing.assert_allclose(one.array("image_last")[1, layer], states[layer][0, -1], rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(one.array("caption_mean")[1, layer], text_states[layer][0].mean(0),
                                    rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_authors_protocol_reads_image_and_twin_at_the_same_positions(family, world, tiny_dir, tmp_path):
+    """The authors' protocol: the image with its question beside the textual twin (the captions written out, the
+    same question), both in the chat template, read at the last token, as a sequence mean and at one drawn
+    token; padding-invariant, and equal to a hand computation."""
+    pairs = read_pairs(mixed_size_pairs(world, tmp_path, n=5), need_question=True)
+    ref = resolve_model(str(tiny_dir(family)))
+    settings = dict(protocol="authors", token_seed=3)
+    one = extract(ref, pairs, tmp_path / "bs1", ExtractSettings(batch_size=1, **settings), progress=False)
+    four = extract(ref, pairs, tmp_path / "bs4", ExtractSettings(batch_size=4, **settings), progress=False)
+    assert one.protocol == "authors" and one.kinds == PROTOCOL_KINDS["authors"]
+    for kind in one.kinds:
+        np.testing.assert_allclose(one.array(kind), four.array(kind), rtol=2e-3, atol=2e-3)
+    with pytest.raises(AnalysisError, match="no representation 'image_mean'"):
+        one.layer("image_mean", 1)
+    # Another token seed draws other tokens, and only the drawn tokens change.
+    other = extract(ref, pairs, tmp_path / "seed4", ExtractSettings(batch_size=4, protocol="authors", token_seed=4),
+                    progress=False)
+    assert np.array_equal(other.array("visual_last"), four.array("visual_last"))
+    assert not np.array_equal(other.array("visual_token"), four.array("visual_token"))
+
+    model, processor = load_model(ref, device="cpu")
+    pair = pairs[1]
+    visual = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair.question}]}]
+    prompt = processor.apply_chat_template(visual, tokenize=False, add_generation_prompt=True)
+    twin = twin_text(pair.captions, pair.question)
+    assert twin.startswith(f"Below are {len(pair.captions)} descriptions of an image.") and twin.endswith(pair.question)
+    assert all(f"{i}. {c}" in twin for i, c in enumerate(pair.captions, 1))
+    textual = [{"role": "user", "content": [{"type": "text", "text": twin}]}]
+    twin_prompt = processor.apply_chat_template(textual, tokenize=False, add_generation_prompt=True)
+    with Image.open(pair.image) as im:
+        enc = processor(text=[prompt], images=[im.convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        states = model(**enc, output_hidden_states=True).hidden_states
+        text = processor.tokenizer(twin_prompt, return_tensors="pt", add_special_tokens=False)
+        text_states = model(**text, output_hidden_states=True).hidden_states
+    for layer in (1, 3):
+        for side, h in (("visual", states[layer][0]), ("textual", text_states[layer][0])):
+            np.testing.assert_allclose(one.array(f"{side}_last")[1, layer], h[-1], rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(one.array(f"{side}_mean")[1, layer], h.mean(0), rtol=2e-3, atol=2e-3)
+    # The drawn visual token is an image token; the drawn textual token one of the captions' own tokens.
+    image_rows = states[3][0][enc["input_ids"][0] == model.config.image_token_id]
+    assert torch.isclose(image_rows, torch.from_numpy(one.array("visual_token")[1, 3]), rtol=2e-3, atol=2e-3
+                         ).all(1).any()
+    offsets = processor.tokenizer(twin_prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans = [(twin_prompt.index(c), twin_prompt.index(c) + len(c)) for c in pair.captions]
+    drawn = [i for i, row in enumerate(text_states[3][0])
+             if torch.allclose(row, torch.from_numpy(one.array("textual_token")[1, 3]), rtol=2e-3, atol=2e-3)]
+    assert drawn and all(any(lo <= offsets[i][0] and offsets[i][1] <= hi for lo, hi in spans) for i in drawn)
+
+
+def test_authors_protocol_needs_a_question_per_pair(world, tiny_dir, tmp_path):
+    rows = [json.loads(line) for line in (world / "pairs.jsonl").read_text().splitlines()[:3]]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: r[k] for k in ("id", "image", "caption")}) + "\n" for r in rows))
+    pairs = read_pairs(plain, world / "images")
+    with pytest.raises(AnalysisError, match="pair 'test_000000' has no question"):
+        extract(resolve_model(str(tiny_dir("llava"))), pairs, tmp_path / "x", ExtractSettings(protocol="authors"),
+                progress=False)
+    assert not (tmp_path / "x").exists()
 
 
 def test_pairs_carry_their_captions_and_question_and_bad_ones_are_named(world, tmp_path):
