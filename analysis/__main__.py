@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from analysis.extract import AnalysisError
+from analysis.extract import POSITIONS, PROTOCOLS, AnalysisError
 from analysis.heads import EDITS
 from analysis.intervene import TARGETS
 from midtune.checkpoint import ATTN_IMPLEMENTATIONS
@@ -54,10 +54,20 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=30, help="neighbours for the overlaps (default 30; needs k + 2 pairs)")
     p.add_argument("--label", default="dominant_color", help="label of the probe and label overlap")
     p.add_argument("--max-pairs", type=int, help="use only the first N pairs")
-    p.add_argument("--prompt", default=None, help='text after the image (default "Describe the image.")')
+    p.add_argument("--protocol", default="authors", choices=PROTOCOLS,
+                   help="authors (default): the image with its question beside a textual twin (its captions and the "
+                        "same question), read at one position; describe: the image with a fixed prompt beside the "
+                        "caption alone (docs/analysis.md compares them)")
+    p.add_argument("--position", default="last", choices=POSITIONS,
+                   help="authors: where image and twin are read: the last token (default), the sequence mean, or "
+                        "one drawn image / caption token")
+    p.add_argument("--token-seed", type=int, default=0, help="authors: which token is each pair's drawn token")
+    p.add_argument("--prompt", default=None, help='describe: text after the image (default "Describe the image.")')
     p.add_argument("--caption-format", default="plain", choices=("plain", "chat"),
-                   help="caption pass: plain text (default) or a chat-template user turn")
-    p.add_argument("--gride-rank", type=int, default=8, help="GRIDE scale n (μ = r_2n / r_n), default 8")
+                   help="describe: caption pass as plain text (default) or a chat-template user turn")
+    p.add_argument("--gride-rank", type=int, default=None,
+                   help="GRIDE scale n1 (μ = r_2n1 / r_n1): default 16 under the authors' protocol (theirs), 8 "
+                        "under describe")
     p.add_argument("--idcorr-shuffles", type=int, default=3, help="shuffles for the IdCorr p-value (default 3)")
     p.add_argument("--no-idcorr", action="store_true", help="skip IdCorr (it runs its own neighbour searches)")
     p.add_argument("--shard-size", type=int, default=256, help="pairs per extraction shard file")
@@ -196,39 +206,48 @@ def _check_positive(**values) -> None:
 
 def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
     """Extract and profile each `NAME=PATH` into `out`; returns (profiles, info) as written by write_profiles."""
-    from analysis.extract import DEFAULT_PROMPT, ExtractSettings, extract, read_pairs
-    from analysis.profile import ProfileSettings, compute_profile, write_profiles
+    from analysis.extract import DEFAULT_PROMPT, TWIN_INSTRUCTION, ExtractSettings, extract, read_pairs
+    from analysis.profile import AUTHORS_GRIDE_RANK, ProfileSettings, compute_profile, write_profiles
 
     if not args.pairs:
         raise AnalysisError("--pairs is required")
     _check_positive(batch_size=args.batch_size, max_pairs=args.max_pairs, shard_size=args.shard_size)
-    settings = ProfileSettings(k=args.k, label=args.label, gride_rank=args.gride_rank,
+    authors = args.protocol == "authors"
+    gride_rank = args.gride_rank or (AUTHORS_GRIDE_RANK if authors else ProfileSettings.gride_rank)
+    settings = ProfileSettings(k=args.k, label=args.label, gride_rank=gride_rank,
                                idcorr_shuffles=args.idcorr_shuffles, idcorr=not args.no_idcorr, seed=args.seed,
-                               band_resamples=args.band_resamples)
+                               band_resamples=args.band_resamples, position=args.position)
     settings.check()
-    extract_settings = ExtractSettings(prompt=args.prompt or DEFAULT_PROMPT, caption_format=args.caption_format,
-                                       batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype,
-                                       attn_implementation=args.attn_implementation)
+    extract_settings = ExtractSettings(protocol=args.protocol, prompt=args.prompt or DEFAULT_PROMPT,
+                                       caption_format=args.caption_format, batch_size=args.batch_size,
+                                       shard_size=args.shard_size, dtype=args.dtype,
+                                       attn_implementation=args.attn_implementation, token_seed=args.token_seed)
     extract_settings.check()
     # Everything that can be checked without a model is checked first.
     pairs = read_pairs(args.pairs, args.image_folder, label=args.label, max_pairs=args.max_pairs,
-                       allow_outside_images=args.allow_outside_images)
+                       allow_outside_images=args.allow_outside_images, need_question=authors)
     settings.check(len(pairs))
     refs = _named_models(models, args)
     device = _device(args.device)
     labels = [p.labels[args.label] for p in pairs]
 
-    profiles, info = {}, {}
+    profiles, info, terms = {}, {}, {}
     for name, ref in refs.items():
-        extraction = extract(ref, pairs, out / "extract" / name, extract_settings, device=device,
+        # One extraction directory per protocol: switching protocols does not throw the other's vectors away.
+        where = out / "extract" / (name if args.protocol == "describe" else f"{name}-{args.protocol}")
+        extraction = extract(ref, pairs, where, extract_settings, device=device,
                              progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
-        profiles[name] = compute_profile(extraction, labels, settings, name=name, progress=not args.no_progress)
+        terms[name] = {}
+        profiles[name] = compute_profile(extraction, labels, settings, name=name, progress=not args.no_progress,
+                                         overlap_terms=terms[name])
         info[name] = {"source": ref.describe(), "family": extraction.index["family"],
                       "num_layers": extraction.num_layers, "hidden_size": extraction.hidden_size,
                       "extraction": str(extraction.path)}
-    paths = write_profiles(out, profiles, info, settings,
+    described = ({"position": args.position, "token_seed": args.token_seed, "twin": TWIN_INSTRUCTION} if authors
+                 else {"prompt": extract_settings.prompt, "caption_format": args.caption_format})
+    paths = write_profiles(out, profiles, info, settings, overlap_terms=terms,
                            extra={"pairs": str(Path(args.pairs).resolve()), "n_pairs": len(pairs),
-                                  "prompt": extract_settings.prompt, "caption_format": args.caption_format})
+                                  "ids": [p.id for p in pairs], "protocol": args.protocol, **described})
     log.info(f"profile of {', '.join(refs)}: {paths['png']} ({paths['json'].name}, {paths['csv'].name})")
     return profiles, info
 

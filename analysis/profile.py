@@ -1,4 +1,12 @@
-"""Per-layer geometry profile of one extraction: how image and caption representations relate, layer by layer.
+"""Per-layer geometry profile of one extraction: how visual and textual representations relate, layer by layer.
+
+What "visual" and "textual" are depends on the extraction's protocol (analysis.extract, docs/analysis.md):
+
+* **authors**: the image with its question, and its textual twin (the captions written out, the same question), both
+  read at the same `position` (the last token, the sequence mean or one drawn token); at each layer the pairs whose
+  visual vectors are exact duplicates are dropped with their partners (`analysis.geometry.unique_pairs`);
+* **describe**: the mean over the image tokens of the image with a fixed prompt, and the mean over the caption's
+  tokens of the caption alone; `last` is the image prompt's last token.
 
 For every hidden-state index l (0 = embeddings … num_layers = final norm; see analysis.extract) the k-nearest
 neighbours of each representation are searched once (`analysis.geometry.knn`, k = max(k, 2·gride_rank)) and shared
@@ -7,20 +15,21 @@ by every neighbour-based metric:
 =================  ======================================================================================
 metric             meaning
 =================  ======================================================================================
-visual_id          TwoNN intrinsic dimension of the image-token means (DADApy's "base" fit, 90 % of μ)
-textual_id         TwoNN ID of the caption means
-last_id            TwoNN ID of the image prompt's last token (from index 1: at index 0 it is the same embedding
-                   for every pair, so last_id and last_t_overlap are NaN there, without a warning)
-visual_id_gride    GRIDE ID of the image-token means at one fixed scale: the ML estimate from μ = r_2n/r_n with
-                   n = gride_rank (default 8, i.e. r16/r8); NaN with a warning when N − 2 < 2·gride_rank
-textual_id_gride   the same for the caption means
-vt_overlap         neighbourhood overlap χ of image-token means and caption means (k neighbours; the
-                   fraction of an image's k nearest images whose captions are among its caption's k nearest)
-last_t_overlap     the same between the prompt's last token and the caption means
-label_overlap      fraction of each image-mean's k neighbours sharing its label (class-balanced, DADApy)
-probe_acc          linear probe: LogisticRegression on standardised image-token means → label, trained on 70 %,
-                   accuracy on the held-out 30 % (stratified when every class has ≥ 2 pairs; fixed seed)
-idcorr, idcorr_p   Intrinsic Dimension Correlation of image-token means vs caption means and its permutation
+visual_id          TwoNN intrinsic dimension of the visual representations (DADApy's "base" fit, 90 % of μ)
+textual_id         TwoNN ID of the textual representations
+last_id            describe only: TwoNN ID of the image prompt's last token (from index 1: at index 0 it is the
+                   same embedding for every pair, so last_id and last_t_overlap are NaN there, without a warning)
+visual_id_gride    GRIDE ID of the visual representations at one fixed scale: the ML estimate from μ = r_2n/r_n
+                   with n = gride_rank (the command's default: 16 under authors, as theirs; 8 under describe);
+                   NaN with a warning when N − 2 < 2·gride_rank
+textual_id_gride   the same for the textual representations
+vt_overlap         neighbourhood overlap χ of visual and textual representations (k neighbours, Euclidean; the
+                   fraction of an image's k nearest images whose partners are among its partner's k nearest)
+last_t_overlap     describe only: the same between the prompt's last token and the caption means
+label_overlap      fraction of each visual representation's k neighbours sharing its label (class-balanced, DADApy)
+probe_acc          linear probe: LogisticRegression on the standardised visual representations → label, trained
+                   on 70 %, accuracy on the held-out 30 % (stratified when every class has ≥ 2 pairs; fixed seed)
+idcorr, idcorr_p   Intrinsic Dimension Correlation of visual vs textual representations and its permutation
                    p-value (`idcorr_shuffles` shuffles, default 3; p is NaN with 0). IdCorr standardises and
                    concatenates the two, so it runs its own neighbour searches.
 =================  ======================================================================================
@@ -41,7 +50,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.extract import AnalysisError
+from analysis.extract import POSITIONS, AnalysisError
 from analysis.geometry import (
     GeometryWarning,
     gride_at,
@@ -53,6 +62,7 @@ from analysis.geometry import (
     overlap_band,
     twonn,
     twonn_band,
+    unique_pairs,
 )
 from midtune.files import atomic_file, write_json
 
@@ -73,6 +83,8 @@ BANDED = ("visual_id", "textual_id", "last_id", "visual_id_gride", "textual_id_g
           "last_t_overlap")
 COLUMNS = METRICS + tuple(f"{m}_{end}" for m in BANDED for end in ("lo", "hi"))
 PROFILE_FORMAT = "midtune-profile/1"
+AUTHORS_GRIDE_RANK = 16  # the authors' GRIDE scale: DADApy's return_id_scaling_gride at n1 = 16
+TERMS_FILE = "overlap_terms.safetensors"  # per model: (hidden states, pairs) per-pair visual↔textual overlap
 
 
 def column_title(column: str) -> str:
@@ -92,8 +104,11 @@ class ProfileSettings:
     test_size: float = 0.3
     seed: int = 0
     band_resamples: int = 200
+    position: str = "last"  # authors' protocol: which of its readings is profiled (last | mean | token)
 
     def check(self, n_pairs: int | None = None) -> None:
+        if self.position not in POSITIONS:
+            raise AnalysisError(f"position {self.position!r} is not one of {', '.join(POSITIONS)}")
         if self.k < 1:
             raise AnalysisError(f"k must be >= 1, got {self.k}")
         if self.gride_rank < 1 or self.gride_rank & (self.gride_rank - 1):
@@ -107,35 +122,70 @@ class ProfileSettings:
                                 f"(use more pairs or a smaller k)")
 
 
+def roles(protocol: str, position: str, layer: int) -> dict[str, str]:
+    """Which stored representation plays which part at hidden-state index `layer`: `visual` and `textual` (every
+    metric), `last` (the describe protocol's prompt-last-token metrics). Empty where nothing can be measured: the
+    last token at index 0 is the same embedding (the assistant prefix's last token) for every pair."""
+    if protocol == "authors":
+        if position == "last" and layer == 0:
+            return {}
+        return {"visual": f"visual_{position}", "textual": f"textual_{position}"}
+    # At index 0 the prompt's last token is one and the same embedding for every pair: not measured there.
+    return {"visual": "image_mean", "textual": "caption_mean", **({"last": "image_last"} if layer > 0 else {})}
+
+
 def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings | None = None,
-                    name: str = "model", progress: bool = False) -> dict[int, dict[str, float]]:
-    """{hidden-state index: {metric: value}} for one extraction (anything with `layer(kind, l)`, `num_states`)."""
+                    name: str = "model", progress: bool = False,
+                    overlap_terms: dict[int, np.ndarray] | None = None) -> dict[int, dict[str, float]]:
+    """{hidden-state index: {metric: value}} for one extraction (anything with `layer(kind, l)`, `num_states`).
+
+    Under the authors' protocol (`extraction.protocol`) the pairs whose visual representations are exact
+    duplicates are dropped at each layer, their partners with them, as the authors do (`unique_pairs`). With
+    `overlap_terms`, each layer's per-pair visual↔textual overlap (NaN for a dropped pair) is stored there, for
+    intervals on differences between models (the same pairs resampled in both)."""
     settings = settings or ProfileSettings()
     labels = np.asarray(labels)
     n = len(labels)
     settings.check(n)
-    k_search = min(max(settings.k, 2 * settings.gride_rank), n - 2)
+    protocol = getattr(extraction, "protocol", "describe")
     from tqdm.auto import tqdm
 
     out: dict[int, dict[str, float]] = {}
     for layer in tqdm(range(extraction.num_states), desc=f"profile {name}", unit="layer", disable=not progress):
         where = f"model {name!r}, layer {layer}"
-        # At index 0 the prompt's last token is one and the same embedding for every pair: not measured there.
-        kinds = ("image_mean", "caption_mean") + (("image_last",) if layer > 0 else ())
-        reps = {kind: extraction.layer(kind, layer) for kind in kinds}
-        for kind, x in reps.items():
+        reps = {role: extraction.layer(kind, layer) for role, kind in roles(protocol, settings.position, layer).items()}
+        if not reps:
+            out[layer] = dict.fromkeys(COLUMNS, math.nan)
+            if overlap_terms is not None:
+                overlap_terms[layer] = np.full(n, np.nan, dtype=np.float32)
+            continue
+        for role, x in reps.items():
             if len(x) != n:
-                raise AnalysisError(f"{where}: {kind} has {len(x)} rows for {n} labels")
+                raise AnalysisError(f"{where}: the {role} representations have {len(x)} rows for {n} labels")
+        keep = unique_pairs(reps["visual"]) if protocol == "authors" else np.arange(n)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out[layer] = _layer_metrics(reps, labels, settings, k_search)
+            if len(keep) < settings.k + 2:
+                warnings.warn(f"{len(keep)} distinct visual representations of {n}, but k = {settings.k} needs "
+                              f"k + 2: not measured", GeometryWarning, stacklevel=2)
+                out[layer], chi = dict.fromkeys(COLUMNS, math.nan), None
+            else:
+                k_search = min(max(settings.k, 2 * settings.gride_rank), len(keep) - 2)
+                out[layer], chi = _layer_metrics({r: x[keep] for r, x in reps.items()}, labels[keep], settings,
+                                                 k_search)
         for w in caught:  # re-emitted with the model and layer named
             if issubclass(w.category, (RuntimeWarning, UserWarning)):  # GeometryWarning is a RuntimeWarning
                 warnings.warn(f"{where}: {w.message}", GeometryWarning, stacklevel=2)
+        if overlap_terms is not None:
+            overlap_terms[layer] = np.full(n, np.nan, dtype=np.float32)
+            if chi is not None:
+                overlap_terms[layer][keep] = chi
     return out
 
 
-def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search: int) -> dict[str, float]:
+def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings,
+                   k_search: int) -> tuple[dict[str, float], np.ndarray | None]:
+    """The metrics of one layer, and the per-pair visual↔textual overlap (None where it is undefined)."""
     nan = float("nan")
     values = dict.fromkeys(COLUMNS, nan)
     bands = {"n_resamples": s.band_resamples, "seed": s.seed}
@@ -147,8 +197,8 @@ def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search:
             warnings.warn(f"{what}: {e} — NaN", GeometryWarning, stacklevel=2)
             return None
 
-    nb = {kind: safe(kind, lambda x=x: knn(x, k_search)) for kind, x in reps.items()}
-    img, txt, last = nb["image_mean"], nb["caption_mean"], nb.get("image_last")
+    nb = {role: safe(role, lambda x=x: knn(x, k_search)) for role, x in reps.items()}
+    img, txt, last = nb["visual"], nb["textual"], nb.get("last")
     def band(metric: str, fn):
         if s.band_resamples and math.isfinite(values[metric]):
             values[f"{metric}_lo"], values[f"{metric}_hi"] = safe(f"{metric} band", fn) or (nan, nan)
@@ -161,22 +211,24 @@ def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search:
         if neighbours is not None:
             values[metric] = _num(safe(metric, lambda nb_=neighbours: _gride_at(nb_, s.gride_rank)))
             band(metric, lambda nb_=neighbours: gride_band(nb_, s.gride_rank, **bands))
+    terms = None
     for metric, a in (("vt_overlap", img), ("last_t_overlap", last)):
         if a is not None and txt is not None:
             chi = safe(metric, lambda a_=a: neighborhood_overlap(a_, txt, s.k, average=False))
             if chi is not None:
                 values[metric] = float(chi.mean())
                 band(metric, lambda chi_=chi: overlap_band(chi_, **bands))
+                terms = np.asarray(chi, dtype=np.float32) if metric == "vt_overlap" else terms
     if img is not None:
         values["label_overlap"] = _num(safe("label_overlap", lambda: label_overlap(img, labels, s.k)))
-        values["probe_acc"] = _num(safe("probe_acc", lambda: probe_accuracy(reps["image_mean"], labels,
+        values["probe_acc"] = _num(safe("probe_acc", lambda: probe_accuracy(reps["visual"], labels,
                                                                            s.test_size, s.seed)))
     if s.idcorr and img is not None and txt is not None:
-        result = safe("idcorr", lambda: id_correlation(reps["image_mean"], reps["caption_mean"],
+        result = safe("idcorr", lambda: id_correlation(reps["visual"], reps["textual"],
                                                        n_shuffles=s.idcorr_shuffles, seed=s.seed))
         if result is not None:
             values["idcorr"], values["idcorr_p"] = _num(result[0]), _num(result[1])
-    return values
+    return values, terms
 
 
 def _num(value) -> float:
@@ -231,9 +283,12 @@ def _json_value(v: float):
 
 
 def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]]], info: dict[str, dict],
-                   settings: ProfileSettings, extra: dict | None = None) -> dict[str, Path]:
+                   settings: ProfileSettings, extra: dict | None = None,
+                   overlap_terms: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, Path]:
     """profiles.json (`profiles[model][layer][metric]`, NaN → null), profiles.csv (a row per model and layer),
-    profile.png (a panel per metric, a line per model)."""
+    profile.png (a panel per metric, a line per model), and with `overlap_terms` ({model: {layer: per-pair
+    overlap}}) overlap_terms.safetensors: a (hidden states, pairs) float32 tensor per model, the pairs in the
+    order of profiles.json's settings.ids, so that a difference between two models can be resampled by pair."""
     from analysis.plots import plot_profiles
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +311,15 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
                 writer.writerow([name, layer, *("" if not math.isfinite(metrics.get(m, math.nan))
                                                 else f"{metrics[m]:.6g}" for m in COLUMNS)])
     plot_profiles(profiles, paths["png"])
+    if overlap_terms:
+        from safetensors.numpy import save_file
+
+        paths["terms"] = out_dir / TERMS_FILE
+        tensors = {name: np.stack([per_layer[layer] for layer in sorted(per_layer)]).astype(np.float32)
+                   for name, per_layer in overlap_terms.items()}
+        with atomic_file(paths["terms"]) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": PROFILE_FORMAT, "rows": "hidden-state index",
+                                                   "columns": "pairs, in the order of profiles.json settings.ids"})
     return paths
 
 

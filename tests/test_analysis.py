@@ -265,7 +265,8 @@ def test_training_hook_logs_checkpoint_profiles(trained_run):
     metrics = analysis[0]["analysis"]
     assert set(metrics) == set(METRICS)
     assert all(len(values) == NUM_LAYERS + 1 for values in metrics.values())
-    assert all(v is not None and v > 0 for v in metrics["visual_id"])
+    # the authors' protocol by default, read at the last token: the same embedding for every pair at index 0
+    assert metrics["visual_id"][0] is None and all(v is not None and v > 0 for v in metrics["visual_id"][1:])
     step_dir = trained_run / "analysis" / "step-3"
     assert {"profiles.json", "profiles.csv", "profile.png", "profile.log"} <= {p.name for p in step_dir.iterdir()}
     assert not (step_dir / "trainable.safetensors").exists() and not (step_dir / "extract").exists()
@@ -280,41 +281,46 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
     out = tmp_path / "profile"
     rc = main(["profile", "--model", f"base={tiny_dir('llava')}", "--model", f"tuned={trained_run / 'final'}",
                "--pairs", str(world / "pairs.jsonl"), "--out", str(out), "--k", "5", "--batch-size", "10",
-               "--no-progress"])
+               "--no-progress", "--gride-rank", "4"])  # 20 pairs: the authors' scale 16 needs 34
     assert rc == 0
     doc = read_profiles(out)
     assert list(doc["profiles"]) == ["base", "tuned"] and doc["models"]["tuned"]["num_layers"] == NUM_LAYERS
+    assert doc["settings"]["protocol"] == "authors" and doc["settings"]["gride_rank"] == 4
     for name, per_layer in doc["profiles"].items():
         assert sorted(per_layer) == list(range(NUM_LAYERS + 1))
+        assert all(math.isnan(v) for v in per_layer[0].values())  # the last token's embedding: one for every pair
         for layer, m in per_layer.items():
+            if layer == 0:
+                continue
             for metric in ("visual_id", "textual_id", "visual_id_gride", "textual_id_gride", "vt_overlap",
                            "label_overlap", "probe_acc", "idcorr"):
                 assert math.isfinite(m[metric]), (name, layer, metric)
             assert 0 < m["visual_id"] < 64 and 0 < m["textual_id"] < 64
             assert 0 <= m["vt_overlap"] <= 1 and 0 <= m["label_overlap"] <= 1 and 0 <= m["probe_acc"] <= 1
-            assert math.isnan(m["last_id"]) == (layer == 0)
+            assert math.isnan(m["last_id"]) and math.isnan(m["last_t_overlap"])  # describe's own
             for metric in ("visual_id", "textual_id", "visual_id_gride", "textual_id_gride", "vt_overlap"):
                 assert m[f"{metric}_lo"] <= m[f"{metric}_hi"], (name, layer, metric)  # its band (pairs resampled)
             assert m["vt_overlap_lo"] <= m["vt_overlap"] <= m["vt_overlap_hi"]
     assert "95 % band" in doc["metrics"]["vt_overlap_lo"] and doc["settings"]["band_resamples"] == 200
     base, tuned = doc["profiles"]["base"], doc["profiles"]["tuned"]
-    for layer in (0, 1):  # inputs of the trained layers 1-2: untouched by training
+    for layer in (1,):  # input of the trained layers 1-2: untouched by training
         assert base[layer]["visual_id"] == tuned[layer]["visual_id"]
     assert base[3]["visual_id"] != tuned[3]["visual_id"]
     # The hook rebuilt the same model from base + checkpoint tensors.
     hook = read_profiles(trained_run / "analysis" / "step-3")["profiles"]["step-3"]
-    assert [hook[layer]["visual_id"] for layer in range(5)] == pytest.approx([tuned[layer]["visual_id"]
-                                                                              for layer in range(5)])
+    assert [hook[layer]["visual_id"] for layer in range(1, 5)] == pytest.approx([tuned[layer]["visual_id"]
+                                                                                 for layer in range(1, 5)])
     with open(out / "profiles.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert float(rows[1]["vt_overlap_lo"]) == pytest.approx(base[1]["vt_overlap_lo"], rel=1e-5)
+    assert float(rows[2]["vt_overlap_lo"]) == pytest.approx(base[2]["vt_overlap_lo"], rel=1e-5)
     assert [(r["model"], int(r["layer"])) for r in rows] == \
         [(n, layer) for n in ("base", "tuned") for layer in range(5)]
     with Image.open(out / "profile.png") as im:
         assert im.size[0] > 800
     fig = plot_profiles(doc["profiles"], tmp_path / "again.png")
     panels = [ax for ax in fig.axes if ax.lines]
-    assert len(panels) >= 9 and all([line.get_label() for line in ax.lines] == ["base", "tuned"] for ax in panels)
+    assert len(panels) == 8 and all([line.get_label() for line in ax.lines] == ["base", "tuned"] for ax in panels)
+    assert not any("last-token" in ax.get_title() for ax in panels)  # describe's metrics: not computed, not drawn
     banded = [ax for ax in panels if ax.collections]  # the bands are filled areas, one per model
     assert {ax.get_title() for ax in banded} >= {"visual ID (TwoNN)", "visual↔textual overlap", "textual ID (GRIDE)"}
     assert all(len(ax.collections) == 2 for ax in banded)
@@ -324,6 +330,24 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
                for name, per_layer in doc["profiles"].items()}
     titles = [ax.get_title() for ax in plot_profiles(without, tmp_path / "no-idcorr.png").axes if ax.lines]
     assert len(titles) == len(panels) - 1 and not any("IdCorr" in t for t in titles)
+    # the per-pair overlaps behind the curves, for intervals on differences between models
+    from safetensors.numpy import load_file
+
+    terms = load_file(str(out / "overlap_terms.safetensors"))
+    assert terms["base"].shape == (NUM_LAYERS + 1, len(doc["settings"]["ids"]))
+    assert np.nanmean(terms["tuned"][3]) == pytest.approx(tuned[3]["vt_overlap"], rel=1e-5)
+    assert np.isnan(terms["base"][0]).all()
+
+    # The describe protocol: its own extraction beside the authors' one, and its last-token metrics.
+    rc = main(["profile", "--model", f"base={tiny_dir('llava')}", "--pairs", str(world / "pairs.jsonl"),
+               "--out", str(out), "--k", "5", "--batch-size", "10", "--no-progress", "--protocol", "describe",
+               "--band-resamples", "0"])
+    described = read_profiles(out)
+    assert rc == 0 and described["settings"]["protocol"] == "describe" and described["settings"]["gride_rank"] == 8
+    assert {p.name for p in (out / "extract").iterdir()} >= {"base", "base-authors"}
+    m = described["profiles"]["base"]
+    assert math.isnan(m[0]["last_id"]) and all(math.isfinite(m[layer]["last_id"]) for layer in range(1, 5))
+    assert all(math.isfinite(m[layer]["vt_overlap"]) for layer in range(5))
 
 
 def test_undefined_metrics_are_nan_with_a_warning_naming_the_layer():
