@@ -38,7 +38,8 @@ COMPOSE_KEYS = ("vision", "llm", "projector", "vision_feature_layer", "image_tok
 SWEEP_KEYS = ("config", "width", "stride", "num_layers", "overrides")
 LAUNCH_KEYS = ("with", "config_file", "num_processes", "args")
 EVAL_KEYS = ("tasks", "limit", "include_path", "batch_size", "dtype", "args")
-ANALYSIS_KEYS = ("pairs", "image_folder", "dtype", "batch_size", "args", "lens", "lens_args", "seeds")
+ANALYSIS_KEYS = ("pairs", "image_folder", "dtype", "batch_size", "args", "lens", "lens_args", "seeds", "protocol")
+PROTOCOLS = ("authors", "describe")  # analysis profile --protocol (docs/analysis.md); the first is the report's
 REPORT_KEYS = ("margin", "cost_margin", "chance", "metrics", "cluster_by", "cost_probe", "n_boot")
 COST_PROBE_KEYS = ("warmup", "steps")
 COST_PROBE_DEFAULTS = {"warmup": 2, "steps": 10}
@@ -638,14 +639,24 @@ class _Planner:
             raise ExperimentError(f"{file}: analysis.seeds: {which!r} is not 'first' (each run's own seed) or 'all'")
         profiled = self.models if which == "all" else {m: p for m, p in self.models.items() if m in (
             "pretrained", "base") or m in {self.primary(r) for r in self.roles if self.roles[r]["role"] != "stage"}}
-        out = self.output_dir / "analysis"
-        command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in profiled.items()),
-                   *options, *map(str, _list(an.get("args"))), "--out", str(out)]
-        # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/<model>/,
-        # fingerprinted by the weight files, so adding one run to a sweep extracts only that run's model.
+        protocols = _list(an.get("protocol", PROTOCOLS[0]))
+        bad = [p for p in protocols if p not in PROTOCOLS]
+        if bad or not protocols or len(set(protocols)) < len(protocols):
+            raise ExperimentError(f"{file}: analysis.protocol: {protocols!r} — one or more of {', '.join(PROTOCOLS)}, "
+                                  f"each once (the first is the report's own; the others add their overlap verdicts)")
         inputs = self.external([str(an["pairs"]), *([str(an["image_folder"])] if an.get("image_folder") else [])])
-        self.stages.append(Stage("analysis", "analysis", out, command, {"command": command},
-                                 done=["profiles.json"], clear=False, inputs=inputs))
+        for protocol in protocols:
+            # The first protocol writes analysis/, the others analysis-<protocol>/.
+            name = "analysis" if protocol == protocols[0] else f"analysis-{protocol}"
+            out = self.output_dir / name
+            command = [PYTHON, "-m", "analysis", "profile", *(f"--model={m}={p}" for m, p in profiled.items()),
+                       *options, "--protocol", protocol, *map(str, _list(an.get("args"))), "--out", str(out)]
+            # Not emptied when redone: analysis keeps each model's extracted hidden states under extract/, one
+            # directory per model and protocol, fingerprinted by the weight files, so adding one run to a sweep
+            # extracts only that run's model.
+            self.stages.append(Stage(name, "analysis", out, command, {"command": command},
+                                     done=["profiles.json"], clear=False, inputs=inputs))
+        an["protocols"] = protocols
         if an.get("lens"):
             lens_models = {m: p for m, p in profiled.items() if m != "pretrained"}
             out = self.output_dir / "lens"

@@ -1,7 +1,9 @@
 """The report's geometry section: the shape of the starting LLM's ID profile, how each run changes it, where the
 visual↔textual overlap rises, and where the logit lens reads the image tokens as words. Computed from analysis's
-profiles.json and lens.json. These are point estimates from one sample of pairs (no interval yet): the report
-presents them as descriptions, not as verdicts.
+profiles.json, overlap_terms.safetensors and lens.json. The overlap's change after a training step has a 95 %
+interval from resampling the pairs (the same pairs in both models) and a verdict that can say "inconclusive"; the ID
+shape and the logit lens are point estimates from one sample of pairs, which the report presents as descriptions,
+not verdicts (the profile's figure draws each ID curve's band).
 
 The thresholds were set before the first run; one rule changed after it, and says why in `id_answers`: expansion
 is measured from the lowest ID before the peak, no longer from the embeddings' ID.
@@ -10,6 +12,9 @@ is measured from the lowest ID before the peak, no longer from the embeddings' I
 from __future__ import annotations
 
 import math
+import warnings
+
+import numpy as np
 
 EXPANSION = 1.25  # the ID peak is at least this many times the lowest ID before it ...
 CONTRACTION = 0.8  # ... and a later minimum at most this fraction of the peak: Valeriani et al.'s shape
@@ -73,9 +78,43 @@ def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretraine
     return out
 
 
-def overlap_change(profiles: dict, after: str, before: str) -> dict | None:
+THIRDS = ("early", "intermediate", "late")
+N_BOOT = 2000
+
+
+def _per_pair_thirds(after: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """(pairs, 3): each pair's mean overlap change over the hidden states of each third (1..last; the embeddings,
+    where image and text do not meet, left out). NaN where a pair has no value in a third."""
+    n_states = after.shape[0]
+    diff = after - before
+    out = np.full((after.shape[1], 3), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN thirds of dropped pairs stay NaN
+        for t, third in enumerate(THIRDS):
+            rows = [layer for layer in range(1, n_states) if _where(layer, n_states) == third]
+            if rows:
+                out[:, t] = np.nanmean(diff[rows], axis=0)
+    return out
+
+
+def _resampled_means(d: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of each column of `d` (pairs, c) and its (n_boot, c) resamples, the pairs drawn with replacement
+    (the same draw for every column, so their differences are paired too)."""
+    d = d[~np.isnan(d).all(axis=1)]
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(d, axis=0), np.nanmean(d[idx], axis=1)
+
+
+def overlap_change(profiles: dict, after: str, before: str, terms: dict | None = None, n_boot: int = N_BOOT,
+                   seed: int = 0) -> dict | None:
     """Per-third mean change of the visual↔textual overlap from `before` to `after`, and the layer of the largest
-    rise. Thirds of the hidden states 1..last (the embeddings, where image and text do not meet, left out)."""
+    rise. Thirds of the hidden states 1..last (the embeddings, where image and text do not meet, left out).
+
+    With `terms` (analysis's overlap_terms.safetensors: per model a (hidden states, pairs) array of per-pair
+    overlaps), every third's change gets a 95 % interval from resampling the pairs — the same pairs in both models
+    — and so do the intermediate third's margins over the other two."""
     a, b = _finite(profiles[after], "vt_overlap"), _finite(profiles[before], "vt_overlap")
     n_states = len(profiles[before])
     change = {layer: a[layer] - b[layer] for layer in sorted(set(a) & set(b)) if layer > 0}
@@ -90,32 +129,61 @@ def overlap_change(profiles: dict, after: str, before: str) -> dict | None:
     def peak(values: dict[int, float]) -> int:
         return max((layer for layer in values if layer > 0), key=values.get)
 
-    return {"thirds": means, "top": top, "top_change": change[top], "top_where": _where(top, n_states),
-            "peak_before": peak(b), "peak_after": peak(a)}
+    out = {"thirds": means, "top": top, "top_change": change[top], "top_where": _where(top, n_states),
+           "peak_before": peak(b), "peak_after": peak(a), "intervals": None}
+    if terms is not None and after in terms and before in terms:
+        d = _per_pair_thirds(np.asarray(terms[after], float), np.asarray(terms[before], float))
+        mid = THIRDS.index("intermediate")
+        margins = np.stack([d[:, mid] - d[:, t] for t in range(3) if t != mid], axis=1)
+        point, boot = _resampled_means(np.concatenate([d, margins], axis=1), n_boot, seed)
+        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+        cis = [(float(p), float(x), float(y)) for p, x, y in zip(point, lo, hi)]
+        out["thirds"] = {third: cis[t][0] for t, third in enumerate(THIRDS) if math.isfinite(cis[t][0])}
+        out["intervals"] = {third: cis[t][1:] for t, third in enumerate(THIRDS) if math.isfinite(cis[t][0])}
+        out["margins"] = {other: cis[3 + i][1:] for i, other in enumerate(t for t in THIRDS if t != "intermediate")}
+        out["n_pairs"], out["n_boot"] = int((~np.isnan(d).all(axis=1)).sum()), n_boot
+    return out
 
 
-def overlap_answers(profiles: dict[str, dict[int, dict]], steps: list[tuple[str, str, str]]) -> list[str]:
+def overlap_verdict(ci: tuple[float, float], margin: float = OVERLAP_RISE) -> str:
+    """The intermediate third's change against 0 and a margin fixed in advance: rises (lo > 0), falls (hi < 0),
+    unchanged (the interval within ±margin), else inconclusive."""
+    lo, hi = ci
+    return ("rises" if lo > 0 else "falls" if hi < 0 else "unchanged" if -margin <= lo and hi <= margin
+            else "inconclusive")
+
+
+def overlap_answers(profiles: dict[str, dict[int, dict]], steps: list[tuple[str, str, str]],
+                    terms: dict | None = None) -> list[str]:
     """Does the overlap rise in the intermediate layers, for each (what, after, before) step (e.g. after the
-    alignment stage: base vs pretrained; after each run: the run vs base)?"""
+    alignment stage: base vs pretrained; after each run: the run vs base)? A verdict only with the per-pair
+    overlaps (`terms`) behind an interval; without them the changes are given as point estimates, no verdict."""
     out = []
     for what, after, before in steps:
         if after not in profiles or before not in profiles:
             continue
-        c = overlap_change(profiles, after, before)
+        c = overlap_change(profiles, after, before, terms)
         if c is None:
             out.append(f"Visual↔textual overlap {what}: no finite values to compare.")
             continue
-        t = c["thirds"]
-        mid = t.get("intermediate", math.nan)
-        rises = mid >= OVERLAP_RISE
-        most = rises and all(mid >= v for v in t.values())
-        verdict = ("rises in the intermediate layers, most there" if most else
-                   "rises in the intermediate layers, but more elsewhere" if rises else
-                   "does NOT rise in the intermediate layers")
-        out.append(f"Visual↔textual overlap {what} ({after} vs {before}): {verdict} (mean change per third of the "
-                   f"layers: " + ", ".join(f"{k} {v:+.3f}" for k, v in t.items())
-                   + f"; largest rise {c['top_change']:+.3f} at hidden state {c['top']} ({c['top_where']}); peak at "
-                   f"hidden state {c['peak_before']} before, {c['peak_after']} after).")
+        t, cis = c["thirds"], c["intervals"]
+        where = (f"largest rise {c['top_change']:+.3f} at hidden state {c['top']} ({c['top_where']}); peak at hidden "
+                 f"state {c['peak_before']} before, {c['peak_after']} after")
+        if cis is None or "intermediate" not in cis:
+            out.append(f"Visual↔textual overlap {what} ({after} vs {before}): no verdict — no per-pair overlaps to "
+                       f"resample (mean change per third, point estimates: "
+                       + ", ".join(f"{k} {v:+.3f}" for k, v in t.items()) + f"; {where}).")
+            continue
+        verdict = overlap_verdict(cis["intermediate"])
+        most = verdict == "rises" and all(lo > 0 for lo, _ in c["margins"].values())
+        words = {"rises": "rises in the intermediate layers" + (", most there" if most else ""),
+                 "falls": "FALLS in the intermediate layers",
+                 "unchanged": f"does NOT change in the intermediate layers beyond ±{OVERLAP_RISE}",
+                 "inconclusive": "inconclusive in the intermediate layers"}[verdict]
+        thirds = ", ".join(f"{k} {v:+.3f} [{cis[k][0]:+.3f}, {cis[k][1]:+.3f}]" for k, v in t.items())
+        out.append(f"Visual↔textual overlap {what} ({after} vs {before}): **{verdict}** — {words} (mean change per "
+                   f"third of the layers, 95 % interval over {c['n_boot']} resamples of the {c['n_pairs']} pairs: "
+                   f"{thirds}; {where}).")
     return out
 
 

@@ -559,17 +559,30 @@ def _score_table_md(doc: dict, configs: dict, reference: str, chance: dict) -> s
     return score_table(doc["scores"], configs, reference, chance)
 
 
+def _read_geometry(folder: Path) -> tuple[dict, dict, dict | None]:
+    """(profiles.json, its profiles with NaN for null, the per-pair overlaps or None) of an analysis folder."""
+    geometry = json.loads((folder / "profiles.json").read_text())
+    profiles = {name: {int(layer): {m: math.nan if v is None else float(v) for m, v in metrics.items()}
+                       for layer, metrics in per_layer.items()} for name, per_layer in geometry["profiles"].items()}
+    terms = None
+    if (folder / "overlap_terms.safetensors").is_file():  # absent in profiles written before it existed
+        from safetensors.numpy import load_file
+
+        terms = load_file(str(folder / "overlap_terms.safetensors"))
+    return geometry, profiles, terms
+
+
 def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
-    """The geometry answers (point estimates from one sample of pairs) and the logit lens, where analysed."""
+    """The geometry answers (the overlap's change with an interval over the pairs; the ID shape as a description)
+    under each protocol analysed, and the logit lens, where analysed."""
     out = exp.output_dir
     doc["geometry"] = doc["lens"] = None
     if exp.analysis is None:
         return
     from midtune.files import copy_file
 
-    geometry = json.loads((out / "analysis" / "profiles.json").read_text())
-    profiles = {name: {int(layer): {m: math.nan if v is None else float(v) for m, v in metrics.items()}
-                       for layer, metrics in per_layer.items()} for name, per_layer in geometry["profiles"].items()}
+    protocols = exp.analysis.get("protocols", ["authors"])
+    geometry, profiles, terms = _read_geometry(out / "analysis")
     start = "pretrained" if "pretrained" in profiles else "base"
     configs = configurations(exp)
     runs = {n: primary_model(n, configs[n]) for n, t in exp.trainings.items()
@@ -577,9 +590,16 @@ def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
     steps = ([("after the stages", "base", "pretrained")] if start == "pretrained" else []) + \
             [(f"after {name}", model, "base") for name, model in runs.items() if model in profiles]
     answers["id"] = id_answers(profiles, reference=start)
-    answers["overlap"] = overlap_answers(profiles, steps)
+    answers["overlap"] = overlap_answers(profiles, steps, terms)
+    answers["overlap_other"] = {}
+    for protocol in protocols[1:]:
+        folder = out / f"analysis-{protocol}"
+        if (folder / "profiles.json").is_file():
+            _, other, other_terms = _read_geometry(folder)
+            answers["overlap_other"][protocol] = overlap_answers(other, steps, other_terms)
     copy_file(out / "analysis" / "profile.png", out / "geometry.png")
-    doc["geometry"] = {"settings": geometry["settings"]}
+    doc["geometry"] = {"settings": geometry["settings"], "protocol": geometry["settings"].get("protocol", "describe"),
+                       "other_protocols": list(answers["overlap_other"])}
     if (out / "lens" / "lens.json").exists():
         lens = json.loads((out / "lens" / "lens.json").read_text())
         answers["lens"] = lens_answers(lens)
@@ -694,17 +714,33 @@ def sweep_markdown(doc: dict, answers: dict) -> list[str]:
             "![score vs block position, with 95 % bands](sweep.png)", ""]
 
 
+PROTOCOL_WORDS = {
+    "authors": "authors' protocol (each image with its question beside a textual twin: its captions and the same "
+               "question, in the chat template; both read at the same position)",
+    "describe": "describe protocol (the image with a fixed describe prompt, mean over its tokens, beside the caption "
+                "alone, mean over its tokens)",
+}
+
+
 def geometry_markdown(doc: dict, answers: dict) -> list[str]:
     md = []
     if doc["geometry"]:
-        k, n_pairs = doc["geometry"]["settings"]["k"], doc["geometry"]["settings"]["n_pairs"]
+        settings = doc["geometry"]["settings"]
+        k, n_pairs = settings["k"], settings["n_pairs"]
         md += ["## Geometry", "",
-               f"Per hidden state (0 = embeddings), on {n_pairs} image/caption pairs: the intrinsic dimension (ID) "
-               f"of the captions' and the images' representations, and the visual↔textual neighbourhood overlap — "
-               f"the fraction of each image's {k} nearest images that are also among its caption's {k} nearest "
-               f"captions (chance about {k / n_pairs:.2f}). **Point estimates from one sample of pairs and each run's "
-               f"first seed, without an interval: descriptions, not verdicts.**", "",
+               f"Per hidden state (0 = embeddings), on {n_pairs} image/caption pairs, under the "
+               f"**{PROTOCOL_WORDS.get(doc['geometry']['protocol'], doc['geometry']['protocol'])}**"
+               + (f", read at position `{settings['position']}`" if settings.get("position") else "") +
+               f" (docs/analysis.md): the intrinsic dimension (ID) of the textual and the visual representations, and "
+               f"the visual↔textual neighbourhood overlap — the fraction of each image's {k} nearest images whose "
+               f"partners are also among its partner's {k} nearest (chance about {k / n_pairs:.2f}). The overlap's "
+               f"change after each step has a 95 % interval from resampling the pairs (each run's first seed: pair "
+               f"sampling only, not seed-to-seed variation). **The ID shape is a point estimate: a description, not "
+               f"a verdict** (the figure draws each curve's band).", "",
                *_bullets(answers["id"] + answers["overlap"]), "", "![geometry](geometry.png)", ""]
+        for protocol, lines in answers.get("overlap_other", {}).items():
+            md += [f"The overlap's change under the **{PROTOCOL_WORDS.get(protocol, protocol)}** instead "
+                   f"(`analysis-{protocol}/`):", "", *_bullets(lines), ""]
     if doc["lens"]:
         labels = " and ".join(doc["lens"]["settings"]["labels"])
         md += ["## Logit lens on the image tokens", "",

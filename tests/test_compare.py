@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -87,14 +88,30 @@ def test_overlap_answers_locate_the_rise_after_the_stages_and_after_each_run():
     middle = _profile([0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.2, 0.12, 0.1, 0.1], "vt_overlap")  # falls
     steps = [("after the stages", "base", "pretrained"), ("after full", "full", "base"),
              ("after middle", "middle", "base")]
-    lines = geometry.overlap_answers({"pretrained": pretrained, "base": base, "full": full, "middle": middle}, steps)
-    assert lines[0].startswith("Visual↔textual overlap after the stages (base vs pretrained): rises in the "
-                               "intermediate layers, most there")
+    profiles = {"pretrained": pretrained, "base": base, "full": full, "middle": middle}
+    lines = geometry.overlap_answers(profiles, steps)  # no per-pair overlaps: point estimates, no verdict
+    assert lines[0].startswith("Visual↔textual overlap after the stages (base vs pretrained): no verdict")
     assert "intermediate +0.233" in lines[0] and "largest rise +0.300 at hidden state 5 (intermediate)" in lines[0]
     assert "peak at hidden state 1 before, 5 after" in lines[0]  # hidden state 0 (the embeddings) left out
-    assert "(full vs base): does NOT rise in the intermediate layers" in lines[1]
-    assert "largest rise +0.500 at hidden state 9 (late)" in lines[1]
-    assert "(middle vs base): does NOT rise" in lines[2] and "intermediate -0.100" in lines[2]
+
+    # Per-pair overlaps whose means are the curves above, with pair-to-pair noise: intervals and verdicts.
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.05, size=(n, 200))
+    terms = {name: np.array([[p[layer]["vt_overlap"]] for layer in range(n)]) + noise
+             for name, p in profiles.items()}
+    lines = geometry.overlap_answers(profiles, steps, terms)
+    assert "(base vs pretrained): **rises** — rises in the intermediate layers, most there" in lines[0]
+    assert "over 2000 resamples of the 200 pairs" in lines[0]
+    assert "(full vs base): **unchanged**" in lines[1] and "largest rise +0.500 at hidden state 9 (late)" in lines[1]
+    assert "(middle vs base): **falls**" in lines[2] and "intermediate -0.100 [" in lines[2]
+    # Independent noise per model, ten pairs: the rise of +0.02 is not told from zero.
+    small = {"a": _profile([0.1] * n, "vt_overlap"), "b": _profile([0.1] + [0.12] * (n - 1), "vt_overlap")}
+    noisy = {"a": 0.1 + rng.normal(0, 0.2, (n, 10)), "b": 0.12 + rng.normal(0, 0.2, (n, 10))}
+    (line,) = geometry.overlap_answers(small, [("after b", "b", "a")], noisy)
+    assert "**inconclusive**" in line
+    ci = geometry.overlap_change(small, "b", "a", noisy)["intervals"]["intermediate"]
+    assert ci[0] < 0 < ci[1]
+    assert geometry.overlap_verdict((-0.01, 0.015)) == "unchanged"
 
 
 def _lens_doc(ranks: dict[str, list[float]], top_k: int = 10) -> dict:
@@ -272,6 +289,7 @@ def test_seeds_are_an_axis_each_seed_a_training_of_its_own(tiny_dir, world, tmp_
     assert {"eval/full-seed1", "eval/middle-seed2", "cost/middle"} <= set(stages)
     analysed = " ".join(stages["analysis"].command)
     assert "--model=full=" in analysed and "seed1" not in analysed  # geometry: each run's own seed
+    assert "--protocol authors" in analysed and "analysis-describe" not in stages  # one protocol by default
     assert compare_main([str(path), "--print-commands"]) == 0
     assert "# [middle-seed2] to run" in capsys.readouterr().out
     assert compare_cli.named(exp, ["middle"]) == {"middle", "middle-seed1", "middle-seed2", "eval/middle",
@@ -482,7 +500,7 @@ def test_quick_demo_experiment_writes_the_report(tmp_path):
     quick = ["--set", f"output_dir={out}", "--set", "vars.n_train=200", "--set", "vars.n_val=10",
              "--set", "vars.n_test=60", "--set", "vars.vision_steps=5", "--set", "train_overrides.max_steps=2",
              "--set", "train_overrides.batch_size=2", "--set", "eval.limit=4",
-             "--set", "analysis.args=[--no-idcorr, --k, 5, --max-pairs, 24]",
+             "--set", "analysis.args=[--no-idcorr, --k, 5, --max-pairs, 24, --gride-rank, 4]",
              "--set", "analysis.lens_args=[--max-pairs, 8]",
              "--set", "report.cost_probe={warmup: 0, steps: 2}"]
     assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0
@@ -495,6 +513,9 @@ def test_quick_demo_experiment_writes_the_report(tmp_path):
     assert "ID profile of pretrained on the captions" in md
     assert "ID profile of base: identical to pretrained's" in md  # alignment leaves the LLM as it was
     assert "overlap after the stages (base vs pretrained)" in md
+    assert "under the **authors' protocol" in md and "read at position `last`" in md
+    assert "The overlap's change under the **describe protocol" in md  # the demo's second protocol
+    assert md.count("95 % interval over 2000 resamples of the 24 pairs") == 6  # 3 steps × 2 protocols
     assert "| middle | LLM layers 7–21 of 30 |" in md and "| align | projector |" in md
     assert "| midtune_shapes_color | accuracy | 4 | 20.0 |" in md  # chance from the world's choices
     assert "middle vs full: step time" in md and "alternated in one process" in md
@@ -503,6 +524,20 @@ def test_quick_demo_experiment_writes_the_report(tmp_path):
     stamps = _stamps(out)
     assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0
     assert _stamps(out) == stamps  # everything reused: no stage rewrites its marker
+
+
+def test_analysis_protocols_each_get_a_stage(tiny_dir, world, tmp_path):
+    path = experiment_file(tmp_path, tiny_dir("llava"), world,
+                           analysis={"pairs": str(world / "pairs.jsonl"), "protocol": ["describe", "authors"]})
+    stages = {s.name: s for s in read_experiment(path).stages}
+    assert "--protocol describe" in " ".join(stages["analysis"].command)  # the first: the report's own
+    assert stages["analysis-authors"].out.name == "analysis-authors"
+    assert "--protocol authors" in " ".join(stages["analysis-authors"].command)
+    for bad in ("theirs", ["authors", "authors"], []):
+        path = experiment_file(tmp_path, tiny_dir("llava"), world,
+                               analysis={"pairs": str(world / "pairs.jsonl"), "protocol": bad})
+        with pytest.raises(ExperimentError, match="analysis.protocol: .* one or more of authors, describe"):
+            read_experiment(path)
 
 
 def test_the_shipped_experiment_files_are_valid(monkeypatch, tmp_path, capsys):
