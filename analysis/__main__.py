@@ -68,6 +68,9 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gride-rank", type=int, default=None,
                    help="GRIDE scale n1 (μ = r_2n1 / r_n1): default 16 under the authors' protocol (theirs), 8 "
                         "under describe")
+    p.add_argument("--gride-range-max", type=int, default=100,
+                   help="the whole GRIDE curve for the scale plot (gride_scaling.png): n1 = 1, 2, 4, … with "
+                        "2·n1 ≤ this (default 100, the authors'; 0: off)")
     p.add_argument("--idcorr-shuffles", type=int, default=3, help="shuffles for the IdCorr p-value (default 3)")
     p.add_argument("--no-idcorr", action="store_true", help="skip IdCorr (it runs its own neighbour searches)")
     p.add_argument("--shard-size", type=int, default=256, help="pairs per extraction shard file")
@@ -216,7 +219,8 @@ def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
     gride_rank = args.gride_rank or (AUTHORS_GRIDE_RANK if authors else ProfileSettings.gride_rank)
     settings = ProfileSettings(k=args.k, label=args.label, gride_rank=gride_rank,
                                idcorr_shuffles=args.idcorr_shuffles, idcorr=not args.no_idcorr, seed=args.seed,
-                               band_resamples=args.band_resamples, position=args.position)
+                               band_resamples=args.band_resamples, position=args.position,
+                               gride_range_max=args.gride_range_max)
     settings.check()
     extract_settings = ExtractSettings(protocol=args.protocol, prompt=args.prompt or DEFAULT_PROMPT,
                                        caption_format=args.caption_format, batch_size=args.batch_size,
@@ -231,21 +235,21 @@ def profile_models(args, models: list[str], out: Path) -> tuple[dict, dict]:
     device = _device(args.device)
     labels = [p.labels[args.label] for p in pairs]
 
-    profiles, info, terms = {}, {}, {}
+    profiles, info, terms, scaling = {}, {}, {}, {}
     for name, ref in refs.items():
         # One extraction directory per protocol: switching protocols does not throw the other's vectors away.
         where = out / "extract" / (name if args.protocol == "describe" else f"{name}-{args.protocol}")
         extraction = extract(ref, pairs, where, extract_settings, device=device,
                              progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
-        terms[name] = {}
+        terms[name], scaling[name] = {}, {}
         profiles[name] = compute_profile(extraction, labels, settings, name=name, progress=not args.no_progress,
-                                         overlap_terms=terms[name])
+                                         overlap_terms=terms[name], scaling=scaling[name])
         info[name] = {"source": ref.describe(), "family": extraction.index["family"],
                       "num_layers": extraction.num_layers, "hidden_size": extraction.hidden_size,
                       "extraction": str(extraction.path)}
     described = ({"position": args.position, "token_seed": args.token_seed, "twin": TWIN_INSTRUCTION} if authors
                  else {"prompt": extract_settings.prompt, "caption_format": args.caption_format})
-    paths = write_profiles(out, profiles, info, settings, overlap_terms=terms,
+    paths = write_profiles(out, profiles, info, settings, overlap_terms=terms, scaling=scaling,
                            extra={"pairs": str(Path(args.pairs).resolve()), "n_pairs": len(pairs),
                                   "ids": [p.id for p in pairs], "protocol": args.protocol, **described})
     log.info(f"profile of {', '.join(refs)}: {paths['png']} ({paths['json'].name}, {paths['csv'].name})")

@@ -62,6 +62,33 @@ def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, 
     return fig
 
 
+def plot_gride_scaling(scaling: dict[str, dict[int, dict]], rank: int, path: Path):
+    """GRIDE ID against the scale n1 (log axis), a line per hidden state coloured by depth: a row per model, the
+    visual and the textual representations side by side; the profile's fixed scale marked. Returns the Figure."""
+    plt = _pyplot()
+    models = [name for name, per_layer in scaling.items() if any(per_layer.values())]
+    fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.2 * len(models)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, name in enumerate(models):
+        layers = sorted(layer for layer, curves in scaling[name].items() if curves)
+        for col, role in enumerate(("visual", "textual")):
+            ax = axes[row, col]
+            for layer in layers:
+                curve = scaling[name][layer].get(role)
+                if curve:
+                    ax.plot(curve["n1"], curve["ids"], marker="o", markersize=2, linewidth=1,
+                            color=cmap(layer / max(layers[-1], 1)), label=str(layer))
+            ax.axvline(rank, color="grey", linestyle="--", linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{name}: {role} GRIDE ID by scale (dashed: n1 = {rank})", fontsize=9)
+            ax.set_xlabel("scale n1 (μ = r_2n1 / r_n1)", fontsize=8)
+            ax.grid(alpha=0.3)
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, layers[-1] if layers else 1))
+        fig.colorbar(sm, ax=axes[row].tolist(), label="hidden state", fraction=0.04)
+    save_figure(fig, path, dpi=110)
+    return fig
+
+
 def plot_intervention(result: dict, path: Path):
     """Accuracy per window (x: the window's first layer), a line per task + their mean; baselines dashed."""
     plt = _pyplot()

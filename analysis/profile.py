@@ -55,6 +55,7 @@ from analysis.geometry import (
     GeometryWarning,
     gride_at,
     gride_band,
+    gride_scaling,
     id_correlation,
     knn,
     label_overlap,
@@ -105,6 +106,7 @@ class ProfileSettings:
     seed: int = 0
     band_resamples: int = 200
     position: str = "last"  # authors' protocol: which of its readings is profiled (last | mean | token)
+    gride_range_max: int = 100  # the whole GRIDE curve, n1 = 1, 2, 4, … with 2·n1 ≤ this (the authors': 100); 0: off
 
     def check(self, n_pairs: int | None = None) -> None:
         if self.position not in POSITIONS:
@@ -113,6 +115,8 @@ class ProfileSettings:
             raise AnalysisError(f"k must be >= 1, got {self.k}")
         if self.gride_rank < 1 or self.gride_rank & (self.gride_rank - 1):
             raise AnalysisError(f"gride rank must be a power of two (1, 2, 4, 8, …), got {self.gride_rank}")
+        if self.gride_range_max < 0 or self.gride_range_max == 1:
+            raise AnalysisError(f"gride range max must be 0 (off) or >= 2, got {self.gride_range_max}")
         if self.band_resamples < 0:
             raise AnalysisError(f"band resamples must be >= 0, got {self.band_resamples}")
         if self.idcorr_shuffles < 0:
@@ -136,13 +140,16 @@ def roles(protocol: str, position: str, layer: int) -> dict[str, str]:
 
 def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings | None = None,
                     name: str = "model", progress: bool = False,
-                    overlap_terms: dict[int, np.ndarray] | None = None) -> dict[int, dict[str, float]]:
+                    overlap_terms: dict[int, np.ndarray] | None = None,
+                    scaling: dict[int, dict] | None = None) -> dict[int, dict[str, float]]:
     """{hidden-state index: {metric: value}} for one extraction (anything with `layer(kind, l)`, `num_states`).
 
     Under the authors' protocol (`extraction.protocol`) the pairs whose visual representations are exact
     duplicates are dropped at each layer, their partners with them, as the authors do (`unique_pairs`). With
     `overlap_terms`, each layer's per-pair visual↔textual overlap (NaN for a dropped pair) is stored there, for
-    intervals on differences between models (the same pairs resampled in both)."""
+    intervals on differences between models (the same pairs resampled in both). With `scaling`, each layer's whole
+    GRIDE curve of the visual and textual representations is stored there ({role: {n1, ids, errors, scales}}, up to
+    `gride_range_max`), for the scale plot."""
     settings = settings or ProfileSettings()
     labels = np.asarray(labels)
     n = len(labels)
@@ -170,9 +177,10 @@ def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings
                               f"k + 2: not measured", GeometryWarning, stacklevel=2)
                 out[layer], chi = dict.fromkeys(COLUMNS, math.nan), None
             else:
-                k_search = min(max(settings.k, 2 * settings.gride_rank), len(keep) - 2)
+                k_search = min(max(settings.k, 2 * settings.gride_rank, settings.gride_range_max), len(keep) - 2)
                 out[layer], chi = _layer_metrics({r: x[keep] for r, x in reps.items()}, labels[keep], settings,
-                                                 k_search)
+                                                 k_search, scaling.setdefault(layer, {}) if scaling is not None
+                                                 and settings.gride_range_max else None)
         for w in caught:  # re-emitted with the model and layer named
             if issubclass(w.category, (RuntimeWarning, UserWarning)):  # GeometryWarning is a RuntimeWarning
                 warnings.warn(f"{where}: {w.message}", GeometryWarning, stacklevel=2)
@@ -183,9 +191,10 @@ def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings
     return out
 
 
-def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings,
-                   k_search: int) -> tuple[dict[str, float], np.ndarray | None]:
-    """The metrics of one layer, and the per-pair visual↔textual overlap (None where it is undefined)."""
+def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search: int,
+                   scaling: dict | None = None) -> tuple[dict[str, float], np.ndarray | None]:
+    """The metrics of one layer, and the per-pair visual↔textual overlap (None where it is undefined). With
+    `scaling`, the visual and textual GRIDE curves go there."""
     nan = float("nan")
     values = dict.fromkeys(COLUMNS, nan)
     bands = {"n_resamples": s.band_resamples, "seed": s.seed}
@@ -207,6 +216,13 @@ def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings,
         if neighbours is not None:
             values[metric] = _num(safe(metric, lambda nb_=neighbours: twonn(nb_)))
             band(metric, lambda nb_=neighbours: twonn_band(nb_, **bands))
+    for role, neighbours in (("visual", img), ("textual", txt)):
+        if scaling is not None and neighbours is not None:
+            curve = safe(f"{role} GRIDE curve", lambda nb_=neighbours: gride_scaling(nb_, s.gride_range_max))
+            if curve is not None:
+                ids, errors, scales = curve
+                scaling[role] = {"n1": [2 ** i for i in range(len(ids))], "ids": ids.tolist(),
+                                 "errors": errors.tolist(), "scales": scales.tolist()}
     for metric, neighbours in (("visual_id_gride", img), ("textual_id_gride", txt)):
         if neighbours is not None:
             values[metric] = _num(safe(metric, lambda nb_=neighbours: _gride_at(nb_, s.gride_rank)))
@@ -284,11 +300,14 @@ def _json_value(v: float):
 
 def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]]], info: dict[str, dict],
                    settings: ProfileSettings, extra: dict | None = None,
-                   overlap_terms: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, Path]:
+                   overlap_terms: dict[str, dict[int, np.ndarray]] | None = None,
+                   scaling: dict[str, dict[int, dict]] | None = None) -> dict[str, Path]:
     """profiles.json (`profiles[model][layer][metric]`, NaN → null), profiles.csv (a row per model and layer),
     profile.png (a panel per metric, a line per model), and with `overlap_terms` ({model: {layer: per-pair
     overlap}}) overlap_terms.safetensors: a (hidden states, pairs) float32 tensor per model, the pairs in the
-    order of profiles.json's settings.ids, so that a difference between two models can be resampled by pair."""
+    order of profiles.json's settings.ids, so that a difference between two models can be resampled by pair; with
+    `scaling` ({model: {layer: {role: curve}}}) gride_scaling.json and gride_scaling.png: the GRIDE ID at every
+    scale n1, a line per layer (the profile's GRIDE curves are its column at n1 = gride_rank)."""
     from analysis.plots import plot_profiles
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +330,17 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
                 writer.writerow([name, layer, *("" if not math.isfinite(metrics.get(m, math.nan))
                                                 else f"{metrics[m]:.6g}" for m in COLUMNS)])
     plot_profiles(profiles, paths["png"])
+    if scaling and any(scaling.values()):
+        from analysis.plots import plot_gride_scaling
+
+        paths["scaling_json"], paths["scaling_png"] = out_dir / "gride_scaling.json", out_dir / "gride_scaling.png"
+        write_json(paths["scaling_json"], {
+            "format": PROFILE_FORMAT, "gride_rank": settings.gride_rank, "range_max": settings.gride_range_max,
+            "curves": "models[model][layer][visual|textual] = {n1, ids, errors, scales}: GRIDE ID at scale n1 "
+                      "(μ = r_2n1 / r_n1), its error, the mean distance of the two neighbours",
+            "models": {name: {str(layer): curves for layer, curves in per_layer.items() if curves}
+                       for name, per_layer in scaling.items()}})
+        plot_gride_scaling(scaling, settings.gride_rank, paths["scaling_png"])
     if overlap_terms:
         from safetensors.numpy import save_file
 

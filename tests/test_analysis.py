@@ -337,6 +337,12 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
     assert terms["base"].shape == (NUM_LAYERS + 1, len(doc["settings"]["ids"]))
     assert np.nanmean(terms["tuned"][3]) == pytest.approx(tuned[3]["vt_overlap"], rel=1e-5)
     assert np.isnan(terms["base"][0]).all()
+    # the GRIDE scale plot: every scale at every measured layer, the profile's value its column at n1 = 4
+    curves = json.loads((out / "gride_scaling.json").read_text())
+    assert curves["gride_rank"] == 4 and sorted(curves["models"]["base"]) == ["1", "2", "3", "4"]
+    textual = curves["models"]["tuned"]["3"]["textual"]
+    assert textual["n1"] == [1, 2, 4, 8] and textual["ids"][2] == pytest.approx(tuned[3]["textual_id_gride"], rel=1e-6)
+    assert (out / "gride_scaling.png").stat().st_size > 10_000
 
     # The describe protocol: its own extraction beside the authors' one, and its last-token metrics.
     rc = main(["profile", "--model", f"base={tiny_dir('llava')}", "--pairs", str(world / "pairs.jsonl"),
