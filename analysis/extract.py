@@ -17,7 +17,8 @@ three vectors per pair and layer are kept:
   adapter) of pass 1;
 * ``image_last``: the last non-padding token of pass 1 (the assistant prefix's last token);
 * ``caption_mean``: the mean over the caption's own tokens in pass 2 — located through the tokenizer's offset
-  mapping, so template and special tokens (and padding) are excluded.
+  mapping, so template and special tokens (and padding) are excluded, and so is the sequence's first position
+  (an attention sink, see ``Extractor.run_describe``) where a tokenizer without BOS puts the caption's first token.
 
 Batches are right-padded (padding never moves a position; the last token is the last attention-mask 1), and the
 means are taken in float32.
@@ -333,6 +334,8 @@ def fingerprint(model_fp: dict, pairs: Sequence[Pair], settings: ExtractSettings
     # Keys only where they differ from the defaults, which keeps the fingerprints of earlier extractions valid.
     if settings.attn_implementation != "sdpa":
         payload["attn_implementation"] = settings.attn_implementation
+    if not authors:  # the caption mean leaves the attention sink out (Extractor.run_describe)
+        payload["caption_mean"] = "without the sequence's first position"
     if authors:
         payload.update(protocol=settings.protocol, token_seed=settings.token_seed, twin=TWIN_INSTRUCTION)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -425,7 +428,8 @@ def _representations(settings: ExtractSettings) -> dict[str, str]:
     if settings.protocol == "describe":
         return {"image_mean": "mean over image-token positions of the image + prompt pass",
                 "image_last": "last non-padding token of the image + prompt pass",
-                "caption_mean": f"mean over the caption's tokens ({settings.caption_format} text pass)"}
+                "caption_mean": f"mean over the caption's tokens ({settings.caption_format} text pass), the "
+                                f"sequence's first position (an attention sink) left out"}
     where = {"last": "last non-padding token (the assistant prefix's last token)",
              "mean": "mean over every non-padding token of the sequence",
              "token": f"one image token (visual) / caption token (textual) drawn per pair (seed {settings.token_seed})"}
@@ -612,6 +616,12 @@ class Extractor:
         empty = (~caption_mask.any(1)).nonzero().flatten().tolist()
         if empty:
             raise AnalysisError(f"pair {batch[empty[0]].id!r}: its caption has no tokens of its own")
+        # The sequence's first position is an attention sink: from mid-depth on its state is a massive activation
+        # (SmolLM2: 170× the other tokens' norm from hidden state 12), nearly the same vector for every caption that
+        # starts with the same word. A plain caption of a tokenizer without BOS starts there, and its mean then
+        # carries that vector / caption length: every caption on one line, ordered by length (GRIDE 5.4 → 1.0 at
+        # hidden state 12 of the demo's SmolLM2, docs/analysis.md). Left out, unless it is the caption's only token.
+        caption_mask[:, 0] &= caption_mask[:, 1:].sum(1) == 0
         states = self.hidden_states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         caption_mean = masked_means(states, caption_mask)
         return {"image_mean": image_mean, "image_last": image_last, "caption_mean": caption_mean}
