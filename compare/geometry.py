@@ -31,8 +31,10 @@ def _where(layer: int, n_states: int) -> str:
     return "early" if frac <= 1 / 3 else "late" if frac > 2 / 3 else "intermediate"
 
 
-def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretrained") -> list[str]:
-    """The shape of the starting LLM's ID profile on captions, and how each trained model changes it."""
+def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretrained",
+               representation: str = "mean caption-token representation") -> list[str]:
+    """The shape of the starting LLM's ID profile on captions (`representation`: what the textual vectors are),
+    and how each trained model changes it."""
     ids = _finite(profiles[reference], "textual_id")
     if len(ids) < 3:
         return [f"ID profile: too few finite ID estimates ({len(ids)}) to describe its shape."]
@@ -44,8 +46,8 @@ def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretraine
     # Expansion is measured from the lowest ID before the peak, not from the embeddings: the mean of a caption's
     # token embeddings is no representation the network built (SmolLM2: 8.8 there, 7.3 two layers up, then 10.8).
     before = min((layer for layer in layers if layer < peak), key=ids.get, default=peak)
-    text = (f"ID profile of {reference} on the captions (TwoNN, mean caption-token representation): ")
-    text += f"{ids[0]:.1f} at the embeddings, " if 0 in ids else ""
+    text = f"ID profile of {reference} on the captions (TwoNN, {representation}): "
+    text += f"{ids[0]:.1f} at the embeddings, " if 0 in ids else "not measured at the embeddings, "
     text += f"lowest {ids[before]:.1f} at hidden state {before} before the peak, " if before != peak else ""
     text += f"peak {ids[peak]:.1f} at hidden state {peak} ({_where(peak, n_states)})"
     if low is not None:

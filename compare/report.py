@@ -589,7 +589,10 @@ def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
             if t["role"] == "run"}  # each run's own seed
     steps = ([("after the stages", "base", "pretrained")] if start == "pretrained" else []) + \
             [(f"after {name}", model, "base") for name, model in runs.items() if model in profiles]
-    answers["id"] = id_answers(profiles, reference=start)
+    settings = geometry["settings"]
+    representation = (f"the textual twin read at position `{settings.get('position', 'last')}`"
+                      if settings.get("protocol") == "authors" else "mean caption-token representation")
+    answers["id"] = id_answers(profiles, reference=start, representation=representation)
     answers["overlap"] = overlap_answers(profiles, steps, terms)
     answers["overlap_other"] = {}
     for protocol in protocols[1:]:
