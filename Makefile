@@ -57,9 +57,11 @@ venv: $(STAMP)
 .venv: $(STAMP)
 
 # SEEDS=N trains every run of the demo with seeds 0 .. N-1 (seed 0 is the runs' own, so a finished demo is reused).
+# PROTOCOLS="authors, describe" adds the describe protocol's geometry verdicts to the report (docs/analysis.md).
 demo: $(STAMP)
 	$(BIN)/python -m compare configs/experiments/demo.yaml $(if $(FORCE),--force,) \
-	  $(if $(SEEDS),--set "seeds=[$(shell seq -s, 0 $$(($(SEEDS) - 1)))]",)
+	  $(if $(SEEDS),--set "seeds=[$(shell seq -s, 0 $$(($(SEEDS) - 1)))]",) \
+	  $(if $(PROTOCOLS),--set "analysis.protocol=[$(PROTOCOLS)]",)
 
 # TEST_WORKERS=N runs the tests in N processes (pytest-xdist, which the lock does not hold yet: its `make lock` run
 # failed on the GPU-check rehearsal under two workers, docs/development.md). Default 0: in this one process.

@@ -501,6 +501,7 @@ def test_quick_demo_experiment_writes_the_report(tmp_path):
              "--set", "vars.n_test=60", "--set", "vars.vision_steps=5", "--set", "train_overrides.max_steps=2",
              "--set", "train_overrides.batch_size=2", "--set", "eval.limit=4",
              "--set", "analysis.args=[--no-idcorr, --k, 5, --max-pairs, 24, --gride-rank, 4]",
+             "--set", "analysis.protocol=[authors, describe]",  # what `make demo PROTOCOLS="authors, describe"` sets
              "--set", "analysis.lens_args=[--max-pairs, 8]",
              "--set", "report.cost_probe={warmup: 0, steps: 2}"]
     assert compare_main([str(ROOT / "configs/experiments/demo.yaml"), *quick]) == 0
