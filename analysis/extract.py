@@ -132,7 +132,8 @@ def read_pairs(path: str | Path, image_folder: str | Path | None = None, *, labe
         question = row.get("question")
         if (question is not None or need_question) and not (isinstance(question, str) and question.strip()):
             raise AnalysisError(f"{where} (id={row['id']!r}): {'no' if question is None else 'empty'} 'question' "
-                                f"(the authors' protocol asks each image its row's question)")
+                                f"(the authors' protocol asks each image its row's question; --protocol describe "
+                                f"needs none)")
         labels = row.get("labels") or {}
         if not isinstance(labels, dict):
             raise AnalysisError(f"{where} (id={row['id']!r}): 'labels' must be an object")

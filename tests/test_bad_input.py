@@ -278,6 +278,8 @@ CASES = [
          ("{dir}/pairs.jsonl: line 1 (id='test_000000'): no label 'mood'",)),
     Case("pairs-labels-not-an-object", "analysis", lambda e: e.profile(e.pairs(change=with_(labels=["red"]))),
          ("{dir}/pairs.jsonl: line 3 (id='test_000002'): 'labels' must be an object",)),
+    Case("pairs-no-question", "analysis", lambda e: e.profile(e.pairs(change=without("question"))),
+         ("{dir}/pairs.jsonl: line 3 (id='test_000002'): no 'question'", "--protocol describe")),
     Case("pairs-duplicate-id", "analysis", lambda e: e.profile(e.pairs(change=with_(id="test_000000"))),
          ("{dir}/pairs.jsonl: duplicate pair id 'test_000000'",)),
     Case("pairs-too-few-for-k", "analysis", lambda e: e.profile(e.pairs(), "--k", "30"),
