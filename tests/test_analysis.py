@@ -14,9 +14,9 @@ from PIL import Image
 
 from analysis.__main__ import main
 from analysis.extract import (
+    PROTOCOL_KINDS,
     AnalysisError,
     ExtractSettings,
-    PROTOCOL_KINDS,
     InMemoryExtraction,
     extract,
     load_model,
