@@ -23,12 +23,13 @@ def computed(profiles: dict[str, dict[int, dict[str, float]]], metric: str) -> b
                if isinstance(v := values.get(metric), (int, float)))
 
 
-def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, metrics=None):
+def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, metrics=None,
+                  gride_rank: int | None = None):
     """One figure: a panel per metric, a line per model (with its 95 % band where the profile has one: ID and
     overlap curves), hidden-state index on x. Returns the (closed) Figure.
     A metric no profile computed (IdCorr under --no-idcorr: NaN or absent at every layer) gets no panel: an empty
-    panel reads as a measurement."""
-    from analysis.profile import PLOTTED, TITLES
+    panel reads as a measurement. With `gride_rank`, the GRIDE panels name their scale."""
+    from analysis.profile import PLOTTED, TITLES, gride_title
 
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -49,7 +50,7 @@ def plot_profiles(profiles: dict[str, dict[int, dict[str, float]]], path: Path, 
                 ax.fill_between(layers, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(-0.3, last + 0.3)
-        ax.set_title(TITLES.get(metric, metric), fontsize=10)
+        ax.set_title(gride_title(metric, gride_rank) if gride_rank else TITLES.get(metric, metric), fontsize=10)
         ax.set_xlabel("layer (hidden-state index; 0 = embeddings)", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:

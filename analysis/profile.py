@@ -88,6 +88,12 @@ AUTHORS_GRIDE_RANK = 16  # the authors' GRIDE scale: DADApy's return_id_scaling_
 TERMS_FILE = "overlap_terms.safetensors"  # per model: (hidden states, pairs) per-pair visual↔textual overlap
 
 
+def gride_title(metric: str, rank: int) -> str:
+    """A metric's title, the GRIDE ones with their scale (n1 = rank: μ = r_2n1 / r_n1)."""
+    title = TITLES.get(metric, metric)
+    return title.replace("(GRIDE)", f"(GRIDE, n1 = {rank})") if metric.endswith("_gride") else title
+
+
 def column_title(column: str) -> str:
     for end, word in (("_lo", "low"), ("_hi", "high")):
         if column.endswith(end) and column[:-len(end)] in BANDED:
@@ -314,7 +320,7 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
     doc = {
         "format": PROFILE_FORMAT,
         "settings": {**asdict(settings), **(extra or {})},
-        "metrics": {m: column_title(m) for m in COLUMNS},
+        "metrics": {m: gride_title(m, settings.gride_rank) if m in METRICS else column_title(m) for m in COLUMNS},
         "layers": "hidden_states index: 0 = embeddings, l = output of decoder layer l-1, last = final norm",
         "models": info,
         "profiles": {name: {str(layer): {m: _json_value(v) for m, v in metrics.items()}
@@ -329,7 +335,7 @@ def write_profiles(out_dir: Path, profiles: dict[str, dict[int, dict[str, float]
             for layer, metrics in per_layer.items():
                 writer.writerow([name, layer, *("" if not math.isfinite(metrics.get(m, math.nan))
                                                 else f"{metrics[m]:.6g}" for m in COLUMNS)])
-    plot_profiles(profiles, paths["png"])
+    plot_profiles(profiles, paths["png"], gride_rank=settings.gride_rank)
     if scaling and any(scaling.values()):
         from analysis.plots import plot_gride_scaling
 

@@ -304,6 +304,7 @@ def test_profile_of_a_trained_model_beside_its_base(trained_run, world, tiny_dir
                 assert m[f"{metric}_lo"] <= m[f"{metric}_hi"], (name, layer, metric)  # its band (pairs resampled)
             assert m["vt_overlap_lo"] <= m["vt_overlap"] <= m["vt_overlap_hi"]
     assert "95 % band" in doc["metrics"]["vt_overlap_lo"] and doc["settings"]["band_resamples"] == 200
+    assert doc["metrics"]["textual_id_gride"] == "textual ID (GRIDE, n1 = 4)"  # the one scale, named
     base, tuned = doc["profiles"]["base"], doc["profiles"]["tuned"]
     for layer in (1,):  # input of the trained layers 1-2: untouched by training
         assert base[layer]["visual_id"] == tuned[layer]["visual_id"]
