@@ -515,9 +515,20 @@ def write_report(exp: Experiment) -> Path:
     write_json(out / "report.json", doc)
     write_tables(out, doc, configs, runs)
     summary = [_score_table_md(doc, configs, reference, chance), "", cost_table(runs), ""]
-    summary += [line for lines in answers.values() for line in lines]
-    write_text(out / "summary.txt", "\n".join(summary) + "\n")
+    write_text(out / "summary.txt", "\n".join(summary + summary_lines(answers)) + "\n")
     return report
+
+
+def summary_lines(answers: dict) -> list[str]:
+    """Every answer, in order; another protocol's overlap verdicts ({protocol: lines}) under a line naming it."""
+    out = []
+    for lines in answers.values():
+        if isinstance(lines, dict):
+            for protocol, more in lines.items():
+                out += [f"Under the {protocol} protocol:", *more]
+        else:
+            out += lines
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

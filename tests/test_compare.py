@@ -114,6 +114,13 @@ def test_overlap_answers_locate_the_rise_after_the_stages_and_after_each_run():
     assert geometry.overlap_verdict((-0.01, 0.015)) == "unchanged"
 
 
+def test_summary_names_the_protocol_of_each_further_set_of_verdicts():
+    answers = {"id": ["ID line"], "overlap": ["overlap line"], "overlap_other": {"describe": ["its line"]},
+               "lens": ["lens line"]}
+    assert report.summary_lines(answers) == ["ID line", "overlap line", "Under the describe protocol:", "its line",
+                                             "lens line"]
+
+
 def _lens_doc(ranks: dict[str, list[float]], top_k: int = 10) -> dict:
     """A lens.json with one concept; `ranks`: model → median ranks per hidden state (the best image token's are
     half those); the share of images in the top k is taken as 0.8 where the median is inside it, else 0.2."""
