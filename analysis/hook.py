@@ -78,12 +78,18 @@ class AnalysisHook:
             return cls(None)
         if a.every not in EVERY:
             raise HookSettingsError(f"key 'analysis.every': {a.every!r} is not one of {', '.join(map(repr, EVERY))}")
+        from analysis.extract import PROTOCOLS
+
+        if a.protocol not in PROTOCOLS:
+            raise HookSettingsError(f"key 'analysis.protocol': {a.protocol!r} is not one of "
+                                    f"{', '.join(map(repr, PROTOCOLS))}")
         for key in ("max_pairs", "k", "batch_size"):
             if getattr(a, key) < 1:
                 raise HookSettingsError(f"key 'analysis.{key}': must be >= 1, got {getattr(a, key)}")
         try:
             pairs = read_pairs(a.pairs, a.image_folder, label=a.label, max_pairs=a.max_pairs,
-                               allow_outside_images=config.allow_outside_images)
+                               allow_outside_images=config.allow_outside_images,
+                               need_question=a.protocol == "authors")
             ProfileSettings(k=a.k).check(len(pairs))
         except AnalysisError as e:
             raise HookSettingsError(f"key 'analysis.pairs': {e}") from None
@@ -146,7 +152,7 @@ class AnalysisHook:
         cmd = [sys.executable, "-m", "analysis", "profile", "--model", f"step-{step}={trainable}",
                "--base", str(c.model), "--pairs", str(a.pairs), "--out", str(out), "--k", str(a.k),
                "--label", a.label, "--max-pairs", str(a.max_pairs), "--batch-size", str(a.batch_size),
-               "--device", a.device, "--dtype", c.dtype, "--no-progress", "--nice", "10"]
+               "--device", a.device, "--dtype", c.dtype, "--protocol", a.protocol, "--no-progress", "--nice", "10"]
         if a.image_folder is not None:
             cmd += ["--image-folder", str(a.image_folder)]
         if c.method == "lora":

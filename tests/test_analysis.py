@@ -535,10 +535,17 @@ def test_training_refuses_a_bad_analysis_section_before_starting(world, tiny_dir
 
     base = [f"model={tiny_dir('llava')}", f"data={world / 'train.json'}", f"image_folder={world / 'images'}",
             f"output_dir={tmp_path / 'run'}", "max_steps=1", "report_to=[]"]
+    plain = tmp_path / "plain.jsonl"  # a user's pairs without questions: the default (authors) protocol needs them
+    plain.write_text("".join(json.dumps({k: r[k] for k in ("id", "image", "caption")}) + "\n"
+                             for r in map(json.loads, (world / "pairs.jsonl").read_text().splitlines())))
     for extra, needle in [(["analysis.pairs=/nowhere/pairs.jsonl"], "does not exist"),
                           ([f"analysis.pairs={world / 'pairs.jsonl'}"], "k + 2 = 32"),  # 20 pairs, k = 30
                           ([f"analysis.pairs={world / 'pairs.jsonl'}", "analysis.k=4", "analysis.every=often"],
-                           "analysis.every")]:
+                           "analysis.every"),
+                          ([f"analysis.pairs={world / 'pairs.jsonl'}", "analysis.k=4", "analysis.protocol=theirs"],
+                           "analysis.protocol"),
+                          ([f"analysis.pairs={plain}", f"analysis.image_folder={world / 'images'}",
+                            "analysis.k=4"], "no 'question'")]:
         with pytest.raises(ConfigError, match="analysis") as e:
             train(load_config(None, base + extra))
         assert needle in str(e.value)

@@ -73,6 +73,7 @@ class AnalysisHookConfig:
     max_pairs: int = 200  # the first N pairs
     k: int = 30  # neighbours of the overlap metrics; needs max_pairs >= k + 2
     label: str = "dominant_color"  # label of the probe and the label overlap
+    protocol: str = "authors"  # authors (needs a question per pairs row) | describe (docs/analysis.md)
     device: str = "cpu"  # where the profile runs: cpu leaves the accelerators to training; auto or cuda:N
     batch_size: int = 8
     timeout: float = 1800.0  # seconds to wait for outstanding profiles when training ends
