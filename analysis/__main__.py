@@ -1,7 +1,8 @@
 """midtune analysis app: per-layer geometry of visual vs textual representations, and which layers to train.
 
     python -m analysis profile --model base=runs/demo/align/final --model middle=runs/demo/middle/final \\
-        --pairs runs/world/pairs.jsonl --out runs/analysis/profile [--k 30] [--label dominant_color]
+        --pairs runs/world/pairs.jsonl --out runs/analysis/profile [--k 30] [--label dominant_color] \\
+        [--protocol authors|describe] [--position last|mean|token]
     python -m analysis intervene --model runs/demo/middle/final --tasks color,count \
         --out runs/analysis/knockout [--target image|last-image|after-image|last]
     python -m analysis logit-lens --model base=runs/demo/align/final --model full=runs/demo/full/final \
