@@ -335,10 +335,10 @@ def fingerprint(model_fp: dict, pairs: Sequence[Pair], settings: ExtractSettings
     # Keys only where they differ from the defaults, which keeps the fingerprints of earlier extractions valid.
     if settings.attn_implementation != "sdpa":
         payload["attn_implementation"] = settings.attn_implementation
-    if not authors:  # the caption mean leaves the attention sink out (Extractor.run_describe)
-        payload["caption_mean"] = "without the sequence's first position"
     if authors:
         payload.update(protocol=settings.protocol, token_seed=settings.token_seed, twin=TWIN_INSTRUCTION)
+    else:  # the caption mean leaves the attention sink out (Extractor.run_describe)
+        payload["caption_mean"] = "without the sequence's first position"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -580,6 +580,24 @@ class Extractor:
                                 f"image prompt; does the chat template write the image placeholder?")
         return dict(enc), image_mask
 
+    def encode_texts(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]], batch: Sequence[Pair],
+                     add_special_tokens: bool = True) -> tuple[dict, torch.Tensor]:
+        """Text-only inputs, right-padded, and the (batch, seq) mask of the tokens inside each row's character
+        `spans` (the captions): real tokens only, no special, template or padding tokens."""
+        enc = self.tokenizer(list(texts), padding=True, return_tensors="pt", return_offsets_mapping=True,
+                             padding_side="right", add_special_tokens=add_special_tokens)
+        offsets = enc.pop("offset_mapping")
+        mask = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
+        for row, row_spans in enumerate(spans):
+            for lo, hi in row_spans:
+                mask[row] |= (offsets[row, :, 0] >= lo) & (offsets[row, :, 1] <= hi)
+        special = torch.isin(enc["input_ids"], torch.tensor(sorted(self.special_ids)))
+        mask &= enc["attention_mask"].bool() & ~special & (offsets[..., 1] > offsets[..., 0])
+        empty = (~mask.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise AnalysisError(f"pair {batch[empty[0]].id!r}: its caption has no tokens of its own")
+        return dict(enc), mask
+
     def run(self, batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
         """{kind: (batch, num_layers + 1, hidden) float32} for the protocol's kinds."""
         return self.run_authors(batch) if self.settings.protocol == "authors" else self.run_describe(batch)
@@ -590,8 +608,7 @@ class Extractor:
         last = last_positions(enc["attention_mask"])
         states = self.hidden_states(enc)
         image_mean = masked_means(states, image_mask)
-        rows = torch.arange(len(batch))
-        image_last = torch.stack([h[rows, last.to(h.device)].float().cpu() for h in states], dim=1)
+        image_last = at_positions(states, last)
 
         # Pass 2: the caption alone.
         texts, spans = [], []
@@ -606,17 +623,7 @@ class Extractor:
                 span = (at, at + len(p.caption))
             texts.append(text)
             spans.append(span)
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True,
-                             padding_side="right")
-        offsets = enc.pop("offset_mapping")
-        lo = torch.tensor([s for s, _ in spans])[:, None]
-        hi = torch.tensor([e for _, e in spans])[:, None]
-        special = torch.isin(enc["input_ids"], torch.tensor(sorted(self.special_ids)))
-        caption_mask = (enc["attention_mask"].bool() & ~special & (offsets[..., 1] > offsets[..., 0])
-                        & (offsets[..., 0] >= lo) & (offsets[..., 1] <= hi))
-        empty = (~caption_mask.any(1)).nonzero().flatten().tolist()
-        if empty:
-            raise AnalysisError(f"pair {batch[empty[0]].id!r}: its caption has no tokens of its own")
+        enc, caption_mask = self.encode_texts(texts, [[span] for span in spans], batch)
         # The sequence's first position is an attention sink: from mid-depth on its state is a massive activation
         # (SmolLM2: 170× the other tokens' norm from hidden state 12), nearly the same vector for every caption that
         # starts with the same word. A plain caption of a tokenizer without BOS starts there, and its mean then
@@ -645,18 +652,8 @@ class Extractor:
             text = self._render(twin, n_images=0, generation=True, fallback=twin)
             spans.append(_caption_spans(text, p))
             texts.append(text)
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt", return_offsets_mapping=True,
-                             padding_side="right", add_special_tokens=add_special_tokens_for(self.tokenizer, texts[0]))
-        offsets = enc.pop("offset_mapping")
-        special = torch.isin(enc["input_ids"], torch.tensor(sorted(self.special_ids)))
-        caption_mask = torch.zeros_like(special)
-        for row, row_spans in enumerate(spans):
-            for lo, hi in row_spans:
-                caption_mask[row] |= (offsets[row, :, 0] >= lo) & (offsets[row, :, 1] <= hi)
-        caption_mask &= enc["attention_mask"].bool() & ~special & (offsets[..., 1] > offsets[..., 0])
-        empty = (~caption_mask.any(1)).nonzero().flatten().tolist()
-        if empty:
-            raise AnalysisError(f"pair {batch[empty[0]].id!r}: its captions have no tokens of their own")
+        enc, caption_mask = self.encode_texts(texts, spans, batch,
+                                              add_special_tokens=add_special_tokens_for(self.tokenizer, texts[0]))
         states = self.hidden_states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         out.update(self._positions("textual", states, enc["attention_mask"], caption_mask, batch))
         return out
@@ -665,13 +662,11 @@ class Extractor:
                    batch: Sequence[Pair]) -> dict[str, torch.Tensor]:
         """`<side>_last`, `<side>_mean` (over every non-padding token), `<side>_token` (one of `token_mask`'s
         positions per pair, drawn from the pair's id and the token seed, so batching does not change it)."""
-        rows = torch.arange(len(batch))
-        last = last_positions(attention_mask)
         drawn = torch.tensor([_draw(token_mask[i].nonzero().flatten(), p.id, side, self.settings.token_seed)
                               for i, p in enumerate(batch)])
-        return {f"{side}_last": torch.stack([h[rows, last.to(h.device)].float().cpu() for h in states], dim=1),
+        return {f"{side}_last": at_positions(states, last_positions(attention_mask)),
                 f"{side}_mean": masked_means(states, attention_mask.bool()),
-                f"{side}_token": torch.stack([h[rows, drawn.to(h.device)].float().cpu() for h in states], dim=1)}
+                f"{side}_token": at_positions(states, drawn)}
 
 
 def twin_text(captions: Sequence[str], question: str) -> str:
@@ -704,6 +699,12 @@ def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     n = attention_mask.shape[1]
     positions = torch.arange(n).expand_as(attention_mask)
     return torch.where(attention_mask.bool().cpu(), positions, -1).max(dim=1).values
+
+
+def at_positions(states: Sequence[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """(batch, len(states), hidden) float32: each state at one position per row."""
+    rows = torch.arange(len(positions))
+    return torch.stack([h[rows, positions.to(h.device)].float().cpu() for h in states], dim=1)
 
 
 def masked_means(states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
