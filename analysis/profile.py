@@ -167,26 +167,15 @@ def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings
     for layer in tqdm(range(extraction.num_states), desc=f"profile {name}", unit="layer", disable=not progress):
         where = f"model {name!r}, layer {layer}"
         reps = {role: extraction.layer(kind, layer) for role, kind in roles(protocol, settings.position, layer).items()}
-        if not reps:
-            out[layer] = dict.fromkeys(COLUMNS, math.nan)
-            if overlap_terms is not None:
-                overlap_terms[layer] = np.full(n, np.nan, dtype=np.float32)
-            continue
         for role, x in reps.items():
             if len(x) != n:
                 raise AnalysisError(f"{where}: the {role} representations have {len(x)} rows for {n} labels")
-        keep = unique_pairs(reps["visual"]) if protocol == "authors" else np.arange(n)
+        keep = unique_pairs(reps["visual"]) if reps and protocol == "authors" else np.arange(n)
+        curves = scaling.setdefault(layer, {}) if scaling is not None and settings.gride_range_max and reps else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if len(keep) < settings.k + 2:
-                warnings.warn(f"{len(keep)} distinct visual representations of {n}, but k = {settings.k} needs "
-                              f"k + 2: not measured", GeometryWarning, stacklevel=2)
-                out[layer], chi = dict.fromkeys(COLUMNS, math.nan), None
-            else:
-                k_search = min(max(settings.k, 2 * settings.gride_rank, settings.gride_range_max), len(keep) - 2)
-                out[layer], chi = _layer_metrics({r: x[keep] for r, x in reps.items()}, labels[keep], settings,
-                                                 k_search, scaling.setdefault(layer, {}) if scaling is not None
-                                                 and settings.gride_range_max else None)
+            out[layer], chi = _measured_layer({r: x[keep] for r, x in reps.items()}, labels[keep], settings, n,
+                                              curves)
         for w in caught:  # re-emitted with the model and layer named
             if issubclass(w.category, (RuntimeWarning, UserWarning)):  # GeometryWarning is a RuntimeWarning
                 warnings.warn(f"{where}: {w.message}", GeometryWarning, stacklevel=2)
@@ -195,6 +184,22 @@ def compute_profile(extraction, labels: Sequence[str], settings: ProfileSettings
             if chi is not None:
                 overlap_terms[layer][keep] = chi
     return out
+
+
+def _measured_layer(reps: dict, labels: np.ndarray, s: ProfileSettings, n: int,
+                    curves: dict | None) -> tuple[dict[str, float], np.ndarray | None]:
+    """One layer's metrics and per-pair overlaps: all NaN where nothing is measured (no representations, or
+    fewer distinct pairs than k + 2 of the `n`)."""
+    if not reps:
+        return dict.fromkeys(COLUMNS, math.nan), None
+    kept = len(labels)
+    if kept < s.k + 2:
+        warnings.warn(f"{kept} distinct visual representations of {n}, but k = {s.k} needs k + 2: not measured",
+                      GeometryWarning, stacklevel=2)
+        return dict.fromkeys(COLUMNS, math.nan), None
+    # the neighbours every metric shares; the GRIDE curve's range only where the curve is wanted
+    k_search = min(max(s.k, 2 * s.gride_rank, s.gride_range_max if curves is not None else 0), kept - 2)
+    return _layer_metrics(reps, labels, s, k_search, curves)
 
 
 def _layer_metrics(reps: dict, labels: np.ndarray, s: ProfileSettings, k_search: int,
