@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from compare.stats import LEVEL, N_BOOT
+
 EXPANSION = 1.25  # the ID peak is at least this many times the lowest ID before it ...
 CONTRACTION = 0.8  # ... and a later minimum at most this fraction of the peak: Valeriani et al.'s shape
 OVERLAP_RISE = 0.02  # mean change in overlap (a fraction of k neighbours) that counts as a rise
@@ -81,7 +83,6 @@ def id_answers(profiles: dict[str, dict[int, dict]], reference: str = "pretraine
 
 
 THIRDS = ("early", "intermediate", "late")
-N_BOOT = 2000
 
 
 def _per_pair_thirds(after: np.ndarray, before: np.ndarray) -> np.ndarray:
@@ -138,7 +139,7 @@ def overlap_change(profiles: dict, after: str, before: str, terms: dict | None =
         mid = THIRDS.index("intermediate")
         margins = np.stack([d[:, mid] - d[:, t] for t in range(3) if t != mid], axis=1)
         point, boot = _resampled_means(np.concatenate([d, margins], axis=1), n_boot, seed)
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+        lo, hi = np.nanpercentile(boot, [50 * (1 - LEVEL), 50 * (1 + LEVEL)], axis=0)
         cis = [(float(p), float(x), float(y)) for p, x, y in zip(point, lo, hi)]
         out["thirds"] = {third: cis[t][0] for t, third in enumerate(THIRDS) if math.isfinite(cis[t][0])}
         out["intervals"] = {third: cis[t][1:] for t, third in enumerate(THIRDS) if math.isfinite(cis[t][0])}
@@ -156,7 +157,7 @@ def overlap_verdict(ci: tuple[float, float], margin: float = OVERLAP_RISE) -> st
 
 
 def overlap_answers(profiles: dict[str, dict[int, dict]], steps: list[tuple[str, str, str]],
-                    terms: dict | None = None) -> list[str]:
+                    terms: dict | None = None, n_boot: int = N_BOOT) -> list[str]:
     """Does the overlap rise in the intermediate layers, for each (what, after, before) step (e.g. after the
     alignment stage: base vs pretrained; after each run: the run vs base)? A verdict only with the per-pair
     overlaps (`terms`) behind an interval; without them the changes are given as point estimates, no verdict."""
@@ -164,7 +165,7 @@ def overlap_answers(profiles: dict[str, dict[int, dict]], steps: list[tuple[str,
     for what, after, before in steps:
         if after not in profiles or before not in profiles:
             continue
-        c = overlap_change(profiles, after, before, terms)
+        c = overlap_change(profiles, after, before, terms, n_boot)
         if c is None:
             out.append(f"Visual↔textual overlap {what}: no finite values to compare.")
             continue

@@ -604,13 +604,14 @@ def geometry_section(exp: Experiment, answers: dict, doc: dict) -> None:
     representation = (f"the textual twin read at position `{settings.get('position', 'last')}`"
                       if settings.get("protocol") == "authors" else "mean caption-token representation")
     answers["id"] = id_answers(profiles, reference=start, representation=representation)
-    answers["overlap"] = overlap_answers(profiles, steps, terms)
+    n_boot = int(exp.report.get("n_boot") or stats.N_BOOT)  # the report's own resample count, for pairs too
+    answers["overlap"] = overlap_answers(profiles, steps, terms, n_boot)
     answers["overlap_other"] = {}
     for protocol in protocols[1:]:
         folder = out / f"analysis-{protocol}"
         if (folder / "profiles.json").is_file():
             _, other, other_terms = _read_geometry(folder)
-            answers["overlap_other"][protocol] = overlap_answers(other, steps, other_terms)
+            answers["overlap_other"][protocol] = overlap_answers(other, steps, other_terms, n_boot)
     copy_file(out / "analysis" / "profile.png", out / "geometry.png")
     doc["geometry"] = {"settings": geometry["settings"], "protocol": geometry["settings"].get("protocol", "describe"),
                        "other_protocols": list(answers["overlap_other"])}
